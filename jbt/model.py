@@ -1,0 +1,333 @@
+"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3) with a Bradley-Terry reward head.
+
+Shape legend for array names and einsum strings:
+  B: batch rows            L: tokens in a row (query side)   S: tokens in a row (key side)
+  D: model width           F: MLP width                      V: vocabulary
+  N: query heads           K: key/value heads                G: query heads per kv head (N // K)
+  H: head dim              C: reward-head outputs (num_labels)
+  P: pooled sequences (one reward each)
+
+One row may hold several sequences packed side by side: `segment_ids` numbers them (0 = padding)
+and attention is causal within a segment. `positions` restart at 0 for every sequence and only
+feed RoPE, so a padded batch is the one-segment-per-row case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the model needs, built from cfg.model or a Hugging Face config."""
+
+  family: str = "llama"
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
+  # ("linear", factor) or None; a tuple so the dataclass stays hashable for jit.
+  rope_scaling: tuple | None = None
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int | None = None
+  num_labels: int = 2
+  pad_token_id: int = 0
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs only)
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"unsupported model family {self.family!r}; supported: {', '.join(FAMILIES)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+    if self.num_labels not in (1, 2):
+      raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
+
+  @property
+  def reward_label(self) -> int:
+    """The logit that is the reward: 1 for HALOs' two-label head, 0 for a one-label head."""
+    return 1 if self.num_labels == 2 else 0
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    """Parameter count (no LM head), used for MFU estimates."""
+    D, F, N, K, H = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+    attn = D * N * H * 2 + D * K * H * 2
+    attn += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
+    mlp = 3 * D * F + (2 * F + D) * self.mlp_bias
+    return self.vocab_size * D + self.num_layers * (attn + mlp + 2 * D) + D + D * self.num_labels
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """HF's RMSNorm: normalise in float32, cast back, then scale (that order matters in bf16)."""
+
+  eps: float
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return w.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """RoPE inverse frequencies [H/2], with Llama 3 / linear scaling as transformers computes them."""
+  H = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  if cfg.rope_scaling is None:
+    return inv_freq
+  kind = cfg.rope_scaling[0]
+  if kind == "linear":
+    return inv_freq / cfg.rope_scaling[1]
+  if kind == "llama3":
+    _, factor, low_ff, high_ff, old_len = cfg.rope_scaling
+    low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+def apply_rope(x_BxLxNxH: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
+  """HF's rotate_half layout: (x1, x2) halves, x*cos + (-x2, x1)*sin. No weight permutation needed."""
+  x1, x2 = jnp.split(x_BxLxNxH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxLxNxH * cos_BxLxH[:, :, None, :] + rotated * sin_BxLxH[:, :, None, :]
+
+
+def attention_mask(segment_ids_BxL: Array, positions_BxL: Array, sliding_window: int | None) -> Array:
+  """[B, L, S] boolean: same segment and not in the future (by array index, so packing works).
+
+  Padding (segment 0) attends to earlier padding, so no row is fully masked and softmax never
+  sees only -inf; padding outputs are never read.
+  """
+  L = segment_ids_BxL.shape[1]
+  idx = jnp.arange(L)
+  mask = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  mask &= idx[None, :, None] >= idx[None, None, :]
+  if sliding_window is not None:
+    mask &= (positions_BxL[:, :, None] - positions_BxL[:, None, :]) < sliding_window
+  return mask
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
+    cfg = self.cfg
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt = cfg.compute_dtype
+    init = nn.initializers.normal(cfg.initializer_range)
+    zeros = nn.initializers.zeros
+    wq = _param(self, "q", (D, N, H), ("embed", "heads", "head_dim"), init)
+    wk = _param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
+    wv = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
+    wo = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), init)
+
+    q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, wq.astype(dt))
+    k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, wk.astype(dt))
+    v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, wv.astype(dt))
+    if cfg.qkv_bias:
+      q_BxLxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
+      k_BxLxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+      v_BxLxKxH += _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H before RoPE
+      q_BxLxNxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="q_norm")(q_BxLxNxH)
+      k_BxLxKxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="k_norm")(k_BxLxKxH)
+    q_BxLxNxH = _constrain(apply_rope(q_BxLxNxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "heads", "head_dim"))
+    k_BxLxKxH = _constrain(apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "kv_heads", "head_dim"))
+    v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
+
+    B, L = x_BxLxD.shape[:2]
+    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
+    logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxLxKxH).astype(jnp.float32)
+    logits_BxKxGxLxS *= 1.0 / math.sqrt(H)
+    # A finite fill (not -inf) keeps gradients finite; every row has at least its diagonal.
+    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
+    out_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxLxKxH)
+    out_BxLxNxH = out_BxLxKxGxH.reshape(B, L, N, H)
+    y_BxLxD = jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, wo.astype(dt))
+    if cfg.o_bias:
+      y_BxLxD += _param(self, "o_bias", (D,), ("embed",), zeros).astype(dt)
+    return y_BxLxD
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    cfg = self.cfg
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    dt = cfg.compute_dtype
+    init = nn.initializers.normal(cfg.initializer_range)
+    gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, _param(self, "gate", (D, F), ("embed", "mlp"), init).astype(dt))
+    up_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, _param(self, "up", (D, F), ("embed", "mlp"), init).astype(dt))
+    if cfg.mlp_bias:
+      zeros = nn.initializers.zeros
+      gate_BxLxF += _param(self, "gate_bias", (F,), ("mlp",), zeros).astype(dt)
+      up_BxLxF += _param(self, "up_bias", (F,), ("mlp",), zeros).astype(dt)
+    h_BxLxF = _constrain(nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    y_BxLxD = jnp.einsum("BLF,FD->BLD", h_BxLxF, _param(self, "down", (F, D), ("mlp", "embed"), init).astype(dt))
+    if cfg.mlp_bias:
+      y_BxLxD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
+    return y_BxLxD
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, cos_BxLxH: Array, sin_BxLxH: Array):
+    cfg = self.cfg
+    h = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, mask_BxLxS, cos_BxLxH, sin_BxLxH)
+    h = RMSNorm(cfg.rms_norm_eps, "embed", name="mlp_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
+    x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
+    return x_BxLxD, None  # (carry, per-layer output) for nn.scan
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class RewardModel(nn.Module):
+  """Decoder + reward head. A pure function of its params; no I/O."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = self.param(
+        "embed",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size),
+        jnp.float32,
+    )
+    layer_cls = DecoderLayer
+    if cfg.remat != "none":
+      if cfg.remat not in _REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {cfg.remat!r}; choose none, full or dots")
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # One traced layer scanned over a leading "layers" axis: compile time independent of depth.
+      self.layers = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+    else:
+      self.layer_list = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed")
+    self.score = self.param(
+        "score",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "labels")),
+        (cfg.hidden_size, cfg.num_labels),
+        jnp.float32,
+    )
+
+  def hidden(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
+    """Final-norm hidden states [B, L, D] in the compute dtype."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(dt)
+    x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
+    freqs_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
+    cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
+    mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window)
+    if cfg.scan_layers:
+      x_BxLxD, _ = self.layers(x_BxLxD, mask_BxLxS, cos_BxLxH, sin_BxLxH)
+    else:
+      for layer in self.layer_list:
+        x_BxLxD, _ = layer(x_BxLxD, mask_BxLxS, cos_BxLxH, sin_BxLxH)
+    return self.final_norm(x_BxLxD)
+
+  def __call__(
+      self,
+      tokens_BxL: Array,
+      segment_ids_BxL: Array,
+      positions_BxL: Array,
+      pool_index_P: Array | None = None,
+  ) -> Array:
+    """Rewards.
+
+    With `pool_index_P` (flat indices row * L + t): the reward of each pooled sequence, [P].
+    Without it: the reward read at every token, [B, L] (useful for checks and scoring).
+    The head runs in float32: it is tiny, and the reward is what the loss differentiates.
+    """
+    cfg = self.cfg
+    h_BxLxD = self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL)
+    w_DxC = self.score[:, cfg.reward_label]
+    if pool_index_P is None:
+      return jnp.einsum("BLD,D->BL", h_BxLxD.astype(jnp.float32), w_DxC)
+    B, L, D = h_BxLxD.shape
+    h_PxD = jnp.take(h_BxLxD.reshape(B * L, D), pool_index_P, axis=0)
+    return jnp.einsum("PD,D->P", h_PxD.astype(jnp.float32), w_DxC)
+
+  def logits(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array, pool_index_P: Array) -> Array:
+    """All head outputs [P, C] at the pooled positions (what transformers calls logits)."""
+    h_BxLxD = self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL)
+    B, L, D = h_BxLxD.shape
+    h_PxD = jnp.take(h_BxLxD.reshape(B * L, D), pool_index_P, axis=0)
+    return jnp.einsum("PD,DC->PC", h_PxD.astype(jnp.float32), self.score)
+
+
+def pool_index(tokens_BxL: Array, segment_ids_BxL: Array, pad_token_id: int) -> Array:
+  """Flat index of the reward token of each padded row, as transformers pools.
+
+  transformers reads the rightmost token whose id != pad_token_id; with pad == eos a row ending
+  in eos is read before its trailing eos run. Rows here hold one sequence each.
+  """
+  B, L = tokens_BxL.shape
+  keep_BxL = (tokens_BxL != pad_token_id) & (segment_ids_BxL > 0)
+  last_B = jnp.argmax(jnp.where(keep_BxL, jnp.arange(L)[None, :], -1), axis=1)
+  return jnp.arange(B) * L + last_B

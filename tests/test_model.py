@@ -1,0 +1,139 @@
+"""The Flax reward model against transformers' ...ForSequenceClassification, family by family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import tinymodels  # noqa: E402
+from jbt import hf, hf_io, model  # noqa: E402
+
+LENGTHS = (19, 11, 6, 15)  # real tokens per sequence; rows are padded to 20
+
+
+def _sequences(seed: int = 0) -> list[np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, tinymodels.VOCAB, n).astype(np.int32) for n in LENGTHS]
+
+
+def _padded(seqs: list[np.ndarray], length: int = 20, pad: int = 0):
+  tokens = np.full((len(seqs), length), pad, np.int32)
+  seg = np.zeros_like(tokens)
+  for i, s in enumerate(seqs):
+    tokens[i, : len(s)] = s
+    seg[i, : len(s)] = 1
+  pos = np.tile(np.arange(length, dtype=np.int32), (len(seqs), 1)) * seg
+  return tokens, seg, pos
+
+
+def _packed(seqs: list[np.ndarray], length: int = 64, pad: int = 0):
+  """All sequences side by side in one row; positions restart; the pool index is each one's last token."""
+  tokens = np.full((1, length), pad, np.int32)
+  seg = np.zeros_like(tokens)
+  pos = np.zeros_like(tokens)
+  idx, t = [], 0
+  for i, s in enumerate(seqs):
+    tokens[0, t : t + len(s)] = s
+    seg[0, t : t + len(s)] = i + 1
+    pos[0, t : t + len(s)] = np.arange(len(s))
+    t += len(s)
+    idx.append(t - 1)
+  return tokens, seg, pos, np.asarray(idx, np.int32)
+
+
+def _hf_rewards(m, tokens: np.ndarray, seg: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    out = m(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(seg, dtype=torch.long))
+  return out.logits[:, -1 if m.config.num_labels == 1 else 1].numpy()
+
+
+def _jbt(m, **overrides):
+  cfg = hf.model_config_from_hf(m.config.to_dict(), num_labels=m.config.num_labels, **overrides)
+  params = hf.load_params(cfg, hf_io.DictSource(m.state_dict()), where="test", allow_missing_head=False)
+  return cfg, params
+
+
+def _apply(cfg, params, tokens, seg, pos, idx):
+  return np.asarray(jax.jit(model.RewardModel(cfg).apply)({"params": params}, tokens, seg, pos, idx))
+
+
+@pytest.mark.parametrize("family", tinymodels.FAMILIES)
+def test_rewards_match_transformers_padded_and_packed(family):
+  m = tinymodels.make_model(family)
+  cfg, params = _jbt(m)
+  seqs = _sequences()
+  tokens, seg, pos = _padded(seqs)
+  ref = _hf_rewards(m, tokens, seg)
+  assert np.abs(ref).max() > 0.05, "rewards too small for the tolerance to mean anything"
+  idx = model.pool_index(jnp.asarray(tokens), jnp.asarray(seg), cfg.pad_token_id)
+  np.testing.assert_allclose(_apply(cfg, params, tokens, seg, pos, idx), ref, atol=1e-4, rtol=0)
+  ptokens, pseg, ppos, pidx = _packed(seqs)
+  np.testing.assert_allclose(_apply(cfg, params, ptokens, pseg, ppos, pidx), ref, atol=1e-4, rtol=0)
+
+
+def test_unscanned_layers_and_remat_give_the_same_rewards():
+  m = tinymodels.make_model("qwen3")
+  tokens, seg, pos = _padded(_sequences(1))
+  idx = model.pool_index(jnp.asarray(tokens), jnp.asarray(seg), 0)
+  cfg, params = _jbt(m)
+  ref = _apply(cfg, params, tokens, seg, pos, idx)
+  cfg2, params2 = _jbt(m, scan_layers=False, remat="dots")
+  assert "layer_1" in params2
+  np.testing.assert_allclose(_apply(cfg2, params2, tokens, seg, pos, idx), ref, atol=1e-5, rtol=0)
+
+
+def test_pooling_when_pad_is_eos():
+  """pad == eos: transformers reads the last token before a trailing eos run, and so must jbt."""
+  m = tinymodels.make_model("llama", pad_token_id=2)
+  cfg, params = _jbt(m)
+  assert cfg.pad_token_id == 2
+  seqs = _sequences(2)
+  seqs[0] = np.concatenate([seqs[0][:-2], [2, 2]]).astype(np.int32)  # ends with eos eos
+  seqs[1] = np.concatenate([seqs[1], [2]]).astype(np.int32)
+  tokens, seg, pos = _padded(seqs, pad=2)
+  ref = _hf_rewards(m, tokens, seg)
+  idx = np.asarray(model.pool_index(jnp.asarray(tokens), jnp.asarray(seg), 2))
+  assert idx[0] == len(seqs[0]) - 3 and idx[1] == 20 + len(seqs[1]) - 2
+  np.testing.assert_allclose(_apply(cfg, params, tokens, seg, pos, idx), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_bfloat16_compute_close_to_float32(family):
+  m = tinymodels.make_model(family)
+  tokens, seg, pos = _padded(_sequences(3))
+  idx = model.pool_index(jnp.asarray(tokens), jnp.asarray(seg), 0)
+  cfg, params = _jbt(m)
+  r32 = _apply(cfg, params, tokens, seg, pos, idx)
+  r16 = _apply(cfg.replace(dtype="bfloat16"), params, tokens, seg, pos, idx)
+  assert r16.dtype == np.float32
+  np.testing.assert_allclose(r16, r32, atol=2e-2, rtol=0)
+  assert not np.array_equal(r16, r32)  # bf16 really ran
+
+
+def test_one_label_head_reads_logit_zero():
+  m = tinymodels.make_model("mistral", num_labels=1)
+  cfg, params = _jbt(m)
+  assert cfg.num_labels == 1 and cfg.reward_label == 0
+  tokens, seg, pos = _padded(_sequences(4))
+  idx = model.pool_index(jnp.asarray(tokens), jnp.asarray(seg), 0)
+  np.testing.assert_allclose(_apply(cfg, params, tokens, seg, pos, idx), _hf_rewards(m, tokens, seg), atol=1e-4)
+
+
+def test_reward_ignores_extra_padding_and_neighbours():
+  cfg = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2, head_dim=8,
+                          initializer_range=0.2)
+  tok = jnp.zeros((1, 1), jnp.int32)
+  params = model.RewardModel(cfg).init(jax.random.key(0), tok, tok, tok)["params"]
+  seqs = [np.arange(3, 12, dtype=np.int32), np.arange(20, 25, dtype=np.int32)]
+  t1, s1, p1 = _padded(seqs, length=12)
+  t2, s2, p2 = _padded(seqs, length=40)
+  r1 = _apply(cfg, params, t1, s1, p1, model.pool_index(t1, s1, 0))
+  r2 = _apply(cfg, params, t2, s2, p2, model.pool_index(t2, s2, 0))
+  np.testing.assert_allclose(r1, r2, atol=1e-6)
+  # Packing the same two next to a third, unrelated sequence changes nothing either.
+  t3, s3, p3, i3 = _packed(seqs + [np.arange(30, 50, dtype=np.int32)])
+  np.testing.assert_allclose(_apply(cfg, params, t3, s3, p3, i3)[:2], r1, atol=1e-5)

@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face models and a tiny tokenizer, built offline for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 320
+
+# Small per-family variations: Llama 3 rope scaling and biases, Mistral sliding window shorter
+# than the test rows, Qwen2 q/k/v bias, Qwen3 q/k norm.
+FAMILY_KW: dict[str, dict[str, Any]] = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "llama_bias": dict(attention_bias=True, mlp_bias=True),
+    "mistral": dict(sliding_window=7),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=24),
+}
+FAMILIES = tuple(FAMILY_KW)
+
+
+def make_tokenizer(out: Path | None = None) -> Any:
+  """A byte-level BPE tokenizer of VOCAB ids with a ChatML template; pad id 0, eos <|im_end|>."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  corpus = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
+            "a reward model scores answers", "user assistant system"] * 20
+  trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(corpus, trainer)
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>",
+                                 bos_token="<|im_start|>")
+  fast.chat_template = CHATML
+  if out is not None:
+    fast.save_pretrained(str(out))
+  return fast
+
+
+def hf_config(family: str, num_labels: int = 2, **kw: Any) -> Any:
+  import transformers
+
+  base = family.split("_")[0]
+  cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+         "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[base]
+  args = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels,
+              initializer_range=0.1, max_position_embeddings=128, tie_word_embeddings=False)
+  args.update(FAMILY_KW[family])
+  args.update(kw)
+  return cls(**args)
+
+
+def make_model(family: str, head: bool = True, seed: int = 0, num_labels: int = 2, **kw: Any) -> Any:
+  """A random ...ForSequenceClassification (head=True) or ...ForCausalLM model in float32, eval mode."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  cfg = hf_config(family, num_labels=num_labels, **kw)
+  cls = transformers.AutoModelForSequenceClassification if head else transformers.AutoModelForCausalLM
+  model = cls.from_config(cfg, dtype=torch.float32).eval()
+  with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb them so the mapping is tested
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or name.endswith(".bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def save_model(model: Any, out: Path, tokenizer: Any = None, **kw: Any) -> Path:
+  model.save_pretrained(str(out), **kw)
+  (tokenizer or make_tokenizer()).save_pretrained(str(out))
+  return out
