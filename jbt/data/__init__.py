@@ -1,0 +1,75 @@
+"""Preference data: specs -> pairs -> token ids -> fixed-shape batches, on grain.
+
+Typical use (the trainer passes cfg.data and cfg.train fields):
+
+    pairs, load_report = load_pairs(cfg.data.train, split="train", on_error=cfg.data.on_error)
+    data, tok_report = tokenize_pairs(pairs, tokenizer, max_length=..., max_prompt_length=...,
+                                      truncation=cfg.data.truncation)
+    steps = batches_per_epoch(len(data), cfg.train.batch_size) * cfg.train.epochs
+    it = make_batch_iterator(data, layout=cfg.data.layout, batch_size=cfg.train.batch_size,
+                             max_length=..., seed=cfg.train.seed, epochs=cfg.train.epochs,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    batch = next(it); state = it.get_state()  # saved with the train state; it.set_state(state)
+
+Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_count pair slots.
+
+  tokens          int32 [R, L]  token ids; pad_token_id in padding.
+  segment_ids     int32 [R, L]  0 = padding; 1, 2, 3, ... one id per sequence (prompt + response
+                                of one member of a pair) within its row. Attention is causal
+                                within a segment only. Padding tokens share segment 0, so a mask
+                                built as (segment_q == segment_k) & causal never leaves a query
+                                with nothing to attend to.
+  positions       int32 [R, L]  0-based position of the token within its own sequence; 0 in
+                                padding.
+  chosen_index    int32 [P]     flat index row * L + t of the token whose output is the reward of
+  rejected_index  int32 [P]     the pair's chosen / rejected member: exactly where transformers'
+                                *ForSequenceClassification pools that sequence scored alone (the
+                                rightmost token whose id != pad_token_id, see pool_position).
+                                Indices are local to this process's [R, L] batch.
+  pair_mask       float32 [P]   1.0 for real pairs, 0.0 for filler slots (the short last batch of
+                                an epoch); fillers point at index 0 and the loss must ignore them.
+
+  Host-side statistics ride in the same dict (STAT_KEYS; keep them off the device, e.g. with
+  split_batch): n_pairs (int64 scalar, real pairs), n_tokens (int64 scalar, real tokens; the
+  real-token fraction is n_tokens / tokens.size), pair_ids (int64 [P], index into the tokenized
+  data, -1 for fillers).
+
+  Layout "padded" (HALOs'): R = 2P, rows 0..P-1 chosen, rows P..2P-1 rejected, each sequence
+  at the start of its row, segment 1. L = max_length, or with length_multiple=m the batch's
+  longest sequence rounded up to a multiple of m (capped at max_length).
+  Layout "packed": the same P pairs packed first-fit decreasing into rows of L = pack_length
+  (default 2 * max_length, so that any pair fits: both members of a pair share a row, chosen then
+  rejected, never split); R = rows needed rounded up by row_bucket (a multiple, default 8, or
+  "pow2"), so few shapes. A "shared_prompt" layout (prompt once, two branches) is planned.
+
+Sequences: the chat template over prompt turns + response turns (the tokenizer's template, else
+DEFAULT_CHAT_TEMPLATE), truncated by HALOs' rule (jbt.data.formatting). Pad id: the tokenizer's
+pad token, else its EOS (resolve_pad_token_id); the exported model's config.pad_token_id must be
+the same id for pooling to agree.
+"""
+
+from jbt.data.batching import batches_per_epoch, make_batch_iterator
+from jbt.data.formatting import (DEFAULT_CHAT_TEMPLATE, TRUNCATIONS, PairTokenizer, TokenizedPair,
+                                 ensure_chat_template, pool_position, resolve_pad_token_id,
+                                 tokenize_pair)
+from jbt.data.layouts import DEVICE_KEYS, LAYOUTS, STAT_KEYS, LayoutSettings, bucket_rows
+from jbt.data.records import Pair
+from jbt.data.report import BadRecord, DataReport
+from jbt.data.sources import load_pairs
+from jbt.data.tokenized import TokenizedPairs, tokenize_pairs
+
+
+def split_batch(batch: dict) -> tuple[dict, dict]:
+  """Splits a batch dict into (arrays for the device, host-side statistics)."""
+  return ({k: batch[k] for k in DEVICE_KEYS},
+          {k: v for k, v in batch.items() if k not in DEVICE_KEYS})
+
+
+__all__ = [
+    "BadRecord", "DataReport", "DEFAULT_CHAT_TEMPLATE", "DEVICE_KEYS", "LAYOUTS", "LayoutSettings",
+    "Pair", "PairTokenizer", "STAT_KEYS", "TRUNCATIONS", "TokenizedPair", "TokenizedPairs",
+    "batches_per_epoch", "bucket_rows", "ensure_chat_template", "load_pairs",
+    "make_batch_iterator", "pool_position", "resolve_pad_token_id", "split_batch",
+    "tokenize_pair", "tokenize_pairs",
+]
