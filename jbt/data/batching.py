@@ -22,7 +22,7 @@ import numpy as np
 
 from jbt.data.layouts import LayoutSettings, make_batch
 from jbt.data.records import Pair
-from jbt.data.tokenized import TokenizedPairs, _ensure_flags_parsed, tokenize_pairs
+from jbt.data.tokenized import TokenizedPairs, ensure_flags_parsed, tokenize_pairs
 from jbt.errors import JbtError
 
 
@@ -136,6 +136,6 @@ def make_batch_iterator(
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=max(2 * num_threads, 1)))
   if num_workers > 0:
-    _ensure_flags_parsed()
+    ensure_flags_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(iter_ds)

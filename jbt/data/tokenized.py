@@ -81,7 +81,7 @@ class _TokenizeChunk:
     return self.pair_tokenizer.many(chunk)
 
 
-def _ensure_flags_parsed() -> None:
+def ensure_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside an absl app nobody has parsed them."""
   from absl import flags
 
@@ -95,7 +95,7 @@ def _results(pairs: Sequence[Pair], pair_tokenizer: PairTokenizer, num_workers: 
     return
   import grain  # Deferred: grain imports jax, which plain loading does not need.
 
-  _ensure_flags_parsed()
+  ensure_flags_parsed()
 
   chunks = [list(pairs[i:i + _CHUNK]) for i in range(0, len(pairs), _CHUNK)]
   ds = grain.MapDataset.source(chunks).map(_TokenizeChunk(pair_tokenizer))
