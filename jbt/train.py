@@ -1,0 +1,329 @@
+"""Train a Bradley-Terry reward model.
+
+    python -m jbt.train --config configs/NAME.py [--config.a.b=value ...]
+
+Writes {cache_dir}/{exp_name}/: checkpoints/, metrics.jsonl, tb/, config.json, final/ (jbt
+checkpoint) and FINAL/ (Hugging Face directory). Re-running the same command resumes from the
+newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from jbt import checkpoint, convert, data, optim, setup, sharding, trainer
+from jbt.errors import JbtError, cli_main
+from jbt.metrics import MetricsWriter
+from jbt.run_ckpt import RunCheckpoints, RunLock, is_primary
+
+
+def log(msg: str) -> None:
+  if is_primary():
+    print(msg, flush=True)
+
+
+def _tokenized(cfg: ConfigDict, specs: list[str], split: str, tokenizer: Any, limit: int = 0) -> tuple[Any, str]:
+  """Loads and tokenizes one split; `limit` > 0 keeps that many seeded pairs (HALOs' eval subset)."""
+  d = cfg.data
+  pairs, report = data.load_pairs(list(specs), split=split, on_error=d.on_error, eval_fraction=d.eval_fraction,
+                                  seed=cfg.train.seed)
+  if 0 < limit < len(pairs):
+    keep = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(pairs))[:limit])
+    pairs = [pairs[i] for i in keep]
+  tok, tok_report = data.tokenize_pairs(pairs, tokenizer, max_length=d.max_length,
+                                        max_prompt_length=d.max_prompt_length, truncation=d.truncation,
+                                        on_error=d.on_error, num_workers=d.num_workers)
+  return tok, f"{len(tok)} {split} pairs ({report.summary()}; {tok_report.summary()})"
+
+
+def _iterator(cfg: ConfigDict, tok: Any, *, batch_size: int, epochs: int | None, seed: int) -> Any:
+  d = cfg.data
+  return data.make_batch_iterator(
+      tok, layout=d.layout, batch_size=batch_size, max_length=d.max_length, seed=seed, epochs=epochs,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      length_multiple=d.length_multiple or None)
+
+
+class Runner:
+  """Holds the compiled steps and places host batches on the mesh."""
+
+  def __init__(self, cfg: ConfigDict, model_cfg: Any, mesh: Any, state_shardings: Any, tx: Any, lr_fn: Any):
+    self.mesh = mesh
+    self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    self.pad = model_cfg.pad_token_id
+    batch_sh = {k: jax.sharding.NamedSharding(mesh, trainer.batch_spec(mesh)) for k in trainer.DEVICE_KEYS}
+    step = trainer.make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
+                                   grad_accum=cfg.opt.grad_accum)
+    evals = trainer.make_eval_step(model_cfg, margin=cfg.loss.margin)
+    self.train_step = jax.jit(self._ruled(step), in_shardings=(state_shardings, batch_sh),
+                              out_shardings=(state_shardings, None), donate_argnums=0)
+    self.eval_step = jax.jit(self._ruled(evals), in_shardings=(state_shardings.params, batch_sh))
+
+  def _ruled(self, fn: Any) -> Any:
+    def wrapped(*args):
+      with nn.logical_axis_rules(self.rules):
+        return fn(*args)
+    return wrapped
+
+  def place(self, local: dict[str, np.ndarray]) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    dev, stats = data.split_batch(local)
+    if jax.process_count() > 1:  # every process must contribute the same number of rows
+      from jax.experimental import multihost_utils
+
+      rows = int(np.max(multihost_utils.process_allgather(np.int32(dev["tokens"].shape[0]))))
+      dev = trainer.pad_rows(dev, rows, self.pad)
+    return trainer.global_batch(dev, self.mesh, jax.process_index(), jax.process_count()), stats
+
+  def evaluate(self, cfg: ConfigDict, params: Any, tok: Any) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    it = _iterator(cfg, tok, batch_size=cfg.train.eval_batch_size, epochs=1, seed=cfg.train.seed)
+    with jax.set_mesh(self.mesh):
+      for local in it:
+        batch, _ = self.place(local)
+        for k, v in jax.device_get(self.eval_step(params, batch)).items():
+          totals[k] = totals.get(k, 0.0) + float(v)
+    n = max(totals.pop("n", 0.0), 1.0)
+    out = {f"rewards_eval/{k}": v / n for k, v in totals.items() if k != "loss"}
+    out["loss/eval"] = totals.get("loss", 0.0) / n
+    out["eval_pairs"] = n
+    return out
+
+
+def run(cfg: ConfigDict) -> dict[str, Any]:
+  """Trains (or resumes) per cfg; returns the last train and eval metrics."""
+  setup.validate(cfg)
+  setup.maybe_init_distributed(cfg)
+  run_dir = Path(cfg.ckpt.cache_dir) / cfg.ckpt.exp_name
+  lock = RunLock(run_dir).acquire() if is_primary() else None
+  try:
+    return _run(cfg, run_dir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
+  t_start = time.time()
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  setup.check_mesh_batch(cfg, mesh)
+  rules = tuple(tuple(r) for r in cfg.mesh.rules)
+  shardings_fn = lambda mc: sharding.model_shardings(mc, mesh, rules)  # noqa: E731
+  model_cfg, params, hf_cfg, tokenizer = setup.load_model(cfg, shardings_fn)
+  data.ensure_chat_template(tokenizer)
+  log(f"model: {model_cfg.family}, {model_cfg.num_layers} layers, {model_cfg.num_params() / 1e6:.1f}M parameters, "
+      f"{cfg.model.dtype} compute, mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
+
+  train_tok, msg = _tokenized(cfg, cfg.data.train, "train", tokenizer)
+  log(f"data: {msg}")
+  eval_specs = list(cfg.data.eval) or list(cfg.data.train)
+  try:
+    eval_tok, msg = _tokenized(cfg, eval_specs, "test", tokenizer, limit=cfg.data.eval_pairs)
+    log(f"eval: {msg}")
+  except JbtError as e:
+    if cfg.data.eval:
+      raise
+    eval_tok = None
+    log(f"eval: none ({e}); set data.eval or data.eval_fraction to evaluate")
+
+  accum = cfg.opt.grad_accum
+  micro_bs = cfg.train.batch_size // accum
+  micro_per_epoch = data.batches_per_epoch(len(train_tok), micro_bs)
+  updates = (micro_per_epoch * max(cfg.train.epochs, 1)) // accum
+  if cfg.train.max_steps > 0:
+    updates = min(updates, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
+  if updates <= 0:
+    raise JbtError(f"{len(train_tok)} train pairs make no optimizer step of {cfg.train.batch_size} pairs")
+  tx, lr_fn = optim.make_optimizer(cfg.opt, updates)
+
+  with jax.set_mesh(mesh):
+    state, state_sh = trainer.init_state(model_cfg, tx, shardings_fn(model_cfg), mesh, seed=cfg.train.seed,
+                                         params=params)
+  del params
+  ckpts = RunCheckpoints(run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
+  restored = ckpts.restore_latest(abstract)
+  data_state = None
+  if restored is not None:
+    step0, state, data_state = restored
+    log(f"resumed from {ckpts.dir / str(step0)} (update {step0 // accum} of {updates})")
+  if is_primary():
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    checkpoint.write_model_meta(run_dir / "model", model_cfg, hf_cfg, tokenizer)
+
+  micro_done = int(jax.device_get(state.step))
+  writer = MetricsWriter(run_dir, resume_step=micro_done // accum, tensorboard=cfg.log.tensorboard,
+                         wandb_project=cfg.log.wandb_project, config=cfg.to_dict(), enabled=is_primary())
+  runner = Runner(cfg, model_cfg, mesh, state_sh, tx, lr_fn)
+  it = _iterator(cfg, train_tok, batch_size=micro_bs, epochs=None, seed=cfg.train.seed)
+  if data_state is not None:
+    it.set_state(data_state)
+  last: dict[str, Any] = {}
+  eval_last: dict[str, Any] = {}
+  examples = 0
+  if micro_done == 0 and eval_tok is not None:
+    eval_last = writer.write(0, runner.evaluate(cfg, state.params, eval_tok))
+    log(f"eval before training: accuracy {eval_last['rewards_eval/accuracies']:.3f}, "
+        f"loss {eval_last['loss/eval']:.4f}")
+
+  progress = None
+  if cfg.log.progress and is_primary():
+    from tqdm import tqdm
+
+    progress = tqdm(total=updates, initial=micro_done // accum, desc="train", unit="step", dynamic_ncols=True,
+                    file=sys.stdout, mininterval=1.0)
+  last_saved = max(ckpts.steps(), default=None)
+  pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
+  acc: dict[str, float] = {}
+  t_update = time.time()
+  compile_s = None
+  n_tokens = 0
+  examples = _examples_before(run_dir, micro_done // accum)
+
+  def finish_update(update: int, metrics_list: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    nonlocal t_update, examples, n_tokens
+    host = [(jax.device_get(m), s) for m, s in metrics_list]
+    out: dict[str, Any] = {}
+    for k in host[0][0]:
+      vals = [float(m[k]) for m, _ in host]
+      out[k] = sum(vals) / len(vals)
+    for k in ("loss/train", "grad_norm"):
+      if not math.isfinite(out[k]):
+        ckpts.wait()
+        good = max(ckpts.steps(), default=None)
+        raise JbtError(f"non-finite {k} ({out[k]}) at step {update}: stopping; last good checkpoint: "
+                       + (f"{ckpts.dir / str(good)}" if good is not None else "none (nothing saved)"))
+    pairs = int(sum(float(s["n_pairs"]) for _, s in host))
+    toks = int(sum(float(s["n_tokens"]) for _, s in host))
+    examples += pairs
+    n_tokens += toks
+    now = time.time()
+    dt = max(now - t_update, 1e-9)
+    t_update = now
+    out.pop("n_pairs", None)
+    out.update({"counters/examples": examples, "counters/updates": update, "examples_per_second": pairs / dt,
+                "tokens_per_second": toks / dt})
+    flops = trainer.train_flops_per_token(model_cfg, toks / max(2 * pairs, 1)) * toks / dt
+    out["perf/tflops"] = flops / 1e12
+    peak = trainer.device_peak_flops()
+    if peak:
+      out["perf/mfu"] = flops / (peak * jax.device_count())
+    return out
+
+  with jax.set_mesh(mesh):
+    for micro in range(micro_done, updates * accum):
+      local = next(it)
+      batch, stats = runner.place(local)
+      t0 = time.time()
+      state, m = runner.train_step(state, batch)
+      if compile_s is None:
+        jax.block_until_ready(m["loss/train"])
+        compile_s = time.time() - t0
+      pending.append((m, stats))
+      if (micro + 1) % accum:
+        continue
+      update = (micro + 1) // accum
+      prev_examples = examples
+      last = finish_update(update, pending)
+      pending = []
+      if update % cfg.train.log_every == 0 or update == updates:
+        writer.write(update, last)
+      if progress is not None:
+        progress.set_postfix(loss=f"{last['loss/train']:.4f}", acc=f"{last['rewards_train/accuracies']:.2f}")
+        progress.update(1)
+      if eval_tok is not None and cfg.train.eval_every > 0 and update < updates and (
+          examples // cfg.train.eval_every > prev_examples // cfg.train.eval_every):
+        eval_last = writer.write(update, runner.evaluate(cfg, state.params, eval_tok))
+      if cfg.ckpt.save_every > 0 and update % cfg.ckpt.save_every == 0 and update < updates:
+        ckpts.save(micro + 1, state, it.get_state())
+        last_saved = micro + 1
+  if progress is not None:
+    progress.close()
+
+  final_step = updates * accum
+  if last_saved != final_step:
+    ckpts.save(final_step, state, it.get_state())
+  ckpts.wait()
+  if eval_tok is not None and (micro_done < final_step or not eval_last):
+    eval_last = writer.write(updates, runner.evaluate(cfg, state.params, eval_tok))
+  if eval_last:
+    log(f"eval after training: accuracy {eval_last['rewards_eval/accuracies']:.3f}, "
+        f"loss {eval_last['loss/eval']:.4f}, margin {eval_last['rewards_eval/margins']:.3f} "
+        f"on {int(eval_last['eval_pairs'])} pairs")
+  _save_final(cfg, run_dir, model_cfg, state.params, hf_cfg, tokenizer)
+  writer.close()
+  ckpts.close()
+  summary = {**last, **eval_last, "compile_seconds": compile_s, "wall_seconds": time.time() - t_start}
+  if is_primary():
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+  log(f"done in {summary['wall_seconds']:.0f}s: {run_dir / 'FINAL'}")
+  return summary
+
+
+def _examples_before(run_dir: Path, update: int) -> int:
+  """counters/examples at `update`, read back from metrics.jsonl when resuming."""
+  f = run_dir / "metrics.jsonl"
+  if update == 0 or not f.exists():
+    return 0
+  best = 0
+  for line in f.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if row.get("step", 0) <= update and "counters/examples" in row:
+      best = row["counters/examples"]
+  return int(best)
+
+
+def _save_final(cfg: ConfigDict, run_dir: Path, model_cfg: Any, params: Any, hf_cfg: dict, tokenizer: Any) -> None:
+  """{run}/final: jbt checkpoint; {run}/FINAL: HF directory. Both appear only when complete."""
+  from jbt import hf_io
+
+  if jax.process_count() == 1:
+    with hf_io.atomic_dir(run_dir / "final", overwrite=True) as tmp:
+      checkpoint.write_model_meta(tmp, model_cfg, hf_cfg, tokenizer)
+      checkpoint.save_params(tmp / "params", params)
+  else:  # every process writes its shards; orbax renames the params into place when complete
+    from jax.experimental import multihost_utils
+
+    final = run_dir / "final"
+    if is_primary():
+      shutil.rmtree(final, ignore_errors=True)
+      checkpoint.write_model_meta(final, model_cfg, hf_cfg, tokenizer)
+    multihost_utils.sync_global_devices("jbt_final_meta")
+    checkpoint.save_params(final / "params", params)
+    params = multihost_utils.process_allgather(params, tiled=True)
+  if not is_primary():
+    return
+  if cfg.ckpt.export_final:
+    convert.export_hf(model_cfg, params, run_dir / "FINAL", hf_config=hf_cfg, tokenizer=tokenizer, overwrite=True)
+
+
+def main(argv: list[str]) -> None:
+  from absl import logging as absl_logging
+
+  from jbt.config_cli import CONFIG
+
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+  cli_main(run)(CONFIG.value)
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  from jbt.config_cli import parse_flags_with_usage
+
+  app.run(main, flags_parser=parse_flags_with_usage)
