@@ -3,7 +3,7 @@
 Run kind: a template. Copy it (or override fields on the command line) for a real run:
 
     python -m jbt.train --config configs/default.py \
-        --config.model.init_from=/path/to/hf_model --config.data.train='["/path/pairs.jsonl"]'
+        --config.model.init_from=/path/to/hf_model --config.data.train=/path/pairs.jsonl
 """
 
 from ml_collections import ConfigDict
@@ -27,8 +27,8 @@ def get_config() -> ConfigDict:
                                    initializer_range=0.02))
 
   c.data = ConfigDict()
-  c.data.train = ["hh"]  # data specs: hub names (hh, shp, ultrabin) or .json/.jsonl/.jsonl.gz/.parquet paths
-  c.data.eval = []  # empty: the train specs' own test split, or a held-out fraction (eval_fraction)
+  c.data.train = ("hh",)  # data specs: hub names (hh, shp, ultrabin) or .json/.jsonl/.jsonl.gz/.parquet paths
+  c.data.eval = ()  # empty: the train specs' own test split, or a held-out fraction (eval_fraction)
   c.data.eval_fraction = 0.0  # > 0: hold out this fraction of prompts of split-less data for eval
   c.data.eval_pairs = 256  # HALOs evaluates on 256 seeded test pairs; 0 = all
   c.data.max_length = 1250

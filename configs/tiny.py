@@ -20,7 +20,7 @@ def get_config():
   c.model.tokenizer = "smollm2"
   c.model.random.update(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, initializer_range=0.02)
-  c.data.train = [str(ROOT / "data" / "tiny_prefs.jsonl")]
+  c.data.train = (str(ROOT / "data" / "tiny_prefs.jsonl"),)
   c.data.eval_fraction = 0.2
   c.data.eval_pairs = 0
   c.data.max_length = 128

@@ -115,6 +115,10 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
 
 def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
   t_start = time.time()
+  from jbt.data.sources import resolve_spec
+
+  for spec in (*cfg.data.train, *cfg.data.eval):  # a spec that matches nothing fails before the model loads
+    resolve_spec(spec)
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
   setup.check_mesh_batch(cfg, mesh)
   rules = tuple(tuple(r) for r in cfg.mesh.rules)

@@ -1,0 +1,34 @@
+"""Llama-3-8B-class reward model on a TPU v5p-32 / v4-32 pod slice (16 chips, 4 hosts).
+
+Hardware: a pod slice; the same command runs on every host (jax.distributed auto-detects the
+slice). FSDP over 16 chips; bfloat16 compute, remat of matmul outputs only.
+
+    gcloud compute tpus tpu-vm ssh $TPU --worker=all --command \
+      "cd jbt && python -m jbt.train --config configs/tpu_llama3_8b.py \
+         --config.model.init_from=/mnt/models/Meta-Llama-3-8B-Instruct --config.ckpt.cache_dir=gs://BUCKET/jbt"
+
+Checkpoints must go to storage every host sees (a GCS bucket or a shared filesystem). Expected:
+about HALOs' accuracy on ultrabin for the same model and steps.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs import default  # noqa: E402
+
+
+def get_config():
+  c = default.get_config()
+  c.model.init_from = "/mnt/models/Meta-Llama-3-8B-Instruct"
+  c.model.dtype = "bfloat16"
+  c.model.remat = "dots"
+  c.data.train = ("ultrabin",)
+  c.data.layout = "packed"
+  c.train.batch_size = 32
+  c.train.eval_batch_size = 32
+  c.mesh.shape = (1, -1, 1)
+  c.dist.auto = True
+  c.ckpt.exp_name = "llama3_8b_ultrabin_tpu"
+  c.ckpt.save_every = 200
+  return c
