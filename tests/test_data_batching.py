@@ -1,5 +1,7 @@
 """Batch layouts and the grain iterator: contract, shuffling, shards, checkpoint and restore."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -39,12 +41,13 @@ def sequences(batch):
 def check_contract(batch, data, n_slots):
   """The batch contract of jbt.data, checked against the tokenized data it came from."""
   tokens, L = batch["tokens"], batch["tokens"].shape[1]
+  pad = data.pad_token_id
   assert tokens.dtype == np.int32 and batch["segment_ids"].dtype == np.int32
   assert batch["positions"].dtype == np.int32 and batch["pair_mask"].dtype == np.float32
   for key in ("chosen_index", "rejected_index", "pair_mask"):
     assert batch[key].shape == (n_slots,)
   pad_cells = batch["segment_ids"] == 0
-  assert (tokens[pad_cells] == PAD).all() and (batch["positions"][pad_cells] == 0).all()
+  assert (tokens[pad_cells] == pad).all() and (batch["positions"][pad_cells] == 0).all()
   seqs = sequences(batch)
   for _, (cols, _, positions) in seqs.items():
     assert np.array_equal(positions, np.arange(len(cols)))
@@ -61,7 +64,7 @@ def check_contract(batch, data, n_slots):
       # The sequence at the index is exactly the member, and the index is where transformers
       # pools that member scored alone.
       assert np.array_equal(seq, data.member(i, j))
-      assert t == cols[0] + pool_position(seq, PAD)
+      assert t == cols[0] + pool_position(seq, pad)
   for k in np.flatnonzero(~real):
     assert batch["chosen_index"][k] == 0 and batch["rejected_index"][k] == 0
 
@@ -177,6 +180,7 @@ def test_restoring_state_mid_epoch_gives_the_same_batches(layout):
   for _ in range(5):
     next(it)
   state = it.get_state()
+  assert json.loads(json.dumps(state)) == state  # plain data, as a checkpoint stores it
   resumed = make_batch_iterator(data, **kwargs)
   resumed.set_state(state)
   rest = list(resumed)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jbt.data import (DEFAULT_CHAT_TEMPLATE, BadRecord, Pair, PairTokenizer, ensure_chat_template,
-                      load_pairs, pool_position, resolve_pad_token_id, tokenize_pair,
-                      tokenize_pairs)
+                      load_pairs, make_batch_iterator, pool_position, resolve_pad_token_id,
+                      tokenize_pair, tokenize_pairs)
 from jbt.errors import JbtError
 
 SHARED_HH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
@@ -98,6 +98,15 @@ def test_halos_truncation_of_the_first_turn_and_of_a_multi_turn_response(toy):
 def test_pair_that_fits_is_the_chat_template_over_prompt_and_response(toy):
   pair = Pair([U("t1 t2"), A("t3"), U("t4")], [A("t5 t6")], [A("t7")])
   out = tokenize_pair(pair, toy, max_length=50, max_prompt_length=20)
+  expected = toy.apply_chat_template(pair.prompt + pair.chosen, tokenize=True, return_dict=False)
+  assert out.chosen.tolist() == expected and out.altered == ()
+
+
+def test_pair_exactly_at_both_limits_is_not_truncated(toy):
+  # Prompt turns alone with generation prompt: 3+3 + 3+3 = 12 = max_prompt_length; the reply
+  # alone 6+2 = 8 brings the count to 20 = max_length. HALOs cuts only when a limit is exceeded.
+  pair = Pair([U("t1 t2 t3"), A("t4 t5 t6")], [A(words(7, 13))], [A("t13")])
+  out = tokenize_pair(pair, toy, max_length=20, max_prompt_length=12)
   expected = toy.apply_chat_template(pair.prompt + pair.chosen, tokenize=True, return_dict=False)
   assert out.chosen.tolist() == expected and out.altered == ()
 
@@ -240,3 +249,22 @@ def test_shared_sample_tokenizes_in_workers_like_in_process(smollm2):
   np.testing.assert_array_equal(here.tokens, there.tokens)
   np.testing.assert_array_equal(here.lengths, there.lengths)
   assert report.altered == report_workers.altered
+
+
+@pytest.mark.smollm2
+@pytest.mark.shared_data
+def test_shared_sample_through_both_layouts(smollm2):
+  if not SHARED_HH.exists():
+    pytest.skip("../shared/data is absent")
+  from test_data_batching import check_contract
+
+  pairs, load_report = load_pairs([str(SHARED_HH)])
+  data, report = tokenize_pairs(pairs, smollm2, max_length=512, max_prompt_length=256)
+  assert len(data) == 1520 and load_report.n_skipped == 0 and report.n_skipped == 0
+  assert data.lengths.max() <= 512 and data.pad_token_id == smollm2.pad_token_id
+  for layout in ("padded", "packed"):
+    seen = []
+    for batch in make_batch_iterator(data, layout=layout, batch_size=64, max_length=512):
+      seen.extend(batch["pair_ids"][batch["pair_ids"] >= 0])
+    assert sorted(seen) == list(range(1520))
+    check_contract(batch, data, 64)  # the last, partly filled batch

@@ -40,7 +40,7 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
   longest sequence rounded up to a multiple of m (capped at max_length).
   Layout "packed": the same P pairs packed first-fit decreasing into rows of L = pack_length
   (default 2 * max_length, so that any pair fits: both members of a pair share a row, chosen then
-  rejected, never split); R = rows needed rounded up by row_bucket (a multiple, default 8, or
+  rejected, never split); R = rows needed rounded up by row_bucket (a multiple, default 4, or
   "pow2"), so few shapes. A "shared_prompt" layout (prompt once, two branches) is planned.
 
 Sequences: the chat template over prompt turns + response turns (the tokenizer's template, else

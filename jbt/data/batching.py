@@ -22,7 +22,7 @@ import numpy as np
 
 from jbt.data.layouts import LayoutSettings, make_batch
 from jbt.data.records import Pair
-from jbt.data.tokenized import TokenizedPairs, ensure_flags_parsed, tokenize_pairs
+from jbt.data.tokenized import TokenizedPairs, tokenize_pairs
 from jbt.errors import JbtError
 
 
@@ -45,7 +45,7 @@ class _EpochSlots:
 
   def __call__(self, index: int, _: Any) -> np.ndarray:
     epoch, batch = divmod(index, self.per_epoch)
-    first = batch * self.batch_size + self.process_index * self.per_process
+    first = batch * self.batch_size
     slots = range(first, min(first + self.per_process, self.n_pairs))
     # Same per-epoch seeds as grain's MapDataset.shuffle; 4 rounds is its default too.
     seed = (self.seed + epoch) % 2**32
@@ -80,7 +80,7 @@ def make_batch_iterator(
     drop_remainder: bool = False,
     length_multiple: int | None = None,
     pack_length: int | None = None,
-    row_bucket: int | str = 8,
+    row_bucket: int | str = 4,
     on_error: str = "skip",
     num_threads: int = 2,
     num_workers: int = 0,
@@ -101,8 +101,9 @@ def make_batch_iterator(
     drop_remainder: drop each epoch's last, short global batch instead of filling it.
     length_multiple, pack_length, row_bucket: shape rules, see layouts.LayoutSettings.
     num_threads: grain prefetch threads building batches ahead of the trainer.
-    num_workers: grain worker processes (spawned) for tokenizing when data is pairs, and for
-      building batches; 0 keeps everything in this process.
+    num_workers: grain worker processes (spawned) for tokenizing when data is pairs; 0 keeps it
+      in this process. Building batches is cheap numpy work (tens of thousands of pairs/s on one
+      thread), so it stays in this process, and the state stays one integer.
 
   Returns:
     grain's DatasetIterator: next() gives a batch dict; get_state()/set_state() checkpoint it.
@@ -135,7 +136,4 @@ def make_batch_iterator(
   # Threads overlap batch building with the device step; a few suffice for numpy copies.
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=max(2 * num_threads, 1)))
-  if num_workers > 0:
-    ensure_flags_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(iter_ds)

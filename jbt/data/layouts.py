@@ -39,7 +39,9 @@ class LayoutSettings:
       must hold the longest pair; None means 2 * max_length, which holds every pair.
     row_bucket: packed layout only: the row count R is the rows the pairs need rounded up to a
       multiple of this int, or to a power of two with "pow2". With row_bucket = P there is a
-      single shape.
+      single shape. On HH pairs with P = 32 the rows needed vary over about a 2x range, so 4
+      gives 2-3 shapes at 60-80% real tokens, 2 gives 3-4 shapes at 80-90%
+      (scripts/bench_data.py).
   """
 
   layout: str
@@ -47,7 +49,7 @@ class LayoutSettings:
   max_length: int
   length_multiple: int | None = None
   pack_length: int | None = None
-  row_bucket: int | str = 8
+  row_bucket: int | str = 4
 
   @property
   def row_length(self) -> int:
