@@ -45,7 +45,7 @@ class _EpochSlots:
 
   def __call__(self, index: int, _: Any) -> np.ndarray:
     epoch, batch = divmod(index, self.per_epoch)
-    first = batch * self.batch_size
+    first = batch * self.batch_size + self.process_index * self.per_process
     slots = range(first, min(first + self.per_process, self.n_pairs))
     # Same per-epoch seeds as grain's MapDataset.shuffle; 4 rounds is its default too.
     seed = (self.seed + epoch) % 2**32
