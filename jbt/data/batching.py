@@ -8,6 +8,9 @@ pairs that together cover the epoch. The last global batch of an epoch may be sh
 missing slots are filler pairs (pair_mask 0), so every process yields the same number of batches
 of the same shapes; drop_remainder=True drops it instead, as HALOs does with several processes.
 
+Every process loads and tokenizes all pairs, so that each epoch can shuffle globally; it then
+builds batches from its own slots only.
+
 The iterator is grain's: get_state() is a small dict (the next batch index) that the trainer
 saves next to its train state; set_state() on an iterator built with the same arguments resumes
 with exactly the batches the uninterrupted run would have produced.
@@ -15,6 +18,7 @@ with exactly the batches the uninterrupted run would have produced.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import grain
@@ -111,9 +115,11 @@ def make_batch_iterator(
   if not isinstance(data, TokenizedPairs):
     if tokenizer is None:
       raise JbtError("make_batch_iterator needs a tokenizer to tokenize pairs")
-    data, _ = tokenize_pairs(list(data), tokenizer, max_length=max_length,
-                             max_prompt_length=max_prompt_length, truncation=truncation,
-                             on_error=on_error, num_workers=num_workers)
+    data, report = tokenize_pairs(list(data), tokenizer, max_length=max_length,
+                                  max_prompt_length=max_prompt_length, truncation=truncation,
+                                  on_error=on_error, num_workers=num_workers)
+    if report.n_skipped:  # The caller never sees this report, so say it here.
+      logging.getLogger(__name__).warning("tokenizing: %s", report.summary())
   if not 0 <= process_index < process_count:
     raise JbtError(f"process_index {process_index} is not in [0, {process_count})")
   if batch_size <= 0 or batch_size % process_count:

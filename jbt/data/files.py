@@ -52,28 +52,25 @@ _READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def _decode_line(raw: bytes) -> Any:
+  """The JSON value of one line, or the BadRecord saying why it has none."""
   try:
-    text = raw.decode("utf-8")
+    # utf-8-sig: tolerate the byte-order mark some editors put at the start of a file.
+    text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise BadRecord("not_utf8", f"not UTF-8 text (byte {e.start + 1} of the line)") from None
+    return BadRecord("not_utf8", f"not UTF-8 text (byte {e.start + 1} of the line)")
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    raise BadRecord("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}") from None
+    return BadRecord("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}")
 
 
-def _read_json_lines(path: Path, lines: Iterator[bytes] | None = None) -> Iterator[Located]:
+def _read_json_lines(path: Path) -> Iterator[Located]:
   line_no = 0
   try:
     with _open(path) as f:
-      for raw in (lines if lines is not None else f):
-        line_no += 1
-        if not raw.strip():
-          continue
-        try:
+      for line_no, raw in enumerate(f, 1):
+        if raw.strip():
           yield f"{path}:{line_no}", _decode_line(raw)
-        except BadRecord as e:
-          yield f"{path}:{line_no}", e
   except _READ_ERRORS as e:
     yield f"{path}:{line_no + 1}", BadRecord(
         "unreadable_file", f"cannot read the rest of the file: {type(e).__name__}: {e}")
@@ -87,14 +84,17 @@ def _read_json(path: Path) -> Iterator[Located]:
   except _READ_ERRORS as e:
     raise JbtError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
   try:
-    text = data.decode("utf-8")
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    line = data.count(b"\n", 0, e.start) + 1
-    yield f"{path}:{line}", BadRecord(
-        "not_utf8", "not UTF-8 text; the file was not read")
-    return
-  if not text.lstrip().startswith("["):
-    yield from _read_json_lines(path, iter(data.splitlines(keepends=True)))
+    if data.lstrip().startswith(b"["):
+      line = data.count(b"\n", 0, e.start) + 1
+      yield f"{path}:{line}", BadRecord("not_utf8", "not UTF-8 text; the file was not read")
+      return
+    text = None
+  if text is None or not text.lstrip().startswith("["):
+    for line_no, raw in enumerate(data.split(b"\n"), 1):
+      if raw.strip():
+        yield f"{path}:{line_no}", _decode_line(raw)
     return
   yield from _iter_json_array(path, text)
 

@@ -134,6 +134,8 @@ class PairTokenizer:
   def _fit(self, turns: list[Turn], add_generation_prompt: bool, total: int,
            limit: int) -> tuple[list[Turn], int, bool]:
     """HALOs' walk over turns: cut the overflowing turn from its end, drop the turns after it."""
+    if not turns:
+      return turns, total, False
     lengths = [len(ids) for ids in self._template([[t] for t in turns], add_generation_prompt)]
     for i, (turn, n) in enumerate(zip(turns, lengths)):
       if total + n > limit:
