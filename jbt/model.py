@@ -10,6 +10,11 @@ Shape legend for array names and einsum strings:
 One row may hold several sequences packed side by side: `segment_ids` numbers them (0 = padding)
 and attention is causal within a segment. `positions` restart at 0 for every sequence and only
 feed RoPE, so a padded batch is the one-segment-per-row case.
+
+Shared prompts: with `branch_ids` (0 = trunk, 1, 2, ... = branches), a segment is a prompt
+followed by several responses; a token attends to earlier trunk tokens and to earlier tokens of
+its own branch only. With positions continuing from the prompt in every branch, each branch
+computes exactly what prompt + that response would alone, while the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -135,8 +140,11 @@ def apply_rope(x_BxLxNxH: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
   return x_BxLxNxH * cos_BxLxH[:, :, None, :] + rotated * sin_BxLxH[:, :, None, :]
 
 
-def attention_mask(segment_ids_BxL: Array, positions_BxL: Array, sliding_window: int | None) -> Array:
-  """[B, L, S] boolean: same segment and not in the future (by array index, so packing works).
+def attention_mask(
+    segment_ids_BxL: Array, positions_BxL: Array, sliding_window: int | None, branch_ids_BxL: Array | None = None
+) -> Array:
+  """[B, L, S] boolean: same segment and not in the future (by array index, so packing works);
+  with branches, keys in the trunk (branch 0) or in the query's own branch.
 
   Padding (segment 0) attends to earlier padding, so no row is fully masked and softmax never
   sees only -inf; padding outputs are never read.
@@ -145,6 +153,8 @@ def attention_mask(segment_ids_BxL: Array, positions_BxL: Array, sliding_window:
   idx = jnp.arange(L)
   mask = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
   mask &= idx[None, :, None] >= idx[None, None, :]
+  if branch_ids_BxL is not None:
+    mask &= (branch_ids_BxL[:, None, :] == 0) | (branch_ids_BxL[:, :, None] == branch_ids_BxL[:, None, :])
   if sliding_window is not None:
     mask &= (positions_BxL[:, :, None] - positions_BxL[:, None, :]) < sliding_window
   return mask
@@ -274,7 +284,9 @@ class RewardModel(nn.Module):
         jnp.float32,
     )
 
-  def hidden(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
+  def hidden(
+      self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array, branch_ids_BxL: Array | None = None
+  ) -> Array:
     """Final-norm hidden states [B, L, D] in the compute dtype."""
     cfg = self.cfg
     dt = cfg.compute_dtype
@@ -283,7 +295,7 @@ class RewardModel(nn.Module):
     freqs_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
     freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
     cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
-    mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window)
+    mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window, branch_ids_BxL)
     if cfg.scan_layers:
       x_BxLxD, _ = self.layers(x_BxLxD, mask_BxLxS, cos_BxLxH, sin_BxLxH)
     else:
@@ -297,6 +309,7 @@ class RewardModel(nn.Module):
       segment_ids_BxL: Array,
       positions_BxL: Array,
       pool_index_P: Array | None = None,
+      branch_ids_BxL: Array | None = None,
   ) -> Array:
     """Rewards.
 
@@ -305,13 +318,13 @@ class RewardModel(nn.Module):
     The head runs in float32: it is tiny, and the reward is what the loss differentiates.
     """
     cfg = self.cfg
-    h_BxLxD = self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL)
-    w_DxC = self.score[:, cfg.reward_label]
+    h_BxLxD = self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL, branch_ids_BxL)
+    w_D = self.score[:, cfg.reward_label]
     if pool_index_P is None:
-      return jnp.einsum("BLD,D->BL", h_BxLxD.astype(jnp.float32), w_DxC)
+      return jnp.einsum("BLD,D->BL", h_BxLxD.astype(jnp.float32), w_D)
     B, L, D = h_BxLxD.shape
     h_PxD = jnp.take(h_BxLxD.reshape(B * L, D), pool_index_P, axis=0)
-    return jnp.einsum("PD,D->P", h_PxD.astype(jnp.float32), w_DxC)
+    return jnp.einsum("PD,D->P", h_PxD.astype(jnp.float32), w_D)
 
   def logits(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array, pool_index_P: Array) -> Array:
     """All head outputs [P, C] at the pooled positions (what transformers calls logits)."""

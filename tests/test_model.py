@@ -137,3 +137,18 @@ def test_reward_ignores_extra_padding_and_neighbours():
   # Packing the same two next to a third, unrelated sequence changes nothing either.
   t3, s3, p3, i3 = _packed(seqs + [np.arange(30, 50, dtype=np.int32)])
   np.testing.assert_allclose(_apply(cfg, params, t3, s3, p3, i3)[:2], r1, atol=1e-5)
+
+
+def test_shared_prompt_branches_equal_separate_sequences():
+  """Prompt once, two responses as branches: each reward equals prompt + response scored alone."""
+  m = tinymodels.make_model("qwen2")
+  cfg, params = _jbt(m)
+  rng = np.random.default_rng(7)
+  prompt, resp_a, resp_b = (rng.integers(3, tinymodels.VOCAB, n).astype(np.int32) for n in (9, 6, 4))
+  ref = _hf_rewards(m, *_padded([np.concatenate([prompt, resp_a]), np.concatenate([prompt, resp_b])])[:2])
+  row = np.concatenate([prompt, resp_a, resp_b, np.zeros(5, np.int32)])[None]
+  seg = (np.arange(row.shape[1]) < 19).astype(np.int32)[None]
+  branch = np.array([[0] * 9 + [1] * 6 + [2] * 4 + [0] * 5], np.int32)
+  pos = np.array([list(range(15)) + list(range(9, 13)) + [0] * 5], np.int32)
+  r = model.RewardModel(cfg).apply({"params": params}, row, seg, pos, np.array([14, 18]), branch)
+  np.testing.assert_allclose(np.asarray(r), ref, atol=1e-4)
