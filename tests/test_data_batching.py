@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jbt.data import (DEVICE_KEYS, LayoutSettings, TokenizedPair, TokenizedPairs, batches_per_epoch,
-                      bucket_rows, make_batch_iterator, pool_position, split_batch)
+from jbt.data import (LayoutSettings, TokenizedPair, TokenizedPairs, batches_per_epoch, bucket_rows,
+                      device_keys, make_batch_iterator, pool_position, split_batch)
 from jbt.data.layouts import make_batch
 from jbt.errors import JbtError
 
@@ -40,6 +40,8 @@ def sequences(batch):
 
 def check_contract(batch, data, n_slots):
   """The batch contract of jbt.data, checked against the tokenized data it came from."""
+  if "branch_ids" in batch:
+    return check_shared_contract(batch, data, n_slots)
   tokens, L = batch["tokens"], batch["tokens"].shape[1]
   pad = data.pad_token_id
   assert tokens.dtype == np.int32 and batch["segment_ids"].dtype == np.int32
@@ -65,6 +67,41 @@ def check_contract(batch, data, n_slots):
       # pools that member scored alone.
       assert np.array_equal(seq, data.member(i, j))
       assert t == cols[0] + pool_position(seq, pad)
+  for k in np.flatnonzero(~real):
+    assert batch["chosen_index"][k] == 0 and batch["rejected_index"][k] == 0
+
+
+def check_shared_contract(batch, data, n_slots):
+  """The shared_prompt contract: one segment per pair, trunk then chosen then rejected branch,
+  and each member rebuilt from trunk + its branch is exactly the tokenized member."""
+  tokens, branch, L = batch["tokens"], batch["branch_ids"], batch["tokens"].shape[1]
+  pad = data.pad_token_id
+  assert branch.dtype == np.int32 and branch.shape == tokens.shape
+  for key in ("chosen_index", "rejected_index", "pair_mask"):
+    assert batch[key].shape == (n_slots,)
+  pad_cells = batch["segment_ids"] == 0
+  assert (tokens[pad_cells] == pad).all() and (batch["positions"][pad_cells] == 0).all()
+  assert (branch[pad_cells] == 0).all()
+  seqs = sequences(batch)
+  real = batch["pair_ids"] >= 0
+  assert np.array_equal(batch["pair_mask"], real.astype(np.float32))
+  assert batch["n_pairs"] == real.sum() and batch["n_tokens"] == (~pad_cells).sum()
+  assert len(seqs) == real.sum()
+  for k in np.flatnonzero(real):
+    i = batch["pair_ids"][k]
+    row, t_c = divmod(int(batch["chosen_index"][k]), L)
+    row_r, t_r = divmod(int(batch["rejected_index"][k]), L)
+    seg = batch["segment_ids"][row, t_c]
+    assert row_r == row and batch["segment_ids"][row, t_r] == seg
+    cols, _, _ = seqs[row, seg]
+    assert np.all(np.diff(branch[row, cols]) >= 0)  # trunk, then chosen, then rejected
+    assert (branch[row, cols] == 0).sum() == data.shared_prefix[i]
+    for j, t in ((0, t_c), (1, t_r)):
+      own = cols[np.isin(branch[row, cols], (0, j + 1))]
+      member = tokens[row, own]
+      assert np.array_equal(member, data.member(i, j))
+      assert np.array_equal(batch["positions"][row, own], np.arange(len(own)))
+      assert t == own[pool_position(member, pad)]
   for k in np.flatnonzero(~real):
     assert batch["chosen_index"][k] == 0 and batch["rejected_index"][k] == 0
 
@@ -135,8 +172,10 @@ def test_settings_that_cannot_hold_the_data_are_errors():
     make_batch_iterator(data, batch_size=2, max_length=10)
   with pytest.raises(JbtError, match="pack_length"):
     make_batch_iterator(data, layout="packed", batch_size=2, max_length=40, pack_length=41)
-  with pytest.raises(JbtError, match="not implemented"):
-    make_batch_iterator(data, layout="shared_prompt", batch_size=2, max_length=40)
+  with pytest.raises(JbtError, match="pack_length"):
+    make_batch_iterator(data, layout="shared_prompt", batch_size=2, max_length=40, pack_length=41)
+  with pytest.raises(JbtError, match="layout"):
+    make_batch_iterator(data, layout="shared", batch_size=2, max_length=40)
   with pytest.raises(JbtError, match="multiple"):
     make_batch_iterator(data, batch_size=3, max_length=40, process_count=2)
 
@@ -171,7 +210,7 @@ def test_drop_remainder_and_endless_epochs():
   assert len([next(endless) for _ in range(50)]) == 50
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
 def test_restoring_state_mid_epoch_gives_the_same_batches(layout):
   data = synthetic(30)
   kwargs = dict(layout=layout, batch_size=4, max_length=40, seed=3, epochs=2)
@@ -191,7 +230,7 @@ def test_restoring_state_mid_epoch_gives_the_same_batches(layout):
       np.testing.assert_array_equal(got[key], want[key])
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
 def test_processes_read_disjoint_shards_that_cover_the_data(layout):
   data = synthetic(23)
   kwargs = dict(layout=layout, batch_size=8, max_length=40, seed=5, epochs=1)
@@ -212,10 +251,14 @@ def test_processes_read_disjoint_shards_that_cover_the_data(layout):
   assert sorted(covered) == list(range(23))
 
 
-def test_split_batch_keeps_stats_off_the_device():
-  batch = next(make_batch_iterator(synthetic(4), batch_size=4, max_length=40))
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+def test_split_batch_keeps_stats_off_the_device(layout):
+  batch = next(make_batch_iterator(synthetic(4), layout=layout, batch_size=4, max_length=40))
   device, stats = split_batch(batch)
-  assert tuple(device) == DEVICE_KEYS and set(stats) == {"n_pairs", "n_tokens", "pair_ids"}
+  # The trainer compiles on these keys: branch_ids only where the layout has branches.
+  assert tuple(device) == device_keys(layout)
+  assert ("branch_ids" in device) == (layout == "shared_prompt")
+  assert set(stats) == {"n_pairs", "n_tokens", "pair_ids"}
 
 
 def test_packed_layout_uses_fewer_slots_than_padded():

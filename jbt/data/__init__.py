@@ -20,8 +20,8 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
                                 within a segment only. Padding tokens share segment 0, so a mask
                                 built as (segment_q == segment_k) & causal never leaves a query
                                 with nothing to attend to.
-  positions       int32 [R, L]  0-based position of the token within its own sequence; 0 in
-                                padding.
+  positions       int32 [R, L]  0-based position of the token within its own sequence (prompt +
+                                response); 0 in padding.
   chosen_index    int32 [P]     flat index row * L + t of the token whose output is the reward of
   rejected_index  int32 [P]     the pair's chosen / rejected member: exactly where transformers'
                                 *ForSequenceClassification pools that sequence scored alone (the
@@ -41,7 +41,24 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
   Layout "packed": the same P pairs packed first-fit decreasing into rows of L = pack_length
   (default 2 * max_length, so that any pair fits: both members of a pair share a row, chosen then
   rejected, never split); R = rows needed rounded up by row_bucket (a multiple, default 4, or
-  "pow2"), so few shapes. A "shared_prompt" layout (prompt once, two branches) is planned.
+  "pow2"), so few shapes.
+  Layout "shared_prompt": like "packed", but each pair is ONE segment holding the tokens its
+  members share once (TokenizedPairs.shared_prefix: the prompt and the assistant header), then
+  the rest of chosen, then the rest of rejected; pair sizes are p + (c - p) + (r - p), so
+  L = pack_length defaults to 2 * max_length here too. One more device array:
+
+  branch_ids      int32 [R, L]  0 for the shared prefix (trunk) and padding, 1 for the chosen
+                                member's own tokens, 2 for the rejected member's. The model's
+                                mask is same segment & causal by array index & (key in the trunk
+                                or in the query's own branch), so each branch computes exactly
+                                prompt + response alone while the prompt is computed once.
+
+  There, positions run 0..p-1 over the trunk and p.. in each branch (both continue the prompt),
+  and chosen_index / rejected_index point at the branch's last token, or at the trunk's last
+  token when a member is a prefix of the other (its branch is empty): where transformers pools
+  it scored alone, as in every layout. n_tokens counts the tokens stored, shared ones once.
+  Only this layout emits branch_ids (device_keys(layout)): the trainer compiles on the keys of
+  the dict, and padded and packed batches stay free of an all-zero array.
 
 Sequences: the chat template over prompt turns + response turns (the tokenizer's template, else
 DEFAULT_CHAT_TEMPLATE), truncated by HALOs' rule (jbt.data.formatting). Pad id: the tokenizer's
@@ -53,7 +70,8 @@ from jbt.data.batching import batches_per_epoch, make_batch_iterator
 from jbt.data.formatting import (DEFAULT_CHAT_TEMPLATE, TRUNCATIONS, PairTokenizer, TokenizedPair,
                                  ensure_chat_template, pool_position, resolve_pad_token_id,
                                  tokenize_pair)
-from jbt.data.layouts import DEVICE_KEYS, LAYOUTS, STAT_KEYS, LayoutSettings, bucket_rows
+from jbt.data.layouts import (BRANCH_KEY, DEVICE_KEYS, LAYOUTS, STAT_KEYS, LayoutSettings,
+                              bucket_rows, device_keys)
 from jbt.data.records import Pair
 from jbt.data.report import BadRecord, DataReport
 from jbt.data.sources import load_pairs
@@ -61,15 +79,18 @@ from jbt.data.tokenized import TokenizedPairs, tokenize_pairs
 
 
 def split_batch(batch: dict) -> tuple[dict, dict]:
-  """Splits a batch dict into (arrays for the device, host-side statistics)."""
-  return ({k: batch[k] for k in DEVICE_KEYS},
-          {k: v for k, v in batch.items() if k not in DEVICE_KEYS})
+  """Splits a batch dict into (arrays for the device, host-side statistics).
+
+  branch_ids goes to the device when the batch has it (shared_prompt), and is never invented.
+  """
+  keys = device_keys("shared_prompt" if BRANCH_KEY in batch else "padded")
+  return ({k: batch[k] for k in keys}, {k: v for k, v in batch.items() if k not in keys})
 
 
 __all__ = [
-    "BadRecord", "DataReport", "DEFAULT_CHAT_TEMPLATE", "DEVICE_KEYS", "LAYOUTS", "LayoutSettings",
-    "Pair", "PairTokenizer", "STAT_KEYS", "TRUNCATIONS", "TokenizedPair", "TokenizedPairs",
-    "batches_per_epoch", "bucket_rows", "ensure_chat_template", "load_pairs",
-    "make_batch_iterator", "pool_position", "resolve_pad_token_id", "split_batch",
+    "BRANCH_KEY", "BadRecord", "DataReport", "DEFAULT_CHAT_TEMPLATE", "DEVICE_KEYS", "LAYOUTS",
+    "LayoutSettings", "Pair", "PairTokenizer", "STAT_KEYS", "TRUNCATIONS", "TokenizedPair",
+    "TokenizedPairs", "batches_per_epoch", "bucket_rows", "device_keys", "ensure_chat_template",
+    "load_pairs", "make_batch_iterator", "pool_position", "resolve_pad_token_id", "split_batch",
     "tokenize_pair", "tokenize_pairs",
 ]

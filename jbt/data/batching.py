@@ -95,7 +95,7 @@ def make_batch_iterator(
     data: tokenized pairs (tokenize_pairs), or pairs (load_pairs) to tokenize here with
       tokenizer; tokenize first yourself to see the report and the pair count.
     tokenizer: a transformers tokenizer; only needed when data is pairs.
-    layout: "padded" or "packed" (cfg.data.layout).
+    layout: "padded", "packed" or "shared_prompt" (cfg.data.layout); see jbt.data's docstring.
     batch_size: pairs per step across all processes (cfg.train.batch_size); each batch holds
       P = batch_size / process_count pair slots.
     max_length, max_prompt_length, truncation, on_error: cfg.data fields (tokenizing only).

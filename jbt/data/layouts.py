@@ -1,9 +1,8 @@
 """Batch layouts: how the P pairs of one batch are laid out in rows of token ids.
 
-Both layouts produce the batch contract of jbt.data (tokens, segment_ids, positions,
-chosen_index, rejected_index, pair_mask, plus host-side stats). A layout is a function
-(data, pair_ids, settings) -> batch; a future "shared_prompt" layout (prompt once, chosen and
-rejected as two branches, using TokenizedPairs.shared_prefix) plugs in beside them.
+Every layout produces the batch contract of jbt.data (tokens, segment_ids, positions,
+chosen_index, rejected_index, pair_mask, plus host-side stats); "shared_prompt" adds branch_ids.
+A layout is a function (data, pair_ids, settings) -> batch.
 """
 
 from __future__ import annotations
@@ -12,16 +11,28 @@ import dataclasses
 
 import numpy as np
 
+from jbt.data.formatting import pool_position
 from jbt.data.tokenized import TokenizedPairs
 from jbt.errors import JbtError
 
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "shared_prompt")
 
-# Arrays the model and loss consume; the rest of a batch dict is host-side statistics.
+# Arrays the model and loss consume in every layout; the rest of a batch dict is host-side
+# statistics, except branch_ids, which only shared_prompt batches carry (see device_keys).
 DEVICE_KEYS = ("tokens", "segment_ids", "positions", "chosen_index", "rejected_index", "pair_mask")
+BRANCH_KEY = "branch_ids"
 # n_pairs: real pairs in the batch; n_tokens: real (non-padding) tokens; pair_ids: index of each
 # pair slot into the tokenized data, -1 for filler slots.
 STAT_KEYS = ("n_pairs", "n_tokens", "pair_ids")
+
+# branch_ids values: the shared prefix, then the chosen and the rejected member's own tokens.
+TRUNK, CHOSEN_BRANCH, REJECTED_BRANCH = 0, 1, 2
+
+
+def device_keys(layout: str) -> tuple[str, ...]:
+  """The device arrays of a layout's batches. The trainer compiles on these keys, so padded and
+  packed batches never carry a branch_ids array, not even an all-zero one."""
+  return DEVICE_KEYS + (BRANCH_KEY,) if layout == "shared_prompt" else DEVICE_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,18 +40,22 @@ class LayoutSettings:
   """Shape rules of a layout, fixed for a run so that jit compiles few shapes.
 
   Attributes:
-    layout: "padded" or "packed".
+    layout: "padded", "packed" or "shared_prompt".
     pairs_per_batch: P, pairs per batch on this process.
     max_length: longest member sequence (padded rows are this long, or less, see below).
     length_multiple: padded layout only: None keeps L = max_length; an int m makes L the batch's
       longest member rounded up to a multiple of m (capped at max_length), so at most
       ceil(max_length / m) shapes.
-    pack_length: packed layout only: the row length L. Both members of a pair share a row, so it
-      must hold the longest pair; None means 2 * max_length, which holds every pair.
-    row_bucket: packed layout only: the row count R is the rows the pairs need rounded up to a
-      multiple of this int, or to a power of two with "pow2". With row_bucket = P there is a
-      single shape. On HH pairs with P = 32 the rows needed vary over about a 2x range, so 4
-      gives 2-3 shapes at 60-80% real tokens, 2 gives 3-4 shapes at 80-90%
+    pack_length: packed and shared_prompt layouts: the row length L. A pair never spans two rows,
+      so L must hold the longest pair: chosen + rejected tokens when packed, shared prefix +
+      both remainders (chosen + rejected - prefix) with a shared prompt. None means
+      2 * max_length, which holds every pair in both layouts (each member has at most
+      max_length tokens); a shared_prompt pair needs 2 * max_length - prefix, so with prompts
+      of at least m tokens 2 * max_length - m rows suffice (check() says when one does not).
+    row_bucket: packed and shared_prompt layouts: the row count R is the rows the pairs need
+      rounded up to a multiple of this int, or to a power of two with "pow2". With row_bucket =
+      P there is a single shape. On HH pairs with P = 32 the rows needed vary over about a 2x
+      range, so 4 gives 2-3 shapes at 60-80% real tokens, 2 gives 3-4 shapes at 80-90%
       (scripts/bench_data.py).
   """
 
@@ -53,27 +68,40 @@ class LayoutSettings:
 
   @property
   def row_length(self) -> int:
-    if self.layout == "packed":
+    if self.layout in ("packed", "shared_prompt"):
       return self.pack_length or 2 * self.max_length
     return self.max_length
 
   def check(self, data: TokenizedPairs) -> None:
     """JbtError when the settings cannot hold the data."""
     if self.layout not in LAYOUTS:
-      hint = " (not implemented yet)" if self.layout == "shared_prompt" else ""
-      raise JbtError(f"layout must be one of {LAYOUTS}, got {self.layout!r}{hint}")
+      raise JbtError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
     if self.row_bucket != "pow2" and not (isinstance(self.row_bucket, int) and self.row_bucket > 0):
       raise JbtError(f"row_bucket must be a positive int or 'pow2', got {self.row_bucket!r}")
     if self.length_multiple is not None and self.length_multiple <= 0:
       raise JbtError(f"length_multiple must be positive, got {self.length_multiple}")
+    if self.pack_length is not None and self.pack_length <= 0:
+      raise JbtError(f"pack_length must be positive, got {self.pack_length}")
     if len(data) and int(data.lengths.max()) > self.max_length:
       raise JbtError(f"a tokenized sequence has {int(data.lengths.max())} tokens, more than "
                      f"max_length {self.max_length}; tokenize with the same max_length")
-    if self.layout == "packed" and len(data):
-      longest_pair = int(data.lengths.sum(axis=1).max())
-      if longest_pair > self.row_length:
-        raise JbtError(f"pack_length {self.row_length} cannot hold a pair of {longest_pair} tokens "
-                       "(both members share a row); raise pack_length or leave it unset")
+    if self.layout == "padded" or not len(data):
+      return
+    sizes = pair_sizes(data, np.arange(len(data)), self.layout)
+    longest = int(sizes.argmax())
+    if sizes[longest] > self.row_length:
+      what = ("both members share a row" if self.layout == "packed" else
+              f"shared prefix {int(data.shared_prefix[longest])} + both remainders")
+      raise JbtError(f"pack_length {self.row_length} cannot hold pair {longest} of "
+                     f"{int(sizes[longest])} tokens ({what}); raise pack_length or leave it unset")
+
+
+def pair_sizes(data: TokenizedPairs, pair_ids: np.ndarray, layout: str) -> np.ndarray:
+  """Tokens each pair occupies in a row of a packed or shared_prompt batch."""
+  sizes = data.lengths[pair_ids].sum(axis=1).astype(np.int64)
+  if layout == "shared_prompt":
+    sizes -= data.shared_prefix[pair_ids]
+  return sizes
 
 
 def bucket_rows(n_rows: int, rule: int | str) -> int:
@@ -95,20 +123,21 @@ def _empty(n_rows: int, length: int, pad: int, n_pairs: int) -> dict[str, np.nda
   }
 
 
-def _put(batch: dict[str, np.ndarray], row: int, start: int, seq: np.ndarray, segment: int) -> int:
-  """Writes one sequence at (row, start); returns the flat index of its last token."""
+def _put(batch: dict[str, np.ndarray], row: int, start: int, seq: np.ndarray, segment: int,
+         first_position: int = 0) -> None:
+  """Writes one run of tokens at (row, start), positions counting up from first_position."""
   n = len(seq)
   batch["tokens"][row, start:start + n] = seq
   batch["segment_ids"][row, start:start + n] = segment
-  batch["positions"][row, start:start + n] = np.arange(n, dtype=np.int32)
-  return row * batch["tokens"].shape[1] + start + n - 1
+  batch["positions"][row, start:start + n] = np.arange(first_position, first_position + n,
+                                                       dtype=np.int32)
 
 
 def _stats(batch: dict[str, np.ndarray], data: TokenizedPairs, pair_ids: np.ndarray,
-           n_slots: int) -> dict[str, np.ndarray]:
+           n_slots: int, n_tokens: int) -> dict[str, np.ndarray]:
   batch["pair_mask"][: len(pair_ids)] = 1.0
   batch["n_pairs"] = np.int64(len(pair_ids))
-  batch["n_tokens"] = np.int64(data.lengths[pair_ids].sum())
+  batch["n_tokens"] = np.int64(n_tokens)
   ids = np.full(n_slots, -1, dtype=np.int64)
   ids[: len(pair_ids)] = pair_ids
   batch["pair_ids"] = ids
@@ -128,9 +157,39 @@ def padded_batch(data: TokenizedPairs, pair_ids: np.ndarray,
     length = min(-(-longest // settings.length_multiple) * settings.length_multiple, length)
   batch = _empty(2 * n_pairs, length, data.pad_token_id, n_pairs)
   for k, i in enumerate(pair_ids):
-    batch["chosen_index"][k] = _put(batch, k, 0, data.member(i, 0), 1)
-    batch["rejected_index"][k] = _put(batch, n_pairs + k, 0, data.member(i, 1), 1)
-  return _stats(batch, data, pair_ids, n_pairs)
+    for j, (row, key) in enumerate(((k, "chosen_index"), (n_pairs + k, "rejected_index"))):
+      member = data.member(i, j)
+      _put(batch, row, 0, member, 1)
+      batch[key][k] = row * length + pool_position(member, data.pad_token_id)
+  return _stats(batch, data, pair_ids, n_pairs, int(data.lengths[pair_ids].sum()))
+
+
+def _first_fit_decreasing(sizes: np.ndarray, length: int) -> tuple[np.ndarray, int]:
+  """(row, start) of each item packed into rows of `length`, and the number of rows used.
+
+  Longest first, ties by position, so the packing is a deterministic function of the batch.
+  """
+  order = np.argsort(-sizes, kind="stable")
+  fill = np.zeros(len(sizes), dtype=np.int64)  # used length of each opened row
+  n_open = 0
+  placement = np.zeros((len(sizes), 2), dtype=np.int64)
+  for k in order:
+    fits = np.flatnonzero(fill[:n_open] + sizes[k] <= length)
+    row = int(fits[0]) if fits.size else n_open
+    n_open += not fits.size
+    placement[k] = row, fill[row]
+    fill[row] += sizes[k]
+  return placement, n_open
+
+
+def _in_row_order(placement: np.ndarray, length: int):
+  """Yields (k, row, start, q) left to right in each row, q counting the items before it."""
+  items_in_row: dict[int, int] = {}
+  for k in np.argsort(placement[:, 0] * length + placement[:, 1], kind="stable"):
+    row, start = (int(x) for x in placement[k])
+    q = items_in_row.get(row, 0)
+    items_in_row[row] = q + 1
+    yield int(k), row, start, q
 
 
 def packed_batch(data: TokenizedPairs, pair_ids: np.ndarray,
@@ -142,36 +201,72 @@ def packed_batch(data: TokenizedPairs, pair_ids: np.ndarray,
   rounded up by row_bucket.
   """
   length = settings.row_length
-  sizes = data.lengths[pair_ids].sum(axis=1)
-  # Longest first, ties by position, so the packing is a deterministic function of the batch.
-  order = np.argsort(-sizes, kind="stable")
-  fill = np.zeros(len(pair_ids), dtype=np.int64)  # used length of each opened row
-  n_open = 0
-  placement = np.zeros((len(pair_ids), 2), dtype=np.int64)  # (row, start) of each pair
-  for k in order:
-    fits = np.flatnonzero(fill[:n_open] + sizes[k] <= length)
-    row = int(fits[0]) if fits.size else n_open
-    n_open += not fits.size
-    placement[k] = row, fill[row]
-    fill[row] += sizes[k]
+  placement, n_open = _first_fit_decreasing(pair_sizes(data, pair_ids, "packed"), length)
+  batch = _empty(bucket_rows(n_open, settings.row_bucket), length, data.pad_token_id,
+                 settings.pairs_per_batch)
+  for k, row, start, q in _in_row_order(placement, length):
+    chosen, rejected = data.member(pair_ids[k], 0), data.member(pair_ids[k], 1)
+    _put(batch, row, start, chosen, 2 * q + 1)
+    _put(batch, row, start + len(chosen), rejected, 2 * q + 2)
+    flat = row * length + start
+    batch["chosen_index"][k] = flat + pool_position(chosen, data.pad_token_id)
+    batch["rejected_index"][k] = flat + len(chosen) + pool_position(rejected, data.pad_token_id)
+  return _stats(batch, data, pair_ids, settings.pairs_per_batch,
+                int(data.lengths[pair_ids].sum()))
+
+
+def _branch_index(member: np.ndarray, prefix: int, trunk_flat: int, branch_flat: int,
+                  pad: int) -> int:
+  """Flat index of the token transformers pools for `member` scored alone.
+
+  Its first `prefix` tokens are the trunk (at trunk_flat...), the rest its branch (at
+  branch_flat...). Members end at their pooling position, so this is the branch's last token,
+  or the trunk's last when the branch is empty (the member is a prefix of the other); finding
+  it with pool_position also covers members that keep trailing pad tokens.
+  """
+  t = pool_position(member, pad)
+  return trunk_flat + t if t < prefix else branch_flat + t - prefix
+
+
+def shared_prompt_batch(data: TokenizedPairs, pair_ids: np.ndarray,
+                        settings: LayoutSettings) -> dict[str, np.ndarray]:
+  """Packs pairs with their shared prefix stored once, first-fit decreasing into pack_length rows.
+
+  Pair q of a row is one segment (q + 1): the tokens both members share (TokenizedPairs.
+  shared_prefix: the prompt, the template's assistant header, and any common start of the
+  responses), then the rest of chosen, then the rest of rejected. branch_ids mark them 0, 1, 2;
+  positions run 0..p-1 over the trunk and restart at p in each branch, so that each branch sees
+  exactly its member's tokens at its member's positions under the model's branch mask.
+  """
+  length = settings.row_length
+  sizes = pair_sizes(data, pair_ids, "shared_prompt")
+  placement, n_open = _first_fit_decreasing(sizes, length)
   n_rows = bucket_rows(n_open, settings.row_bucket)
   batch = _empty(n_rows, length, data.pad_token_id, settings.pairs_per_batch)
-  pairs_in_row = np.zeros(n_rows, dtype=np.int32)
-  for k in np.argsort(placement[:, 0] * length + placement[:, 1], kind="stable"):
-    row, start = (int(x) for x in placement[k])
+  batch[BRANCH_KEY] = np.full((n_rows, length), TRUNK, dtype=np.int32)
+  for k, row, start, q in _in_row_order(placement, length):
     i = pair_ids[k]
-    segment = 2 * int(pairs_in_row[row]) + 1
-    pairs_in_row[row] += 1
-    chosen = data.member(i, 0)
-    batch["chosen_index"][k] = _put(batch, row, start, chosen, segment)
-    batch["rejected_index"][k] = _put(batch, row, start + len(chosen), data.member(i, 1),
-                                      segment + 1)
-  return _stats(batch, data, pair_ids, settings.pairs_per_batch)
+    prefix = int(data.shared_prefix[i])
+    chosen, rejected = data.member(i, 0), data.member(i, 1)
+    chosen_start = start + prefix
+    rejected_start = chosen_start + len(chosen) - prefix
+    _put(batch, row, start, chosen[:prefix], q + 1)
+    _put(batch, row, chosen_start, chosen[prefix:], q + 1, first_position=prefix)
+    _put(batch, row, rejected_start, rejected[prefix:], q + 1, first_position=prefix)
+    batch[BRANCH_KEY][row, chosen_start:rejected_start] = CHOSEN_BRANCH
+    batch[BRANCH_KEY][row, rejected_start:start + sizes[k]] = REJECTED_BRANCH
+    flat = row * length
+    batch["chosen_index"][k] = _branch_index(chosen, prefix, flat + start, flat + chosen_start,
+                                             data.pad_token_id)
+    batch["rejected_index"][k] = _branch_index(rejected, prefix, flat + start,
+                                               flat + rejected_start, data.pad_token_id)
+  return _stats(batch, data, pair_ids, settings.pairs_per_batch, int(sizes.sum()))
+
+
+_BUILDERS = {"padded": padded_batch, "packed": packed_batch, "shared_prompt": shared_prompt_batch}
 
 
 def make_batch(data: TokenizedPairs, pair_ids: np.ndarray,
                settings: LayoutSettings) -> dict[str, np.ndarray]:
   """The batch of the given pairs (at most P of them; the rest of the P slots are fillers)."""
-  if settings.layout == "packed":
-    return packed_batch(data, pair_ids, settings)
-  return padded_batch(data, pair_ids, settings)
+  return _BUILDERS[settings.layout](data, pair_ids, settings)
