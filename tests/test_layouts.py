@@ -73,7 +73,8 @@ def hf_rewards(m, tok, pairs: list[Pair]) -> np.ndarray:
 
 def jbt_model(m):
   cfg = hf.model_config_from_hf(m.config.to_dict(), num_labels=m.config.num_labels)
-  params = hf.load_params(cfg, hf_io.DictSource(m.state_dict()), where="t", allow_missing_head=False)
+  params = hf.load_params(cfg, hf_io.DictSource(m.state_dict()), where="t",
+                          allow_missing_head=False)
   return cfg, params
 
 
