@@ -11,7 +11,8 @@ from jbt import evaluate, scoring
 
 torch = pytest.importorskip("torch")
 
-WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today a reward model scores answers".split()
+WORDS = ("the quick brown fox jumps over the lazy dog hello world how are you today a reward model "
+         "scores answers").split()
 
 
 def text(rng: random.Random, n: int) -> str:

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 # (prompt_id, prompt turns, sampled output, the text HALOs scores after its chop).
 SAMPLES = [
     (0, [{"role": "user", "content": "hello world"}], "The fox jumps. And then the", "The fox jumps."),
-    (0, [{"role": "user", "content": "hello world"}], "  hello! how are you today? the quick ", "hello! how are you today?"),
+    (0, [{"role": "user", "content": "hello world"}], "  hello! how are you today? the quick ",
+     "hello! how are you today?"),
     (0, [{"role": "user", "content": "hello world"}], "a reward model scores answers", "a reward model scores answers"),
     (1, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the lazy dog"},
          {"role": "assistant", "content": "yes"}, {"role": "user", "content": "and the fox?"}],

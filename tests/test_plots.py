@@ -72,11 +72,13 @@ def test_bad_input_is_one_error_line(case, tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "grad_norm": 1.0}) + "\n")
   if case == "smooth":
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss/train": 1.0}) + "\n")
-  argv = [str(tmp_path / "nowhere" if case == "missing" else tmp_path)] + (["--smooth", "1"] if case == "smooth" else [])
+  argv = [str(tmp_path / "nowhere" if case == "missing" else tmp_path)]
+  argv += ["--smooth", "1"] if case == "smooth" else []
   with pytest.raises(SystemExit) as e:
     plots.main(argv)
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ")
-  assert {"missing": "nowhere", "empty": "no metric rows", "unknown_keys": "loss/train", "smooth": "smooth"}[case] in err[0]
+  want = {"missing": "nowhere", "empty": "no metric rows", "unknown_keys": "loss/train", "smooth": "smooth"}
+  assert want[case] in err[0]
   assert not (tmp_path / "curves.png").exists()
