@@ -34,7 +34,9 @@ def get_config() -> ConfigDict:
   c.data.max_length = 1250
   c.data.max_prompt_length = 625
   c.data.truncation = "halos"  # halos: cut prompt then response (HALOs' rule) | drop: skip pairs that do not fit
-  c.data.layout = "padded"  # padded (HALOs) | packed (several pairs per row, segment ids)
+  c.data.layout = "padded"  # padded (HALOs) | packed (pairs side by side) | shared_prompt (prompt once, 2 branches)
+  c.data.pack_length = 0  # packed / shared_prompt row length; 0: 2 * max_length (any pair fits)
+  c.data.row_bucket = 4  # packed / shared_prompt rows per batch are rounded up to a multiple of this
   c.data.on_error = "skip"  # skip: count and report bad records | raise: stop at the first
   c.data.length_multiple = 64  # padded rows are cut to the batch's longest, rounded up to this (0: max_length)
   c.data.num_workers = 0  # grain worker processes for tokenizing

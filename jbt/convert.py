@@ -26,6 +26,8 @@ def hf_to_jbt(
   cfg, source, hf_cfg, tokenizer, has_head = hf_io.read_hf(src, num_labels=num_labels)
   shardings = shardings_fn(cfg) if shardings_fn is not None else None
   params = hf.load_params(cfg, source, where=str(src), shardings=shardings, allow_missing_head=not has_head, seed=seed)
+  if num_labels is not None and num_labels != cfg.num_labels:  # the checkpoint's own head, resized
+    cfg, params = hf_io.change_head(cfg, params, num_labels)
   with hf_io.atomic_dir(out, overwrite=overwrite) as tmp:
     checkpoint.write_model_meta(tmp, cfg, hf_cfg, tokenizer)
     checkpoint.save_params(tmp / "params", params)

@@ -163,8 +163,9 @@ def model_config_from_hf(hf: Mapping[str, Any], *, num_labels: int | None = None
   pad = hf.get("pad_token_id")
   if pad is None:  # HALOs' rule: pad falls back to eos
     pad = eos[0] if isinstance(eos, list) else eos
-  if num_labels is None:
-    num_labels = int(hf.get("num_labels", 2)) if _is_seq_cls(hf) else 2
+  if num_labels is None:  # to_dict() keeps id2label, not num_labels
+    own = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+    num_labels = own if _is_seq_cls(hf) else 2
   fields = dict(
       family=family,
       vocab_size=int(hf["vocab_size"]),

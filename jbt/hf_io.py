@@ -176,7 +176,10 @@ def read_hf(
     path: str | Path, *, num_labels: int | None = None, **overrides: Any
 ) -> tuple[ModelConfig, TensorSource, dict[str, Any], Any, bool]:
   """Opens an HF directory or GGUF file: (model config, tensor source, HF config dict, tokenizer,
-  whether it carries a reward head). Nothing is loaded onto a device here."""
+  whether it carries a reward head). Nothing is loaded onto a device here.
+
+  num_labels sizes a fresh head; a checkpoint's own head keeps its size (change_head converts).
+  """
   import transformers
 
   path = Path(path)
@@ -203,8 +206,6 @@ def read_hf(
         "llama", "mistral", "qwen2", "qwen3") else hf_cfg
     has_head = any(a.endswith("ForSequenceClassification") for a in hf_cfg.get("architectures") or [])
     cfg = model_config_from_hf(hf_cfg, num_labels=num_labels if not has_head else None, **overrides)
-    if has_head and num_labels is not None and num_labels != cfg.num_labels:
-      raise JbtError(f"{path}: the checkpoint has a {cfg.num_labels}-label head; --num_labels {num_labels} conflicts")
     tokenizer = load_tokenizer(path)
     kind, files = _weight_files(path)
     source = open_source(files, kind)

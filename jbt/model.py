@@ -5,7 +5,7 @@ Shape legend for array names and einsum strings:
   D: model width           F: MLP width                      V: vocabulary
   N: query heads           K: key/value heads                G: query heads per kv head (N // K)
   H: head dim              C: reward-head outputs (num_labels)
-  P: pooled sequences (one reward each)
+  P: pooled sequences (one reward each)   T: tokens of all rows (B * L)
 
 One row may hold several sequences packed side by side: `segment_ids` numbers them (0 = padding)
 and attention is causal within a segment. `positions` restart at 0 for every sequence and only
@@ -175,9 +175,13 @@ class Attention(nn.Module):
     wv = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
     wo = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), init)
 
-    q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, wq.astype(dt))
-    k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, wk.astype(dt))
-    v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, wv.astype(dt))
+    # Projections run as 2-D matmuls over all B*L tokens: XLA's CPU backend computes the weight
+    # gradients of 3-D einsums (contracting B and L together) about half as fast.
+    B, L = x_BxLxD.shape[:2]
+    x_TxD = x_BxLxD.reshape(B * L, D)
+    q_BxLxNxH = (x_TxD @ wq.reshape(D, N * H).astype(dt)).reshape(B, L, N, H)
+    k_BxLxKxH = (x_TxD @ wk.reshape(D, K * H).astype(dt)).reshape(B, L, K, H)
+    v_BxLxKxH = (x_TxD @ wv.reshape(D, K * H).astype(dt)).reshape(B, L, K, H)
     if cfg.qkv_bias:
       q_BxLxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
       k_BxLxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
@@ -189,7 +193,6 @@ class Attention(nn.Module):
     k_BxLxKxH = _constrain(apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
 
-    B, L = x_BxLxD.shape[:2]
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxLxKxH).astype(jnp.float32)
     logits_BxKxGxLxS *= 1.0 / math.sqrt(H)
@@ -197,8 +200,8 @@ class Attention(nn.Module):
     logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
     probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
     out_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxLxKxH)
-    out_BxLxNxH = out_BxLxKxGxH.reshape(B, L, N, H)
-    y_BxLxD = jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, wo.astype(dt))
+    out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
+    y_BxLxD = (out_TxNH @ wo.reshape(N * H, D).astype(dt)).reshape(B, L, D)
     if cfg.o_bias:
       y_BxLxD += _param(self, "o_bias", (D,), ("embed",), zeros).astype(dt)
     return y_BxLxD
@@ -213,17 +216,19 @@ class MLP(nn.Module):
     D, F = cfg.hidden_size, cfg.intermediate_size
     dt = cfg.compute_dtype
     init = nn.initializers.normal(cfg.initializer_range)
-    gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, _param(self, "gate", (D, F), ("embed", "mlp"), init).astype(dt))
-    up_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, _param(self, "up", (D, F), ("embed", "mlp"), init).astype(dt))
+    B, L = x_BxLxD.shape[:2]
+    x_TxD = x_BxLxD.reshape(B * L, D)  # 2-D matmuls, as in Attention
+    gate_TxF = x_TxD @ _param(self, "gate", (D, F), ("embed", "mlp"), init).astype(dt)
+    up_TxF = x_TxD @ _param(self, "up", (D, F), ("embed", "mlp"), init).astype(dt)
     if cfg.mlp_bias:
       zeros = nn.initializers.zeros
-      gate_BxLxF += _param(self, "gate_bias", (F,), ("mlp",), zeros).astype(dt)
-      up_BxLxF += _param(self, "up_bias", (F,), ("mlp",), zeros).astype(dt)
-    h_BxLxF = _constrain(nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-    y_BxLxD = jnp.einsum("BLF,FD->BLD", h_BxLxF, _param(self, "down", (F, D), ("mlp", "embed"), init).astype(dt))
+      gate_TxF += _param(self, "gate_bias", (F,), ("mlp",), zeros).astype(dt)
+      up_TxF += _param(self, "up_bias", (F,), ("mlp",), zeros).astype(dt)
+    h_BxLxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, L, F), ("batch", "length", "mlp"))
+    y_TxD = h_BxLxF.reshape(B * L, F) @ _param(self, "down", (F, D), ("mlp", "embed"), init).astype(dt)
     if cfg.mlp_bias:
-      y_BxLxD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
-    return y_BxLxD
+      y_TxD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
+    return y_TxD.reshape(B, L, D)
 
 
 class DecoderLayer(nn.Module):
@@ -326,9 +331,16 @@ class RewardModel(nn.Module):
     h_PxD = jnp.take(h_BxLxD.reshape(B * L, D), pool_index_P, axis=0)
     return jnp.einsum("PD,D->P", h_PxD.astype(jnp.float32), w_D)
 
-  def logits(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array, pool_index_P: Array) -> Array:
+  def logits(
+      self,
+      tokens_BxL: Array,
+      segment_ids_BxL: Array,
+      positions_BxL: Array,
+      pool_index_P: Array,
+      branch_ids_BxL: Array | None = None,
+  ) -> Array:
     """All head outputs [P, C] at the pooled positions (what transformers calls logits)."""
-    h_BxLxD = self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL)
+    h_BxLxD = self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL, branch_ids_BxL)
     B, L, D = h_BxLxD.shape
     h_PxD = jnp.take(h_BxLxD.reshape(B * L, D), pool_index_P, axis=0)
     return jnp.einsum("PD,DC->PC", h_PxD.astype(jnp.float32), self.score)

@@ -32,8 +32,10 @@ def validate(cfg: ConfigDict) -> None:
   d, t, o = cfg.data, cfg.train, cfg.opt
   if d.max_prompt_length >= d.max_length:
     raise JbtError(f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length ({d.max_length})")
-  if d.layout not in ("padded", "packed"):
-    raise JbtError(f"data.layout must be padded or packed, got {d.layout!r}")
+  from jbt.data import LAYOUTS
+
+  if d.layout not in LAYOUTS:
+    raise JbtError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {d.layout!r}")
   if d.truncation not in ("halos", "drop"):
     raise JbtError(f"data.truncation must be halos or drop, got {d.truncation!r}")
   if d.on_error not in ("skip", "raise"):

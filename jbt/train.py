@@ -52,7 +52,7 @@ def _iterator(cfg: ConfigDict, tok: Any, *, batch_size: int, epochs: int | None,
   return data.make_batch_iterator(
       tok, layout=d.layout, batch_size=batch_size, max_length=d.max_length, seed=seed, epochs=epochs,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      length_multiple=d.length_multiple or None)
+      length_multiple=d.length_multiple or None, pack_length=d.pack_length or None, row_bucket=d.row_bucket)
 
 
 class Runner:
@@ -62,7 +62,7 @@ class Runner:
     self.mesh = mesh
     self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
     self.pad = model_cfg.pad_token_id
-    batch_sh = {k: jax.sharding.NamedSharding(mesh, trainer.batch_spec(mesh)) for k in trainer.DEVICE_KEYS}
+    batch_sh = jax.sharding.NamedSharding(mesh, trainer.batch_spec(mesh))  # every batch array: rows / pairs split
     step = trainer.make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
                                    grad_accum=cfg.opt.grad_accum)
     evals = trainer.make_eval_step(model_cfg, margin=cfg.loss.margin)

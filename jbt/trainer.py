@@ -16,9 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jbt import loss as loss_lib
 from jbt.model import ModelConfig, RewardModel
 
-DEVICE_KEYS = ("tokens", "segment_ids", "positions", "chosen_index", "rejected_index", "pair_mask")
-ROW_KEYS = ("tokens", "segment_ids", "positions")
-PAIR_KEYS = ("chosen_index", "rejected_index", "pair_mask")
+ROW_KEYS = ("tokens", "segment_ids", "positions", "branch_ids")  # [R, L]; branch_ids only in shared-prompt rows
+PAIR_KEYS = ("chosen_index", "rejected_index", "pair_mask")  # [P]
 
 
 @flax.struct.dataclass
@@ -37,7 +36,8 @@ def batch_spec(mesh: Mesh) -> PartitionSpec:
 def rewards(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """(chosen rewards [P], rejected rewards [P]) from one forward over all rows."""
   index_2P = jnp.concatenate([batch["chosen_index"], batch["rejected_index"]])
-  r_2P = RewardModel(cfg).apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], index_2P)
+  r_2P = RewardModel(cfg).apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], index_2P,
+                                batch.get("branch_ids"))
   P = batch["chosen_index"].shape[0]
   return r_2P[:P], r_2P[P:]
 
@@ -153,7 +153,9 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, process_index: int, p
   sharding = NamedSharding(mesh, batch_spec(mesh))
   R, L = local["tokens"].shape
   out = {}
-  for k in DEVICE_KEYS:
+  for k in local:
+    if k not in ROW_KEYS and k not in PAIR_KEYS:
+      raise ValueError(f"unexpected batch key {k!r}")
     a = np.asarray(local[k])
     if k in ("chosen_index", "rejected_index") and process_count > 1:
       a = a + process_index * R * L
@@ -169,8 +171,9 @@ def pad_rows(local: dict[str, np.ndarray], rows: int, pad_token_id: int) -> dict
   out = dict(local)
   extra = rows - R
   out["tokens"] = np.concatenate([local["tokens"], np.full((extra, L), pad_token_id, local["tokens"].dtype)])
-  for k in ("segment_ids", "positions"):
-    out[k] = np.concatenate([local[k], np.zeros((extra, L), local[k].dtype)])
+  for k in ("segment_ids", "positions", "branch_ids"):
+    if k in local:
+      out[k] = np.concatenate([local[k], np.zeros((extra, L), local[k].dtype)])
   return out
 
 

@@ -102,6 +102,10 @@ def test_export_one_label_head_keeps_the_reward(tmp_path):
   jbt_to_hf_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "one"), "--num_labels", "1"])
   two, one = _load_seqcls(src), _load_seqcls(tmp_path / "one")
   assert one.config.num_labels == 1
+  assert convert.load_any(tmp_path / "one")[0].num_labels == 1  # read back as a 1-label head
+  # The converter resizes a checkpoint's own head on request, keeping the reward.
+  convert.hf_to_jbt(tmp_path / "one", tmp_path / "two_again", num_labels=2)
+  assert convert.load_any(tmp_path / "two_again")[0].num_labels == 2
   tokens, seg, _ = _batch()
   np.testing.assert_allclose(_score(one, tokens, seg), _score(two, tokens, seg), atol=1e-5)
 

