@@ -15,12 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jbt.convert import hf_to_jbt  # noqa: E402
-from jbt.errors import cli_main  # noqa: E402
+from jbt.errors import ArgParser, cli_main  # noqa: E402
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--hf", required=True, help="Hugging Face model directory or .gguf file")
   ap.add_argument("--out", required=True, help="output jbt checkpoint directory")
   ap.add_argument("--num_labels", type=int, choices=(1, 2), default=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -27,3 +28,10 @@ def cli_main(fn: F) -> F:
       sys.exit(EXIT_USER_ERROR)
 
   return wrapper  # type: ignore[return-value]
+
+
+class ArgParser(argparse.ArgumentParser):
+  """argparse whose usage errors become a JbtError: one `error:` line and exit 2 under cli_main."""
+
+  def error(self, message: str) -> None:  # type: ignore[override]
+    raise JbtError(message)

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jbt.errors import JbtError, cli_main
+from jbt.errors import ArgParser, JbtError, cli_main
 
 SPLIT_CHOICES = ("auto", "test", "train", "all")
 
@@ -155,16 +155,11 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   return result
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # type: ignore[override]
-    raise JbtError(message)
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   from jbt.scoring import parse_mesh
 
-  ap = _Parser(prog="python -m jbt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgParser(prog="python -m jbt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", required=True, help="HF reward-model directory (e.g. a run's FINAL/) or jbt checkpoint")
   ap.add_argument("--data", action="append", required=True, help="data spec (repeatable): hub name, file, dir, glob")
   ap.add_argument("--split", choices=SPLIT_CHOICES, default="auto", help="which pairs to score (see above)")

@@ -9,8 +9,6 @@ RoPE needs no permutation: jbt uses HF's rotate_half layout.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import jax

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jbt.errors import JbtError, cli_main
+from jbt.errors import ArgParser, JbtError, cli_main
 
 FEEDBACK_TYPES = ("binary", "pairwise", "scalar")
 FEEDBACK_MODES = ("max", "random", "min")
@@ -236,15 +236,8 @@ def write_json_array(path: Path, items: Sequence[dict[str, Any]]) -> None:
     raise
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose usage errors become JbtError: one `error:` line, exit 2."""
-
-  def error(self, message: str) -> None:  # type: ignore[override]
-    raise JbtError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-  ap = _Parser(prog="python -m jbt.label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgParser(prog="python -m jbt.label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("samples_path", help="train.sample output: a JSON array of samples")
   ap.add_argument("output_path", help="where to write the feedback JSON array")
   ap.add_argument("--reward_model_path", help="HF reward-model directory (e.g. a run's FINAL/) or jbt checkpoint")

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jbt.errors import JbtError, cli_main
+from jbt.errors import ArgParser, JbtError, cli_main
 
 # (panel title, train key, eval key): HALOs' metric names, as jbt.train writes them.
 CURVES = (
@@ -172,14 +172,9 @@ def length_correlation(rewards: np.ndarray, lengths: np.ndarray) -> float:
   return float(np.corrcoef(rewards, lengths)[0, 1])
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # type: ignore[override]
-    raise JbtError(message)
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-  ap = _Parser(prog="python -m jbt.plots", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = ArgParser(prog="python -m jbt.plots", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("run", help="training run directory ({cache_dir}/{exp_name}) or its metrics.jsonl")
   ap.add_argument("--out", default=None, help="PNG to write (default: curves.png beside metrics.jsonl)")
   ap.add_argument("--smooth", type=float, default=0.8, help="EMA smoothing of train curves, in [0, 1)")

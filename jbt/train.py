@@ -189,7 +189,6 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
                     file=sys.stdout, mininterval=1.0)
   last_saved = max(ckpts.steps(), default=None)
   pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
-  acc: dict[str, float] = {}
   t_update = time.time()
   compile_s = None
   n_tokens = 0

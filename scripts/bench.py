@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
 VARIANTS = {
+    "jbt-shared": {"kind": "jbt", "layout": "shared_prompt"},
     "jbt-packed": {"kind": "jbt", "layout": "packed"},
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
     "trl": {"kind": "trl", "gradient_checkpointing": True},  # TRL's default
@@ -186,7 +187,7 @@ def main() -> None:
     vals = [x[k] for x in results[n] if x.get(k) is not None]
     return statistics.median(vals) if vals else None
 
-  print(f"\n| variant | pairs/s | real tokens/s | peak RSS GiB | compile s | mean loss |"
+  print("\n| variant | pairs/s | real tokens/s | peak RSS GiB | compile s | mean loss |"
         + "".join(f" x {b} |" for b in ("trl", "trl-no-gc") if b in results))
   print("|---|---|---|---|---|---|" + "---|" * sum(b in results for b in ("trl", "trl-no-gc")))
   for n in names:
