@@ -45,10 +45,11 @@ def get_config() -> ConfigDict:
   c.train.batch_size = 32  # pairs per optimizer step, global
   c.train.epochs = 1
   c.train.max_steps = -1  # optimizer steps; -1: epochs decide
-  c.train.eval_every = 1024  # examples (pairs) between evaluations; also at the start and the end
+  c.train.eval_every = 1024  # pairs between evaluations, also run at the start and the end; 0: only those; -1: none
   c.train.eval_batch_size = 32
   c.train.seed = 1
   c.train.log_every = 1  # steps between metric lines
+  c.train.inject_nan_at_step = -1  # testing hook: poison the rewards of this micro-step with NaN
 
   c.loss = ConfigDict()
   c.loss.margin = 0.0  # -log_sigmoid(r_c - r_r - margin)

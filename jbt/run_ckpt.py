@@ -7,6 +7,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,26 @@ class RunCheckpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                   data=ocp.args.JsonRestore()))
         return step, out["state"], dict(out["data"])
-      except Exception as e:  # corrupted or half-written: fall back to the one before
+      except Exception as e:  # corrupted or half-written: set it aside, fall back to the one before
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        print(f"warning: checkpoint {self.dir / str(step)} cannot be restored ({msg}); trying an older one",
-              file=sys.stderr)
+        aside = self._set_aside(step)
+        print(f"warning: checkpoint {self.dir / str(step)} cannot be restored ({msg}); moved to {aside.name} "
+              "and trying an older one", file=sys.stderr)
     return None
+
+  def _set_aside(self, step: int) -> Path:
+    """Renames a broken step out of orbax's view (kept for inspection) so the step can be saved
+    again; the good checkpoints are never touched."""
+    src = self.dir / str(step)
+    dst = self.dir / f"{step}.corrupt-{int(time.time())}"
+    if is_primary() and src.exists():
+      os.replace(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"jbt_set_aside_{step}")
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -33,18 +33,34 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _tokenized(cfg: ConfigDict, specs: list[str], split: str, tokenizer: Any, limit: int = 0) -> tuple[Any, str]:
-  """Loads and tokenizes one split; `limit` > 0 keeps that many seeded pairs (HALOs' eval subset)."""
+def _load(cfg: ConfigDict, specs: list[str], split: str) -> tuple[list[Any], Any]:
   d = cfg.data
-  pairs, report = data.load_pairs(list(specs), split=split, on_error=d.on_error, eval_fraction=d.eval_fraction,
-                                  seed=cfg.train.seed)
-  if 0 < limit < len(pairs):
-    keep = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(pairs))[:limit])
-    pairs = [pairs[i] for i in keep]
+  return data.load_pairs(list(specs), split=split, on_error=d.on_error, eval_fraction=d.eval_fraction,
+                         seed=cfg.train.seed)
+
+
+def _tokenize(cfg: ConfigDict, pairs: list[Any], report: Any, split: str, tokenizer: Any) -> tuple[Any, str]:
+  d = cfg.data
   tok, tok_report = data.tokenize_pairs(pairs, tokenizer, max_length=d.max_length,
                                         max_prompt_length=d.max_prompt_length, truncation=d.truncation,
                                         on_error=d.on_error, num_workers=d.num_workers)
   return tok, f"{len(tok)} {split} pairs ({report.summary()}; {tok_report.summary()})"
+
+
+def _eval_pairs(cfg: ConfigDict, train_pairs: list[Any]) -> tuple[list[Any], Any]:
+  """data.eval, else the train specs' test split without the pairs training sees (data without a
+  split of its own would otherwise be evaluated on its training pairs); HALOs' seeded subset."""
+  pairs, report = _load(cfg, list(cfg.data.eval) or list(cfg.data.train), "test")
+  if not cfg.data.eval:
+    seen = {p.source for p in train_pairs}
+    pairs = [p for p in pairs if p.source not in seen]
+    if not pairs:
+      raise JbtError("the train data has no test split and no held-out fraction")
+  n = cfg.data.eval_pairs
+  if 0 < n < len(pairs):
+    keep = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(pairs))[:n])
+    pairs = [pairs[i] for i in keep]
+  return pairs, report
 
 
 def _iterator(cfg: ConfigDict, tok: Any, *, batch_size: int, epochs: int | None, seed: int) -> Any:
@@ -64,7 +80,7 @@ class Runner:
     self.pad = model_cfg.pad_token_id
     batch_sh = jax.sharding.NamedSharding(mesh, trainer.batch_spec(mesh))  # every batch array: rows / pairs split
     step = trainer.make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
-                                   grad_accum=cfg.opt.grad_accum)
+                                   grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1))
     evals = trainer.make_eval_step(model_cfg, margin=cfg.loss.margin)
     self.train_step = jax.jit(self._ruled(step), in_shardings=(state_shardings, batch_sh),
                               out_shardings=(state_shardings, None), donate_argnums=0)
@@ -128,17 +144,19 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
   log(f"model: {model_cfg.family}, {model_cfg.num_layers} layers, {model_cfg.num_params() / 1e6:.1f}M parameters, "
       f"{cfg.model.dtype} compute, mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
-  train_tok, msg = _tokenized(cfg, cfg.data.train, "train", tokenizer)
+  train_pairs, report = _load(cfg, list(cfg.data.train), "train")
+  train_tok, msg = _tokenize(cfg, train_pairs, report, "train", tokenizer)
   log(f"data: {msg}")
-  eval_specs = list(cfg.data.eval) or list(cfg.data.train)
-  try:
-    eval_tok, msg = _tokenized(cfg, eval_specs, "test", tokenizer, limit=cfg.data.eval_pairs)
-    log(f"eval: {msg}")
-  except JbtError as e:
-    if cfg.data.eval:
-      raise
-    eval_tok = None
-    log(f"eval: none ({e}); set data.eval or data.eval_fraction to evaluate")
+  eval_tok = None
+  if cfg.train.eval_every >= 0:
+    try:
+      eval_tok, msg = _tokenize(cfg, *_eval_pairs(cfg, train_pairs), "test", tokenizer)
+      log(f"eval: {msg}")
+    except JbtError as e:
+      if cfg.data.eval:
+        raise
+      log(f"eval: none ({e}); set data.eval or data.eval_fraction to evaluate")
+  del train_pairs
 
   accum = cfg.opt.grad_accum
   micro_bs = cfg.train.batch_size // accum

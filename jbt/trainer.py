@@ -50,15 +50,22 @@ def make_train_step(
     margin: float = 0.0,
     center_coef: float = 0.0,
     grad_accum: int = 1,
+    nan_at_step: int = -1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """The step function (jit it with shardings and donation at the call site)."""
+  """The step function (jit it with shardings and donation at the call site).
 
-  def loss_fn(params: Any, batch: dict[str, jax.Array]):
+  nan_at_step >= 0 poisons the rewards of that (micro) step with NaN: a fault-injection hook
+  for testing the trainer's divergence stop.
+  """
+
+  def loss_fn(params: Any, batch: dict[str, jax.Array], step: jax.Array):
     chosen_P, rejected_P = rewards(cfg, params, batch)
+    if nan_at_step >= 0:
+      chosen_P = jnp.where(step == nan_at_step, jnp.nan, chosen_P)
     return loss_lib.bt_loss(chosen_P, rejected_P, batch["pair_mask"], margin=margin, center_coef=center_coef)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {f"{k}/train" if k == "loss" else f"rewards_train/{k}": v for k, v in m.items()}
