@@ -19,7 +19,7 @@ def get_config() -> ConfigDict:
   c.model.tokenizer = ""  # tokenizer for "random" (HF dir, .gguf or "smollm2"); others carry their own
   c.model.num_labels = 2  # 2: HALOs (reward = logit 1); 1: TRL / RewardBench (reward = logit 0)
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16; parameters are always float32
-  c.model.remat = "none"  # none | full | dots: recompute layer activations in the backward pass
+  c.model.remat = "dots"  # none | full | dots: recompute layer activations in the backward pass (dots: keep matmul outputs)
   c.model.scan_layers = True  # one compiled layer scanned over depth (compile time independent of depth)
   # Size fields, used only with init_from="random" (family: llama, mistral, qwen2, qwen3).
   c.model.random = ConfigDict(dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -36,7 +36,7 @@ def get_config() -> ConfigDict:
   c.data.truncation = "halos"  # halos: cut prompt then response (HALOs' rule) | drop: skip pairs that do not fit
   c.data.layout = "padded"  # padded (HALOs) | packed (pairs side by side) | shared_prompt (prompt once, 2 branches)
   c.data.pack_length = 0  # packed / shared_prompt row length; 0: 2 * max_length (any pair fits)
-  c.data.row_bucket = 4  # packed / shared_prompt rows per batch are rounded up to a multiple of this
+  c.data.row_bucket = 2  # packed / shared_prompt rows per batch are rounded up to a multiple of this
   c.data.on_error = "skip"  # skip: count and report bad records | raise: stop at the first
   c.data.length_multiple = 64  # padded rows are cut to the batch's longest, rounded up to this (0: max_length)
   c.data.num_workers = 0  # grain worker processes for tokenizing

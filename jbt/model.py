@@ -59,6 +59,7 @@ class ModelConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs only)
+  attn_block: int = 128  # query block of the attention (0: dense); changes speed and memory, not results
   scan_layers: bool = True
 
   def __post_init__(self):
@@ -160,8 +161,40 @@ def attention_mask(
   return mask
 
 
+def _attend(q_BxLxKxGxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxLxS: Array) -> Array:
+  H = q_BxLxKxGxH.shape[-1]
+  logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH).astype(jnp.float32)
+  logits_BxKxGxLxS *= 1.0 / math.sqrt(H)
+  # A finite fill (not -inf) keeps gradients finite; every row has at least its diagonal.
+  logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
+  return jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxSxKxH)
+
+
+def blocked_attention(
+    q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, mask_BxLxS: Array, block: int, max_segment: int
+) -> Array:
+  """Causal attention computed block by block, skipping key blocks the mask rules out by shape.
+
+  Query block [qs, qe) only needs keys before qe (causal) and, when no segment is longer than
+  max_segment, none before qs - max_segment + 1 (same segment). Long packed rows then cost a
+  fraction of the dense L x L scores, in time and in saved activations. The mask still decides;
+  the skipped blocks are exactly those it would zero. block <= 0 or L <= block: dense.
+  """
+  L = q_BxLxKxGxH.shape[1]
+  if block <= 0 or L <= block:
+    return _attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS)
+  outs = []
+  for qs in range(0, L, block):
+    qe = min(qs + block, L)
+    ks = 0 if max_segment <= 0 else max(0, (qs - max_segment + 1) // block * block)
+    outs.append(_attend(q_BxLxKxGxH[:, qs:qe], k_BxLxKxH[:, ks:qe], v_BxLxKxH[:, ks:qe], mask_BxLxS[:, qs:qe, ks:qe]))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
+  max_segment: int = 0  # longest sequence in a row (0: the row length); bounds the keys a block needs
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
@@ -194,12 +227,7 @@ class Attention(nn.Module):
     v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
 
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
-    logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxLxKxH).astype(jnp.float32)
-    logits_BxKxGxLxS *= 1.0 / math.sqrt(H)
-    # A finite fill (not -inf) keeps gradients finite; every row has at least its diagonal.
-    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
-    out_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxLxKxH)
+    out_BxLxKxGxH = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS, cfg.attn_block, self.max_segment)
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
     y_BxLxD = (out_TxNH @ wo.reshape(N * H, D).astype(dt)).reshape(B, L, D)
     if cfg.o_bias:
@@ -233,12 +261,13 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
+  max_segment: int = 0
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, cos_BxLxH: Array, sin_BxLxH: Array):
     cfg = self.cfg
     h = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, mask_BxLxS, cos_BxLxH, sin_BxLxH)
+    x_BxLxD = x_BxLxD + Attention(cfg, self.max_segment, name="attn")(h, mask_BxLxS, cos_BxLxH, sin_BxLxH)
     h = RMSNorm(cfg.rms_norm_eps, "embed", name="mlp_norm")(x_BxLxD)
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
@@ -252,9 +281,14 @@ _REMAT_POLICIES = {
 
 
 class RewardModel(nn.Module):
-  """Decoder + reward head. A pure function of its params; no I/O."""
+  """Decoder + reward head. A pure function of its params; no I/O.
+
+  max_segment: an upper bound on the length of any sequence in a row, when rows are packed with
+  sequences shorter than the row (0: no bound); it only lets attention skip work.
+  """
 
   cfg: ModelConfig
+  max_segment: int = 0
 
   def setup(self):
     cfg = self.cfg
@@ -278,9 +312,9 @@ class RewardModel(nn.Module):
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")
+      )(cfg, self.max_segment, name="layers")
     else:
-      self.layer_list = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+      self.layer_list = [layer_cls(cfg, self.max_segment, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed")
     self.score = self.param(
         "score",

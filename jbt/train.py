@@ -78,10 +78,13 @@ class Runner:
     self.mesh = mesh
     self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
     self.pad = model_cfg.pad_token_id
+    # Packed rows hold members of at most max_length tokens; attention skips keys further back.
+    max_segment = cfg.data.max_length if cfg.data.layout == "packed" else 0
     batch_sh = jax.sharding.NamedSharding(mesh, trainer.batch_spec(mesh))  # every batch array: rows / pairs split
     step = trainer.make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
-                                   grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1))
-    evals = trainer.make_eval_step(model_cfg, margin=cfg.loss.margin)
+                                   grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
+                                   max_segment=max_segment)
+    evals = trainer.make_eval_step(model_cfg, margin=cfg.loss.margin, max_segment=max_segment)
     self.train_step = jax.jit(self._ruled(step), in_shardings=(state_shardings, batch_sh),
                               out_shardings=(state_shardings, None), donate_argnums=0)
     self.eval_step = jax.jit(self._ruled(evals), in_shardings=(state_shardings.params, batch_sh))

@@ -33,10 +33,14 @@ def batch_spec(mesh: Mesh) -> PartitionSpec:
   return PartitionSpec(axes)
 
 
-def rewards(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """(chosen rewards [P], rejected rewards [P]) from one forward over all rows."""
+def rewards(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array], max_segment: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(chosen rewards [P], rejected rewards [P]) from one forward over all rows.
+
+  max_segment bounds the length of one sequence in a row (packed rows: max_length), which lets
+  attention skip key blocks; 0 means no bound.
+  """
   index_2P = jnp.concatenate([batch["chosen_index"], batch["rejected_index"]])
-  r_2P = RewardModel(cfg).apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], index_2P,
+  r_2P = RewardModel(cfg, max_segment).apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], index_2P,
                                 batch.get("branch_ids"))
   P = batch["chosen_index"].shape[0]
   return r_2P[:P], r_2P[P:]
@@ -51,6 +55,7 @@ def make_train_step(
     center_coef: float = 0.0,
     grad_accum: int = 1,
     nan_at_step: int = -1,
+    max_segment: int = 0,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The step function (jit it with shardings and donation at the call site).
 
@@ -59,7 +64,7 @@ def make_train_step(
   """
 
   def loss_fn(params: Any, batch: dict[str, jax.Array], step: jax.Array):
-    chosen_P, rejected_P = rewards(cfg, params, batch)
+    chosen_P, rejected_P = rewards(cfg, params, batch, max_segment)
     if nan_at_step >= 0:
       chosen_P = jnp.where(step == nan_at_step, jnp.nan, chosen_P)
     return loss_lib.bt_loss(chosen_P, rejected_P, batch["pair_mask"], margin=margin, center_coef=center_coef)
@@ -79,11 +84,13 @@ def make_train_step(
   return step
 
 
-def make_eval_step(cfg: ModelConfig, margin: float = 0.0) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+def make_eval_step(
+    cfg: ModelConfig, margin: float = 0.0, max_segment: int = 0
+) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
   """Sums (not means) over real pairs, so the host can add batches and divide once."""
 
   def step(params: Any, batch: dict[str, jax.Array]):
-    chosen_P, rejected_P = rewards(cfg, params, batch)
+    chosen_P, rejected_P = rewards(cfg, params, batch, max_segment)
     mask_P = batch["pair_mask"].astype(jnp.float32)
     margins_P = chosen_P - rejected_P
     return {

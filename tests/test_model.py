@@ -152,3 +152,20 @@ def test_shared_prompt_branches_equal_separate_sequences():
   pos = np.array([list(range(15)) + list(range(9, 13)) + [0] * 5], np.int32)
   r = model.RewardModel(cfg).apply({"params": params}, row, seg, pos, np.array([14, 18]), branch)
   np.testing.assert_allclose(np.asarray(r), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_blocked_attention_equals_dense(family):
+  """Block skipping (causal, and by the longest segment) changes the work, not the rewards."""
+  m = tinymodels.make_model(family)
+  cfg, params = _jbt(m)
+  seqs = _sequences(5)
+  ptokens, pseg, ppos, pidx = _packed(seqs)
+  dense = np.asarray(model.RewardModel(cfg.replace(attn_block=0)).apply({"params": params}, ptokens, pseg, ppos, pidx))
+  for block, max_segment in ((8, 0), (8, 19), (16, 19), (24, 20)):
+    got = model.RewardModel(cfg.replace(attn_block=block), max_segment).apply({"params": params}, ptokens, pseg, ppos,
+                                                                             pidx)
+    np.testing.assert_allclose(np.asarray(got), dense, atol=1e-5, err_msg=f"block {block}, max_segment {max_segment}")
+  # A bound shorter than a real sequence must change the result: the test can tell.
+  short = model.RewardModel(cfg.replace(attn_block=4), 4).apply({"params": params}, ptokens, pseg, ppos, pidx)
+  assert np.abs(np.asarray(short) - dense).max() > 1e-4
