@@ -15,20 +15,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import default  # noqa: E402
+from configs import gpu_llama3_8b  # noqa: E402
 
 
 def get_config():
-  c = default.get_config()
+  c = gpu_llama3_8b.get_config()  # the same run; only the paths and the launch differ
   c.model.init_from = "/mnt/models/Meta-Llama-3-8B-Instruct"
-  c.model.dtype = "bfloat16"
-  c.model.remat = "dots"
-  c.data.train = ("ultrabin",)
-  c.data.layout = "packed"
-  c.train.batch_size = 32
-  c.train.eval_batch_size = 32
-  c.mesh.shape = (1, -1, 1)
   c.dist.auto = True
   c.ckpt.exp_name = "llama3_8b_ultrabin_tpu"
-  c.ckpt.save_every = 200
   return c

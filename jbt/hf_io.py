@@ -61,24 +61,16 @@ class SafetensorsSource(TensorSource):
     return _to_numpy_f32(self._where[key].get_tensor(key))
 
 
-class TorchBinSource(TensorSource):
+class TorchBinSource(DictSource):
   """pytorch_model*.bin shards, loaded memory-mapped with weights_only=True."""
 
   def __init__(self, files: Iterable[Path]):
     import torch
 
-    self._t: dict[str, Any] = {}
-    for f in files:
-      self._t.update(torch.load(str(f), map_location="cpu", mmap=True, weights_only=True))
-
-  def keys(self) -> set[str]:
-    return set(self._t)
-
-  def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._t[key].shape)
-
-  def get(self, key: str) -> np.ndarray:
-    return _to_numpy_f32(self._t[key])
+    tensors: dict[str, Any] = {}
+    for f in files:  # memory-mapped: a tensor is read from disk only when asked for
+      tensors.update(torch.load(str(f), map_location="cpu", mmap=True, weights_only=True))
+    super().__init__(tensors)
 
 
 def _to_numpy_f32(t: Any) -> np.ndarray:

@@ -24,13 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARGS = ["--config.ckpt.save_every=2", "--config.train.epochs=2", "--config.mesh.shape=(1,1,1)",
-        "--config.log.progress=False", "--config.log.tensorboard=False"]
+ARGS = ["--config.ckpt.save_every=2", "--config.mesh.shape=(1,1,1)", "--config.log.progress=False",
+        "--config.log.tensorboard=False"]
 
 
-def command(cache: Path) -> list[str]:
+def command(cache: Path, epochs: int) -> list[str]:
   return [sys.executable, "-m", "jbt.train", "--config", str(ROOT / "configs" / "tiny.py"),
-          f"--config.ckpt.cache_dir={cache}", *ARGS]
+          f"--config.ckpt.cache_dir={cache}", f"--config.train.epochs={epochs}", *ARGS]
 
 
 def env() -> dict[str, str]:
@@ -53,18 +53,18 @@ def final_state(run_dir: Path) -> tuple[list, dict, dict]:
   return params, losses, data
 
 
-def soak(work: Path, kills: int, seed: int, max_delay: float = 25.0, log=print) -> tuple[int, int]:
+def soak(work: Path, kills: int, seed: int, max_delay: float = 25.0, epochs: int = 10, log=print) -> tuple[int, int]:
   """Returns (kills survived, kills tried); raises AssertionError on any difference."""
   import numpy as np
 
   rng = random.Random(seed)
   shutil.rmtree(work, ignore_errors=True)
   work.mkdir(parents=True)
-  clean = subprocess.run(command(work / "clean"), env=env(), cwd=work, capture_output=True, text=True)
+  clean = subprocess.run(command(work / "clean", epochs), env=env(), cwd=work, capture_output=True, text=True)
   assert clean.returncode == 0, clean.stderr[-3000:]
   tried = 0
   while tried < kills:
-    p = subprocess.Popen(command(work / "soak"), env=env(), cwd=work, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(command(work / "soak", epochs), env=env(), cwd=work, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     delay = rng.uniform(0.5, max_delay)
     try:
@@ -78,7 +78,7 @@ def soak(work: Path, kills: int, seed: int, max_delay: float = 25.0, log=print) 
       done = sorted(int(x.name) for x in (work / "soak" / "tiny" / "checkpoints").glob("*") if x.name.isdigit()) \
           if (work / "soak" / "tiny" / "checkpoints").exists() else []
       log(f"  kill {tried}/{kills} at {delay:.1f}s; checkpoints {done[-2:]}")
-  last = subprocess.run(command(work / "soak"), env=env(), cwd=work, capture_output=True, text=True)
+  last = subprocess.run(command(work / "soak", epochs), env=env(), cwd=work, capture_output=True, text=True)
   assert last.returncode == 0, last.stderr[-3000:]
   a, b = final_state(work / "soak" / "tiny"), final_state(work / "clean" / "tiny")
   assert len(a[0]) == len(b[0]) and all(np.array_equal(x, y) for x, y in zip(a[0], b[0])), "parameters differ"
@@ -92,10 +92,11 @@ def main() -> None:
   ap.add_argument("--kills", type=int, default=20)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--max_delay", type=float, default=25.0, help="seconds; a kill lands uniformly in [0.5, this]")
+  ap.add_argument("--epochs", type=int, default=10, help="length of the run (25 steps an epoch)")
   ap.add_argument("--work", default=".cache/soak")
   a = ap.parse_args()
   t0 = time.time()
-  survived, tried = soak(Path(a.work).absolute(), a.kills, a.seed, a.max_delay)
+  survived, tried = soak(Path(a.work).absolute(), a.kills, a.seed, a.max_delay, a.epochs)
   print(f"kills survived / tried: {survived} / {tried}; final parameters, losses and data position equal an "
         f"uninterrupted run's ({time.time() - t0:.0f}s)")
 

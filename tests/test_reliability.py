@@ -106,5 +106,6 @@ def test_soak_reduced_kills_at_random_moments(tmp_path):
   import soak
 
   lines: list[str] = []
-  survived, tried = soak.soak(tmp_path / "soak", kills=3, seed=1, max_delay=12.0, log=lines.append)
+  survived, tried = soak.soak(tmp_path / "soak", kills=3, seed=1, max_delay=12.0, epochs=2,
+                                log=lines.append)
   assert tried >= 1 and survived == tried, lines
