@@ -25,7 +25,6 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.remat = "dots"
   c.data.train = ("ultrabin",)
-  c.data.layout = "packed"
   c.train.batch_size = 32
   c.train.eval_batch_size = 32
   c.mesh.shape = (1, -1, 1)  # FSDP over every device
