@@ -78,6 +78,8 @@ class Runner:
     self.mesh = mesh
     self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
     self.pad = model_cfg.pad_token_id
+    dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    self.rows_multiple = max(dp // jax.process_count(), 1)
     # Packed rows hold members of at most max_length tokens; attention skips keys further back.
     max_segment = cfg.data.max_length if cfg.data.layout == "packed" else 0
     batch_sh = jax.sharding.NamedSharding(mesh, trainer.batch_spec(mesh))  # every batch array: rows / pairs split
@@ -97,11 +99,14 @@ class Runner:
 
   def place(self, local: dict[str, np.ndarray]) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     dev, stats = data.split_batch(local)
+    rows = dev["tokens"].shape[0]
     if jax.process_count() > 1:  # every process must contribute the same number of rows
       from jax.experimental import multihost_utils
 
-      rows = int(np.max(multihost_utils.process_allgather(np.int32(dev["tokens"].shape[0]))))
-      dev = trainer.pad_rows(dev, rows, self.pad)
+      rows = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+    # Packed rows vary in number; the rows of a process are split over its data-parallel devices.
+    rows = -(-rows // self.rows_multiple) * self.rows_multiple
+    dev = trainer.pad_rows(dev, rows, self.pad)
     return trainer.global_batch(dev, self.mesh, jax.process_index(), jax.process_count()), stats
 
   def evaluate(self, cfg: ConfigDict, params: Any, tok: Any) -> dict[str, float]:
