@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import random
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from jbt.data.records import (BadRecord, Pair, convert_hh, make_pair, remove_extra_spaces,
                               to_turns)
@@ -39,17 +39,23 @@ def hub_split(name: str, split: str) -> str:
   return split
 
 
-def convert_hh_rows(rows: Iterable[dict], where: str, report: DataReport,
-                    on_error: str) -> list[Pair]:
-  """HALOs' get_hh: each raw {"chosen", "rejected"} transcript pair becomes a Pair."""
+def _convert_rows(rows: Iterable[dict], where: str, report: DataReport, on_error: str,
+                  convert: Callable[[dict, str], Pair]) -> list[Pair]:
+  """Converts rows one by one; a bad row is counted (or raised) with its location."""
   pairs = []
   for i, row in enumerate(rows):
     location = f"{where}:{i}"
     try:
-      pairs.append(convert_hh(row, location))
+      pairs.append(convert(row, location))
     except BadRecord as e:
       report.handle(e, location, on_error)
   return pairs
+
+
+def convert_hh_rows(rows: Iterable[dict], where: str, report: DataReport,
+                    on_error: str) -> list[Pair]:
+  """HALOs' get_hh: each raw {"chosen", "rejected"} transcript pair becomes a Pair."""
+  return _convert_rows(rows, where, report, on_error, convert_hh)
 
 
 def _shp_pair(row: dict, location: str) -> tuple[str, Pair, float]:
@@ -127,14 +133,7 @@ def _ultrabin_pair(row: dict, location: str) -> Pair:
 def convert_ultrabin_rows(rows: Iterable[dict], where: str, report: DataReport,
                           on_error: str) -> list[Pair]:
   """HALOs' get_ultrabin: the prompt as one user turn, the last message of chosen/rejected as reply."""
-  pairs = []
-  for i, row in enumerate(rows):
-    location = f"{where}:{i}"
-    try:
-      pairs.append(_ultrabin_pair(row, location))
-    except BadRecord as e:
-      report.handle(e, location, on_error)
-  return pairs
+  return _convert_rows(rows, where, report, on_error, _ultrabin_pair)
 
 
 def _download(repo: str, data_dir: str | None, split: str) -> Any:
