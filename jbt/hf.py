@@ -291,13 +291,10 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def abstract_params(cfg: ModelConfig) -> Any:
   """Parameter shapes (jax.ShapeDtypeStruct, with logical-axis boxes stripped), without allocating."""
   import flax.linen as nn
-  import jax.numpy as jnp
 
-  from jbt.model import RewardModel
+  from jbt.sharding import boxed_abstract_params
 
-  tok = jnp.zeros((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: RewardModel(cfg).init(jax.random.key(0), tok, tok, tok)["params"])
-  return nn.unbox(shapes)
+  return nn.unbox(boxed_abstract_params(cfg))
 
 
 def _get_path(tree: Any, path: tuple[str, ...], layer: int | None) -> Any:

@@ -201,7 +201,6 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
     it.set_state(data_state)
   last: dict[str, Any] = {}
   eval_last: dict[str, Any] = {}
-  examples = 0
   if micro_done == 0 and eval_tok is not None:
     eval_last = writer.write(0, runner.evaluate(cfg, state.params, eval_tok))
     log(f"eval before training: accuracy {eval_last['rewards_eval/accuracies']:.3f}, "
