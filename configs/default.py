@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
   c.model.num_labels = 2  # 2: HALOs (reward = logit 1); 1: TRL / RewardBench (reward = logit 0)
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16; parameters are always float32
   c.model.remat = "dots"  # none | full | dots: recompute layer activations in the backward pass (dots: keep matmul outputs)
+  c.model.attention = "auto"  # auto (flash on CPU, xla elsewhere) | flash (block-sparse, cost follows the pairs) | xla
   c.model.scan_layers = True  # one compiled layer scanned over depth (compile time independent of depth)
   # Size fields, used only with init_from="random" (family: llama, mistral, qwen2, qwen3).
   c.model.random = ConfigDict(dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -35,8 +36,9 @@ def get_config() -> ConfigDict:
   c.data.max_prompt_length = 625
   c.data.truncation = "halos"  # halos: cut prompt then response (HALOs' rule) | drop: skip pairs that do not fit
   c.data.layout = "shared_prompt"  # shared_prompt (prompt once, 2 branches; fastest) | packed (pairs side by side) | padded (HALOs)
-  c.data.pack_length = 0  # packed / shared_prompt row length; 0: 2 * max_length (any pair fits)
+  c.data.pack_length = 0  # packed / shared_prompt longest row; 0: 2 * max_length, or the whole batch with flash attention
   c.data.row_bucket = 2  # packed / shared_prompt rows per batch are rounded up to a multiple of this
+  c.data.length_bucket = "geometric"  # packed / shared_prompt row length: fullest row rounded up (geometric: 4 sizes per doubling | a multiple like "128" | none: pack_length)
   c.data.on_error = "skip"  # skip: count and report bad records | raise: stop at the first
   c.data.length_multiple = 64  # padded rows are cut to the batch's longest, rounded up to this (0: max_length)
   c.data.num_workers = 0  # grain worker processes for tokenizing
@@ -48,6 +50,7 @@ def get_config() -> ConfigDict:
   c.train.eval_every = 1024  # pairs between evaluations, also run at the start and the end; 0: only those; -1: none
   c.train.eval_batch_size = 32
   c.train.seed = 1
+  c.train.compilation_cache = "auto"  # persistent XLA cache: auto = {ckpt.cache_dir}/xla_cache, a path, or "" (off)
   c.train.log_every = 1  # steps between metric lines
   c.train.inject_nan_at_step = -1  # testing hook: poison the rewards of this micro-step with NaN
 

@@ -27,9 +27,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbt.attention import MaskInfo, flash_attention
+
 Array = jax.Array
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION = ("auto", "flash", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,11 @@ class ModelConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs only)
-  attn_block: int = 128  # query block of the attention (0: dense); changes speed and memory, not results
+  # "flash": jbt.attention's block-sparse online softmax (skips blocks the packing masks out);
+  # "xla": softmax over each query block's causal keys; "auto": flash on CPU, xla elsewhere.
+  attention: str = "auto"
+  attn_block: int = 128  # "xla" query block (0: dense); changes speed and memory, not results
+  flash_block: int = 64  # "flash" query and key block
   scan_layers: bool = True
 
   def __post_init__(self):
@@ -69,6 +76,15 @@ class ModelConfig:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
     if self.num_labels not in (1, 2):
       raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+
+  @property
+  def attention_impl(self) -> str:
+    """The attention actually used: "auto" resolved for the default backend."""
+    if self.attention != "auto":
+      return self.attention
+    return "flash" if jax.default_backend() == "cpu" else "xla"
 
   @property
   def reward_label(self) -> int:
@@ -197,7 +213,8 @@ class Attention(nn.Module):
   max_segment: int = 0  # longest sequence in a row (0: the row length); bounds the keys a block needs
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
+  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array | None, info: MaskInfo, cos_BxLxH: Array,
+               sin_BxLxH: Array) -> Array:
     cfg = self.cfg
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -227,7 +244,13 @@ class Attention(nn.Module):
     v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
 
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
-    out_BxLxKxGxH = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS, cfg.attn_block, self.max_segment)
+    if mask_BxLxS is None:
+      out_BxLxKxGxH = flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
+                                      info.branch_ids_BxL, sliding_window=cfg.sliding_window,
+                                      block=cfg.flash_block, max_segment=self.max_segment)
+    else:
+      out_BxLxKxGxH = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS, cfg.attn_block,
+                                        self.max_segment)
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
     y_BxLxD = (out_TxNH @ wo.reshape(N * H, D).astype(dt)).reshape(B, L, D)
     if cfg.o_bias:
@@ -264,10 +287,11 @@ class DecoderLayer(nn.Module):
   max_segment: int = 0
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array, cos_BxLxH: Array, sin_BxLxH: Array):
+  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array | None, info: MaskInfo, cos_BxLxH: Array,
+               sin_BxLxH: Array):
     cfg = self.cfg
     h = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(cfg, self.max_segment, name="attn")(h, mask_BxLxS, cos_BxLxH, sin_BxLxH)
+    x_BxLxD = x_BxLxD + Attention(cfg, self.max_segment, name="attn")(h, mask_BxLxS, info, cos_BxLxH, sin_BxLxH)
     h = RMSNorm(cfg.rms_norm_eps, "embed", name="mlp_norm")(x_BxLxD)
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
@@ -309,7 +333,7 @@ class RewardModel(nn.Module):
           layer_cls,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, self.max_segment, name="layers")
@@ -334,12 +358,15 @@ class RewardModel(nn.Module):
     freqs_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
     freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
     cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
-    mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window, branch_ids_BxL)
+    info = MaskInfo(segment_ids_BxL, branch_ids_BxL, positions_BxL)
+    mask_BxLxS = None
+    if cfg.attention_impl == "xla":
+      mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window, branch_ids_BxL)
     if cfg.scan_layers:
-      x_BxLxD, _ = self.layers(x_BxLxD, mask_BxLxS, cos_BxLxH, sin_BxLxH)
+      x_BxLxD, _ = self.layers(x_BxLxD, mask_BxLxS, info, cos_BxLxH, sin_BxLxH)
     else:
       for layer in self.layer_list:
-        x_BxLxD, _ = layer(x_BxLxD, mask_BxLxS, cos_BxLxH, sin_BxLxH)
+        x_BxLxD, _ = layer(x_BxLxD, mask_BxLxS, info, cos_BxLxH, sin_BxLxH)
     return self.final_norm(x_BxLxD)
 
   def __call__(

@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 
 from jbt import checkpoint, hf, hf_io
 from jbt.errors import JbtError
-from jbt.model import FAMILIES, ModelConfig
+from jbt.model import ATTENTION, FAMILIES, ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -48,12 +48,39 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
   if cfg.model.remat not in ("none", "full", "dots"):
     raise JbtError(f"model.remat must be none, full or dots, got {cfg.model.remat!r}")
+  if cfg.model.attention not in ATTENTION:
+    raise JbtError(f"model.attention must be one of {', '.join(ATTENTION)}, got {cfg.model.attention!r}")
+  length_bucket(d.length_bucket)
   if cfg.model.init_from == "random" and cfg.model.random.family not in FAMILIES:
     raise JbtError(f"model.random.family {cfg.model.random.family!r} is not one of {', '.join(FAMILIES)}")
   if t.epochs <= 0 and t.max_steps <= 0:
     raise JbtError("set train.epochs or train.max_steps to a positive number")
   if o.lr <= 0:
     raise JbtError(f"opt.lr must be positive, got {o.lr}")
+
+
+def enable_compilation_cache(cfg: ConfigDict) -> Path | None:
+  """Turns on JAX's persistent compilation cache (cfg.train.compilation_cache): a rerun, a
+  resumed run or another run with the same shapes loads compiled steps instead of compiling."""
+  value = cfg.train.compilation_cache
+  if not value:
+    return None
+  path = Path(cfg.ckpt.cache_dir) / "xla_cache" if value == "auto" else Path(value).expanduser()
+  jax.config.update("jax_compilation_cache_dir", str(path.absolute()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return path
+
+
+def length_bucket(value: str) -> int | str | None:
+  """cfg.data.length_bucket as LayoutSettings takes it: "geometric", an int, or None for "none"."""
+  v = str(value).strip().lower()
+  if v in ("none", "", "0"):
+    return None
+  if v == "geometric":
+    return v
+  if v.isdigit():
+    return int(v)
+  raise JbtError(f"data.length_bucket must be geometric, none or a positive integer, got {value!r}")
 
 
 def check_mesh_batch(cfg: ConfigDict, mesh: Any) -> None:
@@ -91,7 +118,7 @@ def load_model(cfg: ConfigDict, shardings_fn: Any) -> tuple[ModelConfig, Any, di
   import transformers
 
   m = cfg.model
-  runtime = dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+  runtime = dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
   if m.init_from == "random":
     if not m.tokenizer:
       raise JbtError("model.init_from='random' needs model.tokenizer (an HF directory, a .gguf file or 'smollm2')")

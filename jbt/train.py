@@ -63,12 +63,20 @@ def _eval_pairs(cfg: ConfigDict, train_pairs: list[Any]) -> tuple[list[Any], Any
   return pairs, report
 
 
-def _iterator(cfg: ConfigDict, tok: Any, *, batch_size: int, epochs: int | None, seed: int) -> Any:
+def _iterator(cfg: ConfigDict, tok: Any, *, batch_size: int, epochs: int | None, seed: int, flash: bool,
+              min_rows: int) -> Any:
+  """The batch iterator. With flash attention (cost follows the pairs, not the rows) a packed
+  batch may be one long row per device: pack_length defaults to the whole batch."""
   d = cfg.data
+  pack_length = d.pack_length or None
+  if pack_length is None and flash:
+    per_process = batch_size // jax.process_count()
+    pack_length = max(2 * d.max_length, -(-per_process // min_rows) * 2 * d.max_length)
   return data.make_batch_iterator(
       tok, layout=d.layout, batch_size=batch_size, max_length=d.max_length, seed=seed, epochs=epochs,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      length_multiple=d.length_multiple or None, pack_length=d.pack_length or None, row_bucket=d.row_bucket)
+      length_multiple=d.length_multiple or None, pack_length=pack_length, row_bucket=d.row_bucket,
+      length_bucket=setup.length_bucket(d.length_bucket), min_rows=min_rows)
 
 
 class Runner:
@@ -80,6 +88,7 @@ class Runner:
     self.pad = model_cfg.pad_token_id
     dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     self.rows_multiple = max(dp // jax.process_count(), 1)
+    self.flash = model_cfg.attention_impl == "flash"
     # Packed rows hold members of at most max_length tokens; attention skips keys further back.
     max_segment = cfg.data.max_length if cfg.data.layout == "packed" else 0
     batch_sh = jax.sharding.NamedSharding(mesh, trainer.batch_spec(mesh))  # every batch array: rows / pairs split
@@ -89,7 +98,29 @@ class Runner:
     evals = trainer.make_eval_step(model_cfg, margin=cfg.loss.margin, max_segment=max_segment)
     self.train_step = jax.jit(self._ruled(step), in_shardings=(state_shardings, batch_sh),
                               out_shardings=(state_shardings, None), donate_argnums=0)
+    self._compiled: dict[Any, Any] = {}  # batch shapes -> compiled train step
     self.eval_step = jax.jit(self._ruled(evals), in_shardings=(state_shardings.params, batch_sh))
+
+  def step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array], float]:
+    """One train step; compiles each new batch shape ahead of running it.
+
+    Returns (state, metrics, seconds spent compiling for this call: 0.0 for a known shape).
+    """
+    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    compile_s = 0.0
+    if key not in self._compiled:
+      t0 = time.time()
+      self._compiled[key] = self.train_step.lower(state, batch).compile()
+      compile_s = time.time() - t0
+    state, metrics = self._compiled[key](state, batch)
+    return state, metrics, compile_s
+
+  @property
+  def compiled_shapes(self) -> int:
+    return len(self._compiled)
+
+  def iterator(self, cfg: ConfigDict, tok: Any, **kw: Any) -> Any:
+    return _iterator(cfg, tok, flash=self.flash, min_rows=self.rows_multiple, **kw)
 
   def _ruled(self, fn: Any) -> Any:
     def wrapped(*args):
@@ -99,19 +130,19 @@ class Runner:
 
   def place(self, local: dict[str, np.ndarray]) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     dev, stats = data.split_batch(local)
-    rows = dev["tokens"].shape[0]
-    if jax.process_count() > 1:  # every process must contribute the same number of rows
+    rows, length = dev["tokens"].shape
+    if jax.process_count() > 1:  # every process must contribute the same shape
       from jax.experimental import multihost_utils
 
-      rows = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+      rows, length = (int(x) for x in np.max(multihost_utils.process_allgather(np.int32([rows, length])), axis=0))
     # Packed rows vary in number; the rows of a process are split over its data-parallel devices.
     rows = -(-rows // self.rows_multiple) * self.rows_multiple
-    dev = trainer.pad_rows(dev, rows, self.pad)
+    dev = trainer.pad_rows(dev, rows, self.pad, length)
     return trainer.global_batch(dev, self.mesh, jax.process_index(), jax.process_count()), stats
 
   def evaluate(self, cfg: ConfigDict, params: Any, tok: Any) -> dict[str, float]:
     totals: dict[str, float] = {}
-    it = _iterator(cfg, tok, batch_size=cfg.train.eval_batch_size, epochs=1, seed=cfg.train.seed)
+    it = self.iterator(cfg, tok, batch_size=cfg.train.eval_batch_size, epochs=1, seed=cfg.train.seed)
     with jax.set_mesh(self.mesh):
       for local in it:
         batch, _ = self.place(local)
@@ -128,6 +159,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   """Trains (or resumes) per cfg; returns the last train and eval metrics."""
   setup.validate(cfg)
   setup.maybe_init_distributed(cfg)
+  setup.enable_compilation_cache(cfg)
   run_dir = Path(cfg.ckpt.cache_dir) / cfg.ckpt.exp_name
   lock = RunLock(run_dir).acquire() if is_primary() else None
   try:
@@ -196,7 +228,7 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
   writer = MetricsWriter(run_dir, resume_step=micro_done // accum, tensorboard=cfg.log.tensorboard,
                          wandb_project=cfg.log.wandb_project, config=cfg.to_dict(), enabled=is_primary())
   runner = Runner(cfg, model_cfg, mesh, state_sh, tx, lr_fn)
-  it = _iterator(cfg, train_tok, batch_size=micro_bs, epochs=None, seed=cfg.train.seed)
+  it = runner.iterator(cfg, train_tok, batch_size=micro_bs, epochs=None, seed=cfg.train.seed)
   if data_state is not None:
     it.set_state(data_state)
   last: dict[str, Any] = {}
@@ -249,22 +281,22 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
       out["perf/mfu"] = flops / (peak * jax.device_count())
     return out
 
+  update_compile_s = 0.0  # compiling done within the current update (new batch shapes)
   with jax.set_mesh(mesh):
     for micro in range(micro_done, updates * accum):
       local = next(it)
       batch, stats = runner.place(local)
-      t0 = time.time()
-      state, m = runner.train_step(state, batch)
-      if compile_s is None:
-        jax.block_until_ready(m["loss/train"])
-        compile_s = time.time() - t0
+      state, m, step_compile_s = runner.step(state, batch)
+      update_compile_s += step_compile_s
       pending.append((m, stats))
       if (micro + 1) % accum:
         continue
       update = (micro + 1) // accum
       prev_examples = examples
       last = finish_update(update, pending)
-      pending = []
+      last["perf/compile_seconds"] = update_compile_s  # included in this update's wall time
+      compile_s = (compile_s or 0.0) + update_compile_s
+      pending, update_compile_s = [], 0.0
       if update % cfg.train.log_every == 0 or update == updates:
         writer.write(update, last)
       if progress is not None:
@@ -292,7 +324,8 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
   _save_final(cfg, run_dir, model_cfg, state.params, hf_cfg, tokenizer)
   writer.close()
   ckpts.close()
-  summary = {**last, **eval_last, "compile_seconds": compile_s, "wall_seconds": time.time() - t_start}
+  summary = {**last, **eval_last, "compile_seconds": compile_s,
+             "compiled_shapes": runner.compiled_shapes, "wall_seconds": time.time() - t_start}
   if is_primary():
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
   log(f"done in {summary['wall_seconds']:.0f}s: {run_dir / 'FINAL'}")

@@ -177,17 +177,22 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, process_index: int, p
   return out
 
 
-def pad_rows(local: dict[str, np.ndarray], rows: int, pad_token_id: int) -> dict[str, np.ndarray]:
-  """Appends padding rows (segment 0) so every process has `rows` rows; pooling indices stay valid."""
+def pad_rows(local: dict[str, np.ndarray], rows: int, pad_token_id: int, length: int | None = None) -> dict[str, np.ndarray]:
+  """Pads a batch with padding rows and columns (segment 0) to [rows, length], so that every
+  process has the same shape; flat pooling indices are moved to the new row length."""
   R, L = local["tokens"].shape
-  if rows == R:
+  length = L if length is None else length
+  if (rows, length) == (R, L):
     return local
   out = dict(local)
-  extra = rows - R
-  out["tokens"] = np.concatenate([local["tokens"], np.full((extra, L), pad_token_id, local["tokens"].dtype)])
+  widths = ((0, rows - R), (0, length - L))
+  out["tokens"] = np.pad(local["tokens"], widths, constant_values=pad_token_id)
   for k in ("segment_ids", "positions", "branch_ids"):
     if k in local:
-      out[k] = np.concatenate([local[k], np.zeros((extra, L), local[k].dtype)])
+      out[k] = np.pad(local[k], widths)
+  for k in ("chosen_index", "rejected_index"):
+    row, t = np.divmod(local[k], L)
+    out[k] = (row * length + t).astype(local[k].dtype)
   return out
 
 

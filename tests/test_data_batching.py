@@ -7,7 +7,7 @@ import pytest
 
 from jbt.data import (LayoutSettings, TokenizedPair, TokenizedPairs, batches_per_epoch, bucket_rows,
                       device_keys, make_batch_iterator, pool_position, split_batch)
-from jbt.data.layouts import make_batch
+from jbt.data.layouts import bucket_length, make_batch, pair_sizes
 from jbt.errors import JbtError
 
 PAD = 0
@@ -159,6 +159,46 @@ def test_packed_layout_with_partial_batch_and_no_pairs():
   check_contract(make_batch(data, np.array([2]), settings), data, 8)
   empty = make_batch(data, np.array([], dtype=np.int64), settings)
   assert empty["tokens"].shape == (4, 80) and empty["pair_mask"].sum() == 0
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+@pytest.mark.parametrize("min_rows", [1, 3])
+def test_length_bucketed_layout_balances_rows_and_rounds_the_length(layout, min_rows):
+  data = synthetic(64, max_len=60, min_len=20)
+  settings = LayoutSettings(layout, pairs_per_batch=8, max_length=60, pack_length=8 * 120,
+                            length_bucket="geometric", min_rows=min_rows)
+  shapes = set()
+  for start in range(0, 64, 8):
+    ids = np.arange(start, start + 8)
+    batch = make_batch(data, ids, settings)
+    check_contract(batch, data, 8)
+    R, L = batch["tokens"].shape
+    fill = (batch["segment_ids"] > 0).sum(axis=1)  # pairs are packed from each row's start
+    assert R == min_rows and L == bucket_length(int(fill.max()), "geometric") and L >= fill.max()
+    # Longest first onto the emptiest row: rows differ by at most the longest pair.
+    sizes = pair_sizes(data, ids, layout)
+    assert fill.max() - fill.min() <= sizes.max()
+    shapes.add(L)
+  assert 1 < len(shapes) <= 4
+
+
+def test_length_bucketed_layout_adds_rows_when_the_capacity_is_short():
+  data = synthetic(16, max_len=40, min_len=3)
+  settings = LayoutSettings("packed", pairs_per_batch=16, max_length=40, pack_length=100,
+                            row_bucket=1, length_bucket=16)
+  batch = make_batch(data, np.arange(16), settings)
+  check_contract(batch, data, 16)
+  R, L = batch["tokens"].shape
+  assert L <= 100 and L % 16 == 0 and R >= -(-int(data.lengths.sum()) // 100)
+
+
+def test_bucket_length_rules():
+  assert [bucket_length(n, "geometric") for n in (1, 64, 65, 256, 257, 1000, 1025, 1775, 2049)] == [
+      64, 64, 128, 256, 320, 1024, 1280, 1792, 2560]
+  assert [bucket_length(n, 100) for n in (1, 100, 101)] == [100, 100, 200]
+  for n in range(1, 5000, 7):  # multiples of 64 up to 256, then at most 25% over
+    assert n <= bucket_length(n, "geometric") <= max(1.25 * n, n + 63)
+  assert len({bucket_length(n, "geometric") for n in range(1025, 2049)}) == 4
 
 
 def test_bucket_rows_rules():

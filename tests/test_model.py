@@ -155,17 +155,21 @@ def test_shared_prompt_branches_equal_separate_sequences():
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_blocked_attention_equals_dense(family):
-  """Block skipping (causal, and by the longest segment) changes the work, not the rewards."""
+@pytest.mark.parametrize("attention", ["xla", "flash"])
+def test_blocked_attention_equals_dense(family, attention):
+  """Block skipping (causal, by segment, by the longest segment) changes the work, not the rewards."""
   m = tinymodels.make_model(family)
   cfg, params = _jbt(m)
   seqs = _sequences(5)
   ptokens, pseg, ppos, pidx = _packed(seqs)
-  dense = np.asarray(model.RewardModel(cfg.replace(attn_block=0)).apply({"params": params}, ptokens, pseg, ppos, pidx))
-  for block, max_segment in ((8, 0), (8, 19), (16, 19), (24, 20)):
-    got = model.RewardModel(cfg.replace(attn_block=block), max_segment).apply({"params": params}, ptokens, pseg, ppos,
-                                                                             pidx)
+  dense_cfg = cfg.replace(attention="xla", attn_block=0)
+  dense = np.asarray(model.RewardModel(dense_cfg).apply({"params": params}, ptokens, pseg, ppos, pidx))
+  field = "attn_block" if attention == "xla" else "flash_block"
+  for block, max_segment in ((8, 0), (8, 19), (16, 19), (24, 20), (5, 0)):
+    c = cfg.replace(attention=attention, **{field: block})
+    got = model.RewardModel(c, max_segment).apply({"params": params}, ptokens, pseg, ppos, pidx)
     np.testing.assert_allclose(np.asarray(got), dense, atol=1e-5, err_msg=f"block {block}, max_segment {max_segment}")
   # A bound shorter than a real sequence must change the result: the test can tell.
-  short = model.RewardModel(cfg.replace(attn_block=4), 4).apply({"params": params}, ptokens, pseg, ppos, pidx)
+  c = cfg.replace(attention=attention, **{field: 4})
+  short = model.RewardModel(c, 4).apply({"params": params}, ptokens, pseg, ppos, pidx)
   assert np.abs(np.asarray(short) - dense).max() > 1e-4

@@ -85,6 +85,8 @@ def make_batch_iterator(
     length_multiple: int | None = None,
     pack_length: int | None = None,
     row_bucket: int | str = 4,
+    length_bucket: int | str | None = None,
+    min_rows: int = 1,
     on_error: str = "skip",
     num_threads: int = 2,
     num_workers: int = 0,
@@ -103,7 +105,8 @@ def make_batch_iterator(
     epochs: passes over the data; None repeats forever (the trainer stops at max_steps).
     process_index, process_count: jax.process_index() and jax.process_count().
     drop_remainder: drop each epoch's last, short global batch instead of filling it.
-    length_multiple, pack_length, row_bucket: shape rules, see layouts.LayoutSettings.
+    length_multiple, pack_length, row_bucket, length_bucket, min_rows: shape rules, see
+      layouts.LayoutSettings.
     num_threads: grain prefetch threads building batches ahead of the trainer.
     num_workers: grain worker processes (spawned) for tokenizing when data is pairs; 0 keeps it
       in this process. Building batches is cheap numpy work (tens of thousands of pairs/s on one
@@ -132,7 +135,7 @@ def make_batch_iterator(
     raise JbtError(f"{len(data)} pairs make no batch of {batch_size} with drop_remainder")
   per_process = batch_size // process_count
   settings = LayoutSettings(layout, per_process, max_length, length_multiple, pack_length,
-                            row_bucket)
+                            row_bucket, length_bucket, min_rows)
   settings.check(data)
 
   ds = grain.MapDataset.range(per_epoch).repeat(epochs)

@@ -57,6 +57,16 @@ class LayoutSettings:
       P there is a single shape. On HH pairs with P = 32 the rows needed vary over about a 2x
       range, so 4 gives 2-3 shapes at 60-80% real tokens, 2 gives 3-4 shapes at 80-90%
       (scripts/bench_data.py).
+    length_bucket: packed and shared_prompt layouts. None: rows are pack_length long, filled
+      first-fit decreasing (the shape rule above). "geometric" or an int m: the pairs are spread
+      over as few rows as hold them, but at least min_rows, longest first onto the emptiest row
+      (balanced), and L is the fullest row rounded up to a multiple of m, or with "geometric" to
+      one of 4 sizes per doubling (multiples of 64: ..., 1024, 1280, 1536, 1792, 2048, 2560, ...),
+      at most 25% over and few shapes; never more than pack_length. Meant for attention whose
+      cost follows the segments, not the row (jbt.attention), where one long row is as cheap as
+      several short ones and padding is the only waste.
+    min_rows: with length_bucket, the fewest rows a batch has (the trainer passes this process's
+      data-parallel devices, so no device gets an empty row).
   """
 
   layout: str
@@ -65,6 +75,8 @@ class LayoutSettings:
   length_multiple: int | None = None
   pack_length: int | None = None
   row_bucket: int | str = 4
+  length_bucket: int | str | None = None
+  min_rows: int = 1
 
   @property
   def row_length(self) -> int:
@@ -78,6 +90,11 @@ class LayoutSettings:
       raise JbtError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
     if self.row_bucket != "pow2" and not (isinstance(self.row_bucket, int) and self.row_bucket > 0):
       raise JbtError(f"row_bucket must be a positive int or 'pow2', got {self.row_bucket!r}")
+    if self.length_bucket not in (None, "geometric") and not (
+        isinstance(self.length_bucket, int) and self.length_bucket > 0):
+      raise JbtError(f"length_bucket must be None, 'geometric' or a positive int, got {self.length_bucket!r}")
+    if self.min_rows <= 0:
+      raise JbtError(f"min_rows must be positive, got {self.min_rows}")
     if self.length_multiple is not None and self.length_multiple <= 0:
       raise JbtError(f"length_multiple must be positive, got {self.length_multiple}")
     if self.pack_length is not None and self.pack_length <= 0:
@@ -110,6 +127,48 @@ def bucket_rows(n_rows: int, rule: int | str) -> int:
   if rule == "pow2":
     return 1 << (n_rows - 1).bit_length()
   return -(-n_rows // rule) * rule
+
+
+def bucket_length(n: int, rule: int | str) -> int:
+  """Row length for a fullest row of n tokens: a multiple of the int rule, or with "geometric"
+  the next of 4 sizes per doubling (multiples of 64, at most 25% over n)."""
+  n = max(n, 1)
+  if rule != "geometric":
+    return -(-n // rule) * rule
+  if n <= 256:
+    return -(-n // 64) * 64
+  step = (1 << ((n - 1).bit_length() - 1)) // 4  # a quarter of the power of two below n
+  return -(-n // step) * step
+
+
+def _balanced(sizes: np.ndarray, capacity: int, min_rows: int) -> tuple[np.ndarray, int]:
+  """(row, start) of each item spread over the fewest rows (>= min_rows) that hold them, longest
+  first onto the emptiest row (ties: the lower row), and the number of rows."""
+  order = np.argsort(-sizes, kind="stable")
+  n_rows = max(min_rows, -(-int(sizes.sum()) // capacity), 1)
+  while True:
+    fill = np.zeros(n_rows, dtype=np.int64)
+    placement = np.zeros((len(sizes), 2), dtype=np.int64)
+    for k in order:
+      row = int(fill.argmin())
+      placement[k] = row, fill[row]
+      fill[row] += sizes[k]
+    if fill.max(initial=0) <= capacity:
+      return placement, n_rows
+    n_rows += 1
+
+
+def _pack(sizes: np.ndarray, settings: LayoutSettings) -> tuple[np.ndarray, int, int]:
+  """(placement [n, 2] of (row, start), rows R, row length L) of a packed batch."""
+  capacity = settings.row_length
+  if settings.length_bucket is None:
+    placement, n_open = _first_fit_decreasing(sizes, capacity)
+    return placement, bucket_rows(n_open, settings.row_bucket), capacity
+  placement, n_rows = _balanced(sizes, capacity, settings.min_rows)
+  fullest = int((placement[:, 1] + sizes).max(initial=1))
+  if n_rows > settings.min_rows:
+    n_rows = bucket_rows(n_rows, settings.row_bucket)
+  return placement, n_rows, min(bucket_length(fullest, settings.length_bucket), capacity)
 
 
 def _empty(n_rows: int, length: int, pad: int, n_pairs: int) -> dict[str, np.ndarray]:
@@ -194,16 +253,15 @@ def _in_row_order(placement: np.ndarray, length: int):
 
 def packed_batch(data: TokenizedPairs, pair_ids: np.ndarray,
                  settings: LayoutSettings) -> dict[str, np.ndarray]:
-  """Packs whole pairs into rows of pack_length tokens, first-fit decreasing.
+  """Packs whole pairs into rows (first-fit decreasing into pack_length, or balanced with
+  length_bucket; see LayoutSettings).
 
   Each pair occupies one span of a row: its chosen member (segment 2q+1) then its rejected
   member (segment 2q+2), where q counts the pairs already in that row. The row count is
   rounded up by row_bucket.
   """
-  length = settings.row_length
-  placement, n_open = _first_fit_decreasing(pair_sizes(data, pair_ids, "packed"), length)
-  batch = _empty(bucket_rows(n_open, settings.row_bucket), length, data.pad_token_id,
-                 settings.pairs_per_batch)
+  placement, n_rows, length = _pack(pair_sizes(data, pair_ids, "packed"), settings)
+  batch = _empty(n_rows, length, data.pad_token_id, settings.pairs_per_batch)
   for k, row, start, q in _in_row_order(placement, length):
     chosen, rejected = data.member(pair_ids[k], 0), data.member(pair_ids[k], 1)
     _put(batch, row, start, chosen, 2 * q + 1)
@@ -230,7 +288,7 @@ def _branch_index(member: np.ndarray, prefix: int, trunk_flat: int, branch_flat:
 
 def shared_prompt_batch(data: TokenizedPairs, pair_ids: np.ndarray,
                         settings: LayoutSettings) -> dict[str, np.ndarray]:
-  """Packs pairs with their shared prefix stored once, first-fit decreasing into pack_length rows.
+  """Packs pairs with their shared prefix stored once, into rows as packed_batch does.
 
   Pair q of a row is one segment (q + 1): the tokens both members share (TokenizedPairs.
   shared_prefix: the prompt, the template's assistant header, and any common start of the
@@ -238,10 +296,8 @@ def shared_prompt_batch(data: TokenizedPairs, pair_ids: np.ndarray,
   positions run 0..p-1 over the trunk and restart at p in each branch, so that each branch sees
   exactly its member's tokens at its member's positions under the model's branch mask.
   """
-  length = settings.row_length
   sizes = pair_sizes(data, pair_ids, "shared_prompt")
-  placement, n_open = _first_fit_decreasing(sizes, length)
-  n_rows = bucket_rows(n_open, settings.row_bucket)
+  placement, n_rows, length = _pack(sizes, settings)
   batch = _empty(n_rows, length, data.pad_token_id, settings.pairs_per_batch)
   batch[BRANCH_KEY] = np.full((n_rows, length), TRUNK, dtype=np.int32)
   for k, row, start, q in _in_row_order(placement, length):

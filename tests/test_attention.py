@@ -1,0 +1,75 @@
+"""jbt.attention's block-sparse flash attention against the dense masked softmax it replaces."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbt import model
+from jbt.attention import flash_attention
+
+
+def packed_rows(rng, B, L, branches: bool):
+  """Rows of contiguous segments of random length (some with chosen/rejected branches), padded."""
+  seg = np.zeros((B, L), np.int32)
+  br = np.zeros((B, L), np.int32)
+  pos = np.zeros((B, L), np.int32)
+  for b in range(B):
+    start, n = 0, 1
+    while True:
+      size = int(rng.integers(5, 40))
+      if start + size > L - 3:
+        break
+      seg[b, start:start + size] = n
+      pos[b, start:start + size] = np.arange(size)
+      if branches and size >= 8:
+        p, c = size // 2, size // 4
+        br[b, start + p:start + p + c] = 1
+        br[b, start + p + c:start + size] = 2
+        pos[b, start + p + c:start + size] = np.arange(p, p + size - p - c)
+      start, n = start + size, n + 1
+  return seg, br, pos
+
+
+@pytest.mark.parametrize("branches, window, block, max_segment, L", [
+    (True, None, 16, 0, 150), (False, 6, 16, 0, 150), (True, None, 7, 40, 150), (False, None, 64, 0, 150),
+    (True, None, 256, 0, 150)])
+def test_flash_equals_dense_values_and_gradients(branches, window, block, max_segment, L):
+  rng = np.random.default_rng(block + L)
+  B, K, G, H = 2, 2, 3, 8
+  seg, br, pos = packed_rows(rng, B, L, branches)
+  q = jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]  # padding outputs are never read
+  branch = jnp.asarray(br) if branches else None
+  mask = model.attention_mask(jnp.asarray(seg), jnp.asarray(pos), window, branch)
+
+  def dense(q, k, v):
+    return (model.blocked_attention(q, k, v, mask, 0, 0) * real * w).sum()
+
+  def flash(q, k, v):
+    out = flash_attention(q, k, v, jnp.asarray(seg), jnp.asarray(pos), branch, sliding_window=window,
+                          block=block, max_segment=max_segment)
+    return (out * real * w).sum()
+
+  ref_val, ref_grads = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
+  val, grads = jax.jit(jax.value_and_grad(flash, argnums=(0, 1, 2)))(q, k, v)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-4)
+  for got, ref, name in zip(grads, ref_grads, "qkv"):
+    assert np.abs(np.asarray(ref)).max() > 0.1, "gradients too small to mean anything"
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, err_msg=f"d{name}")
+
+
+def test_flash_sees_a_segment_cut_by_a_wrong_bound_and_bf16_stays_close():
+  rng = np.random.default_rng(0)
+  seg, br, pos = packed_rows(rng, 1, 120, True)
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 120, 1, 2, 8), (1, 120, 1, 8), (1, 120, 1, 8)))
+  real = np.asarray(seg > 0)
+  full = np.asarray(flash_attention(q, k, v, seg, pos, br, block=8))[real]
+  cut = np.asarray(flash_attention(q, k, v, seg, pos, br, block=8, max_segment=3))[real]
+  assert np.abs(full - cut).max() > 1e-3  # the test can tell a wrong key range
+  bf16 = flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, pos, br, block=8)
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16.astype(jnp.float32))[real], full, atol=5e-2)
