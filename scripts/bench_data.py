@@ -31,6 +31,10 @@ LAYOUTS = [
     ("packed, R to x2", {"layout": "packed", "row_bucket": 2}),
     ("shared, R to x4", {"layout": "shared_prompt", "row_bucket": 4}),
     ("shared, R to x2", {"layout": "shared_prompt", "row_bucket": 2}),
+    # The trainer's default with flash attention: one row per device, length bucketed.
+    ("packed, 1 row, L geometric", {"layout": "packed", "length_bucket": "geometric", "pack_length": 1 << 30}),
+    ("shared, 1 row, L geometric", {"layout": "shared_prompt", "length_bucket": "geometric",
+                                    "pack_length": 1 << 30}),
 ]
 
 

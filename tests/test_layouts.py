@@ -137,3 +137,18 @@ def test_layouts_agree_with_each_other_and_with_transformers(variant):
     for (path, g), (_, h) in zip(leaves, jax.tree.leaves_with_path(other_grads), strict=True):
       np.testing.assert_allclose(h, g, atol=1e-4, rtol=0,
                                  err_msg=f"{name} {jax.tree_util.keystr(path)}")
+
+
+def test_padding_a_batch_to_a_common_shape_keeps_the_rewards():
+  """Processes pad their batches to the largest rows x length among them (trainer.pad_rows):
+  the flat pooling indices must follow the new row length."""
+  tok, m = setup("pad_0")
+  data, _ = tokenize_pairs(make_pairs(), tok, max_length=MAX_LENGTH, max_prompt_length=100)
+  cfg, params = jbt_model(m)
+  batch = layout_batches(data, len(data) + 1)["shared_prompt"]
+  R, L = batch["tokens"].shape
+  padded = trainer.pad_rows(batch, R + 3, data.pad_token_id, L + 37)
+  assert padded["tokens"].shape == (R + 3, L + 37)
+  for a, b in zip(trainer.rewards(cfg, params, batch), trainer.rewards(cfg, params, padded)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+  assert not np.array_equal(padded["chosen_index"], batch["chosen_index"])  # the indices did move
