@@ -79,40 +79,52 @@ def _pad_tokens(x: Array, n: int, value: int = 0) -> Array:
   return x if n == 0 else jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
 
+def _visit_key_blocks(q_BxQxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, qs: Array,
+                      first: Array, last: Array, block: int, sliding_window: int | None, visit, init):
+  """Folds visit(carry, ks, mask, k block, v block, scaled scores) over the key blocks first..last
+  of the query block at qs, skipping those whose mask is all false."""
+  scale = 1.0 / math.sqrt(q_BxQxKxGxH.shape[-1])
+
+  def key_block(j, carry):
+    ks = j * block
+    mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
+
+    def go(c):
+      k_BxSxKxH = jax.lax.dynamic_slice_in_dim(k_BxLxKxH, ks, block, axis=1)
+      v_BxSxKxH = jax.lax.dynamic_slice_in_dim(v_BxLxKxH, ks, block, axis=1)
+      s = jnp.einsum("BQKGH,BSKH->BKGQS", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
+      return visit(c, ks, mask_BxQxS, k_BxSxKxH, v_BxSxKxH, s)
+
+    return jax.lax.cond(mask_BxQxS.any(), go, lambda c: c, carry)
+
+  return jax.lax.fori_loop(first, last + 1, key_block, init)
+
+
 def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, block: int, max_segment: int,
              sliding_window: int | None) -> tuple[Array, Array]:
   """(output [B, L, K, G, H] in q's dtype, log-sum-exp [B, K, G, L] float32); L a multiple of block."""
   B, L, K, G, H = q_BxLxKxGxH.shape
   f32 = jnp.float32
-  scale = 1.0 / math.sqrt(H)
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
+
+  def visit(c, ks, mask_BxQxS, k_BxSxKxH, v_BxSxKxH, s):
+    del ks, k_BxSxKxH
+    m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = c
+    keep = mask_BxQxS[:, None, None]
+    m_new = jnp.maximum(m_BxKxGxQ, jnp.where(keep, s, _NEG).max(-1))
+    p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m_BxKxGxQ - m_new)
+    pv = jnp.einsum("BKGQS,BSKH->BKGQH", p.astype(v_BxSxKxH.dtype), v_BxSxKxH, preferred_element_type=f32)
+    return m_new, l_BxKxGxQ * corr + p.sum(-1), acc_BxKxGxQxH * corr[..., None] + pv
 
   def query_block(i, outputs):
     out_BxLxKxGxH, lse_BxKxGxL = outputs
     qs = i * block
     q_BxQxKxGxH = jax.lax.dynamic_slice_in_dim(q_BxLxKxGxH, qs, block, axis=1)
-
-    def key_block(j, carry):
-      ks = j * block
-      mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
-
-      def visit(c):
-        m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = c
-        k_BxSxKxH = jax.lax.dynamic_slice_in_dim(k_BxLxKxH, ks, block, axis=1)
-        v_BxSxKxH = jax.lax.dynamic_slice_in_dim(v_BxLxKxH, ks, block, axis=1)
-        s = jnp.einsum("BQKGH,BSKH->BKGQS", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=f32) * scale
-        keep = mask_BxQxS[:, None, None]
-        m_new = jnp.maximum(m_BxKxGxQ, jnp.where(keep, s, _NEG).max(-1))
-        p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m_BxKxGxQ - m_new)
-        pv = jnp.einsum("BKGQS,BSKH->BKGQH", p.astype(v_BxSxKxH.dtype), v_BxSxKxH, preferred_element_type=f32)
-        return m_new, l_BxKxGxQ * corr + p.sum(-1), acc_BxKxGxQxH * corr[..., None] + pv
-
-      return jax.lax.cond(mask_BxQxS.any(), visit, lambda c: c, carry)
-
     init = (jnp.full((B, K, G, block), _NEG, f32), jnp.zeros((B, K, G, block), f32),
             jnp.zeros((B, K, G, block, H), f32))
-    m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = jax.lax.fori_loop(first_key_block[i], i + 1, key_block, init)
+    m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = _visit_key_blocks(
+        q_BxQxKxGxH, k_BxLxKxH, v_BxLxKxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
     o_BxQxKxGxH = (acc_BxKxGxQxH / l_BxKxGxQ[..., None]).transpose(0, 3, 1, 2, 4).astype(q_BxLxKxGxH.dtype)
     out_BxLxKxGxH = jax.lax.dynamic_update_slice_in_dim(out_BxLxKxGxH, o_BxQxKxGxH, qs, axis=1)
     lse_BxKxGxL = jax.lax.dynamic_update_slice_in_dim(lse_BxKxGxL, m_BxKxGxQ + jnp.log(l_BxKxGxQ), qs, axis=3)
@@ -140,31 +152,23 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
     lse_BxKxGxQ = jax.lax.dynamic_slice_in_dim(lse_BxKxGxL, qs, block, axis=3)
     d_BxKxGxQ = jax.lax.dynamic_slice_in_dim(d_BxKxGxL, qs, block, axis=3)
 
-    def key_block(j, carry):
-      ks = j * block
-      mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
-
-      def visit(c):
-        dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH = c
-        k_BxSxKxH = jax.lax.dynamic_slice_in_dim(k_BxLxKxH, ks, block, axis=1)
-        v_BxSxKxH = jax.lax.dynamic_slice_in_dim(v_BxLxKxH, ks, block, axis=1)
-        s = jnp.einsum("BQKGH,BSKH->BKGQS", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=f32) * scale
-        p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
-        dv = jnp.einsum("BKGQS,BQKGH->BSKH", p.astype(do_BxQxKxGxH.dtype), do_BxQxKxGxH, preferred_element_type=f32)
-        dp = jnp.einsum("BQKGH,BSKH->BKGQS", do_BxQxKxGxH, v_BxSxKxH, preferred_element_type=f32)
-        ds = (p * (dp - d_BxKxGxQ[..., None]) * scale).astype(q_BxQxKxGxH.dtype)
-        dq_BxQxKxGxH += jnp.einsum("BKGQS,BSKH->BQKGH", ds, k_BxSxKxH, preferred_element_type=f32)
-        dk = jnp.einsum("BKGQS,BQKGH->BSKH", ds, q_BxQxKxGxH, preferred_element_type=f32)
-        dk_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(
-            dk_BxLxKxH, jax.lax.dynamic_slice_in_dim(dk_BxLxKxH, ks, block, axis=1) + dk, ks, axis=1)
-        dv_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(
-            dv_BxLxKxH, jax.lax.dynamic_slice_in_dim(dv_BxLxKxH, ks, block, axis=1) + dv, ks, axis=1)
-        return dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH
-
-      return jax.lax.cond(mask_BxQxS.any(), visit, lambda c: c, carry)
+    def visit(c, ks, mask_BxQxS, k_BxSxKxH, v_BxSxKxH, s):
+      dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH = c
+      p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
+      dv = jnp.einsum("BKGQS,BQKGH->BSKH", p.astype(do_BxQxKxGxH.dtype), do_BxQxKxGxH, preferred_element_type=f32)
+      dp = jnp.einsum("BQKGH,BSKH->BKGQS", do_BxQxKxGxH, v_BxSxKxH, preferred_element_type=f32)
+      ds = (p * (dp - d_BxKxGxQ[..., None]) * scale).astype(q_BxQxKxGxH.dtype)
+      dq_BxQxKxGxH += jnp.einsum("BKGQS,BSKH->BQKGH", ds, k_BxSxKxH, preferred_element_type=f32)
+      dk = jnp.einsum("BKGQS,BQKGH->BSKH", ds, q_BxQxKxGxH, preferred_element_type=f32)
+      dk_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(
+          dk_BxLxKxH, jax.lax.dynamic_slice_in_dim(dk_BxLxKxH, ks, block, axis=1) + dk, ks, axis=1)
+      dv_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(
+          dv_BxLxKxH, jax.lax.dynamic_slice_in_dim(dv_BxLxKxH, ks, block, axis=1) + dv, ks, axis=1)
+      return dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH
 
     init = (jnp.zeros((B, block, K, G, H), f32), dk_BxLxKxH, dv_BxLxKxH)
-    dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH = jax.lax.fori_loop(first_key_block[i], i + 1, key_block, init)
+    dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH = _visit_key_blocks(
+        q_BxQxKxGxH, k_BxLxKxH, v_BxLxKxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
     dq_BxLxKxGxH = jax.lax.dynamic_update_slice_in_dim(dq_BxLxKxGxH, dq_BxQxKxGxH, qs, axis=1)
     return dq_BxLxKxGxH, dk_BxLxKxH, dv_BxLxKxH
 
