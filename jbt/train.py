@@ -63,22 +63,6 @@ def _eval_pairs(cfg: ConfigDict, train_pairs: list[Any]) -> tuple[list[Any], Any
   return pairs, report
 
 
-def _iterator(cfg: ConfigDict, tok: Any, *, batch_size: int, epochs: int | None, seed: int, flash: bool,
-              min_rows: int) -> Any:
-  """The batch iterator. With flash attention (cost follows the pairs, not the rows) a packed
-  batch may be one long row per device: pack_length defaults to the whole batch."""
-  d = cfg.data
-  pack_length = d.pack_length or None
-  if pack_length is None and flash:
-    per_process = batch_size // jax.process_count()
-    pack_length = max(2 * d.max_length, -(-per_process // min_rows) * 2 * d.max_length)
-  return data.make_batch_iterator(
-      tok, layout=d.layout, batch_size=batch_size, max_length=d.max_length, seed=seed, epochs=epochs,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      length_multiple=d.length_multiple or None, pack_length=pack_length, row_bucket=d.row_bucket,
-      length_bucket=setup.length_bucket(d.length_bucket), min_rows=min_rows)
-
-
 class Runner:
   """Holds the compiled steps and places host batches on the mesh."""
 
@@ -119,8 +103,20 @@ class Runner:
   def compiled_shapes(self) -> int:
     return len(self._compiled)
 
-  def iterator(self, cfg: ConfigDict, tok: Any, **kw: Any) -> Any:
-    return _iterator(cfg, tok, flash=self.flash, min_rows=self.rows_multiple, **kw)
+  def iterator(self, cfg: ConfigDict, tok: Any, *, batch_size: int, epochs: int | None, seed: int) -> Any:
+    """The batch iterator, at least one row per data-parallel device. With flash attention (cost
+    follows the pairs, not the rows) a packed batch may be one long row per device: pack_length
+    defaults to the whole batch."""
+    d = cfg.data
+    pack_length = d.pack_length or None
+    if pack_length is None and self.flash:
+      per_process = batch_size // jax.process_count()
+      pack_length = -(-per_process // self.rows_multiple) * 2 * d.max_length
+    return data.make_batch_iterator(
+        tok, layout=d.layout, batch_size=batch_size, max_length=d.max_length, seed=seed, epochs=epochs,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        length_multiple=d.length_multiple or None, pack_length=pack_length, row_bucket=d.row_bucket,
+        length_bucket=setup.length_bucket(d.length_bucket), min_rows=self.rows_multiple)
 
   def _ruled(self, fn: Any) -> Any:
     def wrapped(*args):
