@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -177,23 +178,37 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
   return dq.astype(q_BxLxKxGxH.dtype), dk.astype(k_BxLxKxH.dtype), dv.astype(v_BxLxKxH.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, info, block, max_segment, sliding_window):
-  return _forward(q, k, v, info, block, max_segment, sliding_window)[0]
+# The forward runs outside the custom VJP and its results enter it as inputs: under a remat
+# policy that saves the names below (jbt.model's "dots" does), the backward pass then reuses the
+# forward's output and log-sum-exp instead of running the whole forward loop again.
+OUT_NAME, LSE_NAME = "flash_out", "flash_lse"
 
 
-def _flash_fwd(q, k, v, info, block, max_segment, sliding_window):
-  out, lse = _forward(q, k, v, info, block, max_segment, sliding_window)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window):
+  """out, with the attention's gradients to q, k and v (out and lse are the forward's results)."""
+  del q, k, v, info, lse, block, max_segment, sliding_window
+  return out
+
+
+def _with_grads_fwd(q, k, v, info, out, lse, block, max_segment, sliding_window):
+  del block, max_segment, sliding_window
   return out, (q, k, v, info, out, lse)
 
 
-def _flash_bwd(block, max_segment, sliding_window, res, dout):
+def _with_grads_bwd(block, max_segment, sliding_window, res, dout):
   q, k, v, info, out, lse = res
   dq, dk, dv = _backward(q, k, v, info, out, lse, dout, block, max_segment, sliding_window)
-  return dq, dk, dv, jax.tree.map(lambda _: None, info)
+  return dq, dk, dv, jax.tree.map(lambda _: None, info), jnp.zeros_like(out), jnp.zeros_like(lse)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_with_grads.defvjp(_with_grads_fwd, _with_grads_bwd)
+
+
+def _flash(q, k, v, info, block, max_segment, sliding_window):
+  out, lse = jax.lax.stop_gradient(_forward(q, k, v, info, block, max_segment, sliding_window))
+  out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+  return _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window)
 
 
 def flash_attention(

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbt.attention import MaskInfo, flash_attention
+from jbt import attention as flash
 
 Array = jax.Array
 
@@ -213,7 +213,7 @@ class Attention(nn.Module):
   max_segment: int = 0  # longest sequence in a row (0: the row length); bounds the keys a block needs
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array | None, info: MaskInfo, cos_BxLxH: Array,
+  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array | None, info: flash.MaskInfo, cos_BxLxH: Array,
                sin_BxLxH: Array) -> Array:
     cfg = self.cfg
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -245,7 +245,7 @@ class Attention(nn.Module):
 
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     if mask_BxLxS is None:
-      out_BxLxKxGxH = flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
+      out_BxLxKxGxH = flash.flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
                                       info.branch_ids_BxL, sliding_window=cfg.sliding_window,
                                       block=cfg.flash_block, max_segment=self.max_segment)
     else:
@@ -287,7 +287,7 @@ class DecoderLayer(nn.Module):
   max_segment: int = 0
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array | None, info: MaskInfo, cos_BxLxH: Array,
+  def __call__(self, x_BxLxD: Array, mask_BxLxS: Array | None, info: flash.MaskInfo, cos_BxLxH: Array,
                sin_BxLxH: Array):
     cfg = self.cfg
     h = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(x_BxLxD)
@@ -300,7 +300,10 @@ class DecoderLayer(nn.Module):
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # matmul outputs, and flash attention's output and log-sum-exp (its backward reads them)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(flash.OUT_NAME, flash.LSE_NAME)),
 }
 
 
@@ -358,7 +361,7 @@ class RewardModel(nn.Module):
     freqs_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
     freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
     cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
-    info = MaskInfo(segment_ids_BxL, branch_ids_BxL, positions_BxL)
+    info = flash.MaskInfo(segment_ids_BxL, branch_ids_BxL, positions_BxL)
     mask_BxLxS = None
     if cfg.attention_impl == "xla":
       mask_BxLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window, branch_ids_BxL)
