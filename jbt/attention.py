@@ -80,25 +80,35 @@ def _pad_tokens(x: Array, n: int, value: int = 0) -> Array:
   return x if n == 0 else jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
 
-def _visit_key_blocks(q_BxQxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, qs: Array,
+def _visit_key_blocks(q_BxKxGxQxH: Array, k_BxKxLxH: Array, v_BxKxLxH: Array, info: MaskInfo, qs: Array,
                       first: Array, last: Array, block: int, sliding_window: int | None, visit, init):
   """Folds visit(carry, ks, mask, k block, v block, scaled scores) over the key blocks first..last
   of the query block at qs, skipping those whose mask is all false."""
-  scale = 1.0 / math.sqrt(q_BxQxKxGxH.shape[-1])
+  scale = 1.0 / math.sqrt(q_BxKxGxQxH.shape[-1])
 
   def key_block(j, carry):
     ks = j * block
     mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
 
     def go(c):
-      k_BxSxKxH = jax.lax.dynamic_slice_in_dim(k_BxLxKxH, ks, block, axis=1)
-      v_BxSxKxH = jax.lax.dynamic_slice_in_dim(v_BxLxKxH, ks, block, axis=1)
-      s = jnp.einsum("BQKGH,BSKH->BKGQS", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
-      return visit(c, ks, mask_BxQxS, k_BxSxKxH, v_BxSxKxH, s)
+      k_BxKxSxH = jax.lax.dynamic_slice_in_dim(k_BxKxLxH, ks, block, axis=2)
+      v_BxKxSxH = jax.lax.dynamic_slice_in_dim(v_BxKxLxH, ks, block, axis=2)
+      s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BxKxGxQxH, k_BxKxSxH, preferred_element_type=jnp.float32) * scale
+      return visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s)
 
     return jax.lax.cond(mask_BxQxS.any(), go, lambda c: c, carry)
 
   return jax.lax.fori_loop(first, last + 1, key_block, init)
+
+
+# Inside the loops q, k, v and their gradients are kept head-major ([B, K, (G,) L, H]): a block is
+# then a contiguous slice that the block matmuls read as is, with no per-block transposes.
+def _heads_major(x_BxLxKx_xH: Array) -> Array:
+  return jnp.moveaxis(x_BxLxKx_xH, 1, -2)
+
+
+def _tokens_major(x_BxKx_xLxH: Array) -> Array:
+  return jnp.moveaxis(x_BxKx_xLxH, -2, 1)
 
 
 def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, block: int, max_segment: int,
@@ -107,32 +117,34 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
   B, L, K, G, H = q_BxLxKxGxH.shape
   f32 = jnp.float32
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
+  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
 
-  def visit(c, ks, mask_BxQxS, k_BxSxKxH, v_BxSxKxH, s):
-    del ks, k_BxSxKxH
+  def visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s):
+    del ks, k_BxKxSxH
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = c
     keep = mask_BxQxS[:, None, None]
     m_new = jnp.maximum(m_BxKxGxQ, jnp.where(keep, s, _NEG).max(-1))
     p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m_BxKxGxQ - m_new)
-    pv = jnp.einsum("BKGQS,BSKH->BKGQH", p.astype(v_BxSxKxH.dtype), v_BxSxKxH, preferred_element_type=f32)
+    pv = jnp.einsum("BKGQS,BKSH->BKGQH", p.astype(v_BxKxSxH.dtype), v_BxKxSxH, preferred_element_type=f32)
     return m_new, l_BxKxGxQ * corr + p.sum(-1), acc_BxKxGxQxH * corr[..., None] + pv
 
   def query_block(i, outputs):
-    out_BxLxKxGxH, lse_BxKxGxL = outputs
+    out_BxKxGxLxH, lse_BxKxGxL = outputs
     qs = i * block
-    q_BxQxKxGxH = jax.lax.dynamic_slice_in_dim(q_BxLxKxGxH, qs, block, axis=1)
+    q_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(q_BxKxGxLxH, qs, block, axis=3)
     init = (jnp.full((B, K, G, block), _NEG, f32), jnp.zeros((B, K, G, block), f32),
             jnp.zeros((B, K, G, block, H), f32))
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = _visit_key_blocks(
-        q_BxQxKxGxH, k_BxLxKxH, v_BxLxKxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
-    o_BxQxKxGxH = (acc_BxKxGxQxH / l_BxKxGxQ[..., None]).transpose(0, 3, 1, 2, 4).astype(q_BxLxKxGxH.dtype)
-    out_BxLxKxGxH = jax.lax.dynamic_update_slice_in_dim(out_BxLxKxGxH, o_BxQxKxGxH, qs, axis=1)
+        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
+    o_BxKxGxQxH = (acc_BxKxGxQxH / l_BxKxGxQ[..., None]).astype(q_BxLxKxGxH.dtype)
+    out_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(out_BxKxGxLxH, o_BxKxGxQxH, qs, axis=3)
     lse_BxKxGxL = jax.lax.dynamic_update_slice_in_dim(lse_BxKxGxL, m_BxKxGxQ + jnp.log(l_BxKxGxQ), qs, axis=3)
-    return out_BxLxKxGxH, lse_BxKxGxL
+    return out_BxKxGxLxH, lse_BxKxGxL
 
-  init = (jnp.zeros_like(q_BxLxKxGxH), jnp.zeros((B, K, G, L), f32))
-  return jax.lax.fori_loop(0, L // block, query_block, init)
+  init = (jnp.zeros_like(q_BxKxGxLxH), jnp.zeros((B, K, G, L), f32))
+  out_BxKxGxLxH, lse_BxKxGxL = jax.lax.fori_loop(0, L // block, query_block, init)
+  return _tokens_major(out_BxKxGxLxH), lse_BxKxGxL
 
 
 def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, out_BxLxKxGxH: Array,
@@ -144,38 +156,41 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
   # D = rowsum(dO * O): the softmax backward's per-query term (FlashAttention-2's dS = P (dP - D)).
   d_BxKxGxL = jnp.einsum("BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(f32), out_BxLxKxGxH.astype(f32))
+  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
+  do_BxKxGxLxH = _heads_major(dout_BxLxKxGxH)
 
   def query_block(i, grads):
-    dq_BxLxKxGxH, dk_BxLxKxH, dv_BxLxKxH = grads
+    dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH = grads
     qs = i * block
-    q_BxQxKxGxH = jax.lax.dynamic_slice_in_dim(q_BxLxKxGxH, qs, block, axis=1)
-    do_BxQxKxGxH = jax.lax.dynamic_slice_in_dim(dout_BxLxKxGxH, qs, block, axis=1)
+    q_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(q_BxKxGxLxH, qs, block, axis=3)
+    do_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(do_BxKxGxLxH, qs, block, axis=3)
     lse_BxKxGxQ = jax.lax.dynamic_slice_in_dim(lse_BxKxGxL, qs, block, axis=3)
     d_BxKxGxQ = jax.lax.dynamic_slice_in_dim(d_BxKxGxL, qs, block, axis=3)
 
-    def visit(c, ks, mask_BxQxS, k_BxSxKxH, v_BxSxKxH, s):
-      dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH = c
+    def visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s):
+      dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH = c
       p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
-      dv = jnp.einsum("BKGQS,BQKGH->BSKH", p.astype(do_BxQxKxGxH.dtype), do_BxQxKxGxH, preferred_element_type=f32)
-      dp = jnp.einsum("BQKGH,BSKH->BKGQS", do_BxQxKxGxH, v_BxSxKxH, preferred_element_type=f32)
-      ds = (p * (dp - d_BxKxGxQ[..., None]) * scale).astype(q_BxQxKxGxH.dtype)
-      dq_BxQxKxGxH += jnp.einsum("BKGQS,BSKH->BQKGH", ds, k_BxSxKxH, preferred_element_type=f32)
-      dk = jnp.einsum("BKGQS,BQKGH->BSKH", ds, q_BxQxKxGxH, preferred_element_type=f32)
-      dk_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(
-          dk_BxLxKxH, jax.lax.dynamic_slice_in_dim(dk_BxLxKxH, ks, block, axis=1) + dk, ks, axis=1)
-      dv_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(
-          dv_BxLxKxH, jax.lax.dynamic_slice_in_dim(dv_BxLxKxH, ks, block, axis=1) + dv, ks, axis=1)
-      return dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH
+      dv = jnp.einsum("BKGQS,BKGQH->BKSH", p.astype(do_BxKxGxQxH.dtype), do_BxKxGxQxH, preferred_element_type=f32)
+      dp = jnp.einsum("BKGQH,BKSH->BKGQS", do_BxKxGxQxH, v_BxKxSxH, preferred_element_type=f32)
+      ds = (p * (dp - d_BxKxGxQ[..., None]) * scale).astype(q_BxKxGxQxH.dtype)
+      dq_BxKxGxQxH += jnp.einsum("BKGQS,BKSH->BKGQH", ds, k_BxKxSxH, preferred_element_type=f32)
+      dk = jnp.einsum("BKGQS,BKGQH->BKSH", ds, q_BxKxGxQxH, preferred_element_type=f32)
+      dk_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(
+          dk_BxKxLxH, jax.lax.dynamic_slice_in_dim(dk_BxKxLxH, ks, block, axis=2) + dk, ks, axis=2)
+      dv_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(
+          dv_BxKxLxH, jax.lax.dynamic_slice_in_dim(dv_BxKxLxH, ks, block, axis=2) + dv, ks, axis=2)
+      return dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH
 
-    init = (jnp.zeros((B, block, K, G, H), f32), dk_BxLxKxH, dv_BxLxKxH)
-    dq_BxQxKxGxH, dk_BxLxKxH, dv_BxLxKxH = _visit_key_blocks(
-        q_BxQxKxGxH, k_BxLxKxH, v_BxLxKxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
-    dq_BxLxKxGxH = jax.lax.dynamic_update_slice_in_dim(dq_BxLxKxGxH, dq_BxQxKxGxH, qs, axis=1)
-    return dq_BxLxKxGxH, dk_BxLxKxH, dv_BxLxKxH
+    init = (jnp.zeros((B, K, G, block, H), f32), dk_BxKxLxH, dv_BxKxLxH)
+    dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH = _visit_key_blocks(
+        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
+    dq_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(dq_BxKxGxLxH, dq_BxKxGxQxH, qs, axis=3)
+    return dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH
 
-  init = (jnp.zeros(q_BxLxKxGxH.shape, f32), jnp.zeros(k_BxLxKxH.shape, f32), jnp.zeros(v_BxLxKxH.shape, f32))
+  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros(k_BxKxLxH.shape, f32), jnp.zeros(v_BxKxLxH.shape, f32))
   dq, dk, dv = jax.lax.fori_loop(0, L // block, query_block, init)
-  return dq.astype(q_BxLxKxGxH.dtype), dk.astype(k_BxLxKxH.dtype), dv.astype(v_BxLxKxH.dtype)
+  return (_tokens_major(dq).astype(q_BxLxKxGxH.dtype), _tokens_major(dk).astype(k_BxLxKxH.dtype),
+          _tokens_major(dv).astype(v_BxLxKxH.dtype))
 
 
 # The forward runs outside the custom VJP and its results enter it as inputs: under a remat

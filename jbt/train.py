@@ -83,21 +83,52 @@ class Runner:
     self.train_step = jax.jit(self._ruled(step), in_shardings=(state_shardings, batch_sh),
                               out_shardings=(state_shardings, None), donate_argnums=0)
     self._compiled: dict[Any, Any] = {}  # batch shapes -> compiled train step
+    self._compiling: dict[Any, Any] = {}  # batch shapes -> future of a compile started by prepare()
+    self._pool: Any = None
     self.eval_step = jax.jit(self._ruled(evals), in_shardings=(state_shardings.params, batch_sh))
+
+  @staticmethod
+  def _key(batch: dict[str, jax.Array]) -> tuple:
+    return tuple(sorted((k, v.shape) for k, v in batch.items()))
+
+  def _compile(self, state: Any, batch: dict[str, jax.Array]) -> Any:
+    with jax.set_mesh(self.mesh):  # the mesh context is per thread
+      return self.train_step.lower(state, batch).compile()
+
+  def prepare(self, state: Any, batch: dict[str, jax.Array]) -> None:
+    """Starts compiling the step for a batch shape not seen yet, in a background thread, so it
+    overlaps the steps still running (XLA compiles on one core and a step rarely keeps every core
+    busy). Only shapes and shardings are read: `state` may be donated meanwhile."""
+    key = self._key(batch)
+    if key in self._compiled or key in self._compiling:
+      return
+    if self._pool is None:
+      from concurrent.futures import ThreadPoolExecutor
+
+      self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jbt-compile")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (state, batch))
+    self._compiling[key] = self._pool.submit(self._compile, *abstract)
 
   def step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array], float]:
     """One train step; compiles each new batch shape ahead of running it.
 
-    Returns (state, metrics, seconds spent compiling for this call: 0.0 for a known shape).
+    Returns (state, metrics, seconds this call waited for compilation: 0.0 for a shape compiled
+    before, or one prepare() finished compiling in the background).
     """
-    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    key = self._key(batch)
     compile_s = 0.0
     if key not in self._compiled:
       t0 = time.time()
-      self._compiled[key] = self.train_step.lower(state, batch).compile()
+      future = self._compiling.pop(key, None)
+      self._compiled[key] = future.result() if future is not None else self._compile(state, batch)
       compile_s = time.time() - t0
     state, metrics = self._compiled[key](state, batch)
     return state, metrics, compile_s
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
 
   @property
   def compiled_shapes(self) -> int:
@@ -227,6 +258,14 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
   it = runner.iterator(cfg, train_tok, batch_size=micro_bs, epochs=None, seed=cfg.train.seed)
   if data_state is not None:
     it.set_state(data_state)
+  # One batch of lookahead: the next batch is placed, and a new shape compiled, while the current
+  # step (or the first evaluation) runs. it_state is the data position right after the batch
+  # being trained, what a checkpoint saved after it records: the iterator is one batch ahead.
+  it_state = it.get_state()
+  ahead = None
+  if micro_done < updates * accum:
+    ahead = runner.place(next(it))
+    runner.prepare(state, ahead[0])
   last: dict[str, Any] = {}
   eval_last: dict[str, Any] = {}
   if micro_done == 0 and eval_tok is not None:
@@ -277,39 +316,45 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
       out["perf/mfu"] = flops / (peak * jax.device_count())
     return out
 
-  update_compile_s = 0.0  # compiling done within the current update (new batch shapes)
-  with jax.set_mesh(mesh):
-    for micro in range(micro_done, updates * accum):
-      local = next(it)
-      batch, stats = runner.place(local)
-      state, m, step_compile_s = runner.step(state, batch)
-      update_compile_s += step_compile_s
-      pending.append((m, stats))
-      if (micro + 1) % accum:
-        continue
-      update = (micro + 1) // accum
-      prev_examples = examples
-      last = finish_update(update, pending)
-      last["perf/compile_seconds"] = update_compile_s  # included in this update's wall time
-      compile_s = (compile_s or 0.0) + update_compile_s
-      pending, update_compile_s = [], 0.0
-      if update % cfg.train.log_every == 0 or update == updates:
-        writer.write(update, last)
-      if progress is not None:
-        progress.set_postfix(loss=f"{last['loss/train']:.4f}", acc=f"{last['rewards_train/accuracies']:.2f}")
-        progress.update(1)
-      if eval_tok is not None and cfg.train.eval_every > 0 and update < updates and (
-          examples // cfg.train.eval_every > prev_examples // cfg.train.eval_every):
-        eval_last = writer.write(update, runner.evaluate(cfg, state.params, eval_tok))
-      if cfg.ckpt.save_every > 0 and update % cfg.ckpt.save_every == 0 and update < updates:
-        ckpts.save(micro + 1, state, it.get_state())
-        last_saved = micro + 1
+  update_compile_s = 0.0  # seconds the current update waited for compilation (new batch shapes)
+  try:
+    with jax.set_mesh(mesh):
+      for micro in range(micro_done, updates * accum):
+        batch, stats = ahead
+        it_state = it.get_state()
+        state, m, step_compile_s = runner.step(state, batch)
+        if micro + 1 < updates * accum:
+          ahead = runner.place(next(it))
+          runner.prepare(state, ahead[0])
+        update_compile_s += step_compile_s
+        pending.append((m, stats))
+        if (micro + 1) % accum:
+          continue
+        update = (micro + 1) // accum
+        prev_examples = examples
+        last = finish_update(update, pending)
+        last["perf/compile_seconds"] = update_compile_s  # included in this update's wall time
+        compile_s = (compile_s or 0.0) + update_compile_s
+        pending, update_compile_s = [], 0.0
+        if update % cfg.train.log_every == 0 or update == updates:
+          writer.write(update, last)
+        if progress is not None:
+          progress.set_postfix(loss=f"{last['loss/train']:.4f}", acc=f"{last['rewards_train/accuracies']:.2f}")
+          progress.update(1)
+        if eval_tok is not None and cfg.train.eval_every > 0 and update < updates and (
+            examples // cfg.train.eval_every > prev_examples // cfg.train.eval_every):
+          eval_last = writer.write(update, runner.evaluate(cfg, state.params, eval_tok))
+        if cfg.ckpt.save_every > 0 and update % cfg.ckpt.save_every == 0 and update < updates:
+          ckpts.save(micro + 1, state, it_state)
+          last_saved = micro + 1
+  finally:
+    runner.close()
   if progress is not None:
     progress.close()
 
   final_step = updates * accum
   if last_saved != final_step:
-    ckpts.save(final_step, state, it.get_state())
+    ckpts.save(final_step, state, it_state)
   ckpts.wait()
   if eval_tok is not None and (micro_done < final_step or not eval_last):
     eval_last = writer.write(updates, runner.evaluate(cfg, state.params, eval_tok))
