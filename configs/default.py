@@ -19,7 +19,7 @@ def get_config() -> ConfigDict:
   c.model.tokenizer = ""  # tokenizer for "random" (HF dir, .gguf or "smollm2"); others carry their own
   c.model.num_labels = 2  # 2: HALOs (reward = logit 1); 1: TRL / RewardBench (reward = logit 0)
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16; parameters are always float32
-  c.model.remat = "dots"  # none | full | dots: recompute layer activations in the backward pass (dots: keep matmul outputs)
+  c.model.remat = "attention"  # none | full | attention | dots: what the backward pass keeps instead of recomputing (see docs/training.md)
   c.model.attention = "auto"  # auto (flash on CPU, xla elsewhere) | flash (block-sparse, cost follows the pairs) | xla
   c.model.scan_layers = True  # one compiled layer scanned over depth (compile time independent of depth)
   # Size fields, used only with init_from="random" (family: llama, mistral, qwen2, qwen3).

@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jbt import attention as flash
 
@@ -61,7 +62,7 @@ class ModelConfig:
   pad_token_id: int = 0
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters stay float32
-  remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs only)
+  remat: str = "none"  # "none" | "full" | "attention" (save attention results) | "dots" (and matmul outputs)
   # "flash": jbt.attention's block-sparse online softmax (skips blocks the packing masks out);
   # "xla": softmax over each query block's causal keys; "auto": flash on CPU, xla elsewhere.
   attention: str = "auto"
@@ -251,6 +252,7 @@ class Attention(nn.Module):
     else:
       out_BxLxKxGxH = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS, cfg.attn_block,
                                         self.max_segment)
+      out_BxLxKxGxH = checkpoint_name(out_BxLxKxGxH, flash.OUT_NAME)  # what remat "attention" keeps
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
     y_BxLxD = (out_TxNH @ wo.reshape(N * H, D).astype(dt)).reshape(B, L, D)
     if cfg.o_bias:
@@ -300,6 +302,8 @@ class DecoderLayer(nn.Module):
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
+    # each layer's input and the attention's results: recompute the matmuls, never the attention
+    "attention": jax.checkpoint_policies.save_only_these_names(flash.OUT_NAME, flash.LSE_NAME),
     # matmul outputs, and flash attention's output and log-sum-exp (its backward reads them)
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -328,7 +332,7 @@ class RewardModel(nn.Module):
     layer_cls = DecoderLayer
     if cfg.remat != "none":
       if cfg.remat not in _REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {cfg.remat!r}; choose none, full or dots")
+        raise ValueError(f"unknown remat policy {cfg.remat!r}; choose none, full, attention or dots")
       layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       # One traced layer scanned over a leading "layers" axis: compile time independent of depth.

@@ -46,8 +46,8 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError(f"model.num_labels must be 1 or 2, got {cfg.model.num_labels}")
   if cfg.model.dtype not in ("float32", "bfloat16"):
     raise JbtError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-  if cfg.model.remat not in ("none", "full", "dots"):
-    raise JbtError(f"model.remat must be none, full or dots, got {cfg.model.remat!r}")
+  if cfg.model.remat not in ("none", "full", "attention", "dots"):
+    raise JbtError(f"model.remat must be none, full, attention or dots, got {cfg.model.remat!r}")
   if cfg.model.attention not in ATTENTION:
     raise JbtError(f"model.attention must be one of {', '.join(ATTENTION)}, got {cfg.model.attention!r}")
   length_bucket(d.length_bucket)

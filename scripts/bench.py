@@ -30,6 +30,7 @@ VARIANTS = {
     "jbt-shared": {"kind": "jbt", "layout": "shared_prompt"},
     "jbt-packed": {"kind": "jbt", "layout": "packed"},
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
+    "jbt-shared-dots": {"kind": "jbt", "layout": "shared_prompt", "remat": "dots"},  # speed over memory
     "trl": {"kind": "trl", "gradient_checkpointing": True},  # TRL's default
     "trl-no-gc": {"kind": "trl", "gradient_checkpointing": False},
 }
@@ -79,6 +80,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.data.max_length, c.data.max_prompt_length = a.max_length, a.max_length - 1  # TRL limits the total only
   c.data.truncation = "drop"
   c.data.layout = a.layout
+  c.model.remat = getattr(a, "remat", c.model.remat)
   c.train.batch_size = a.batch
   c.train.max_steps = a.warmup + a.steps
   c.train.eval_every = 0

@@ -1,6 +1,6 @@
 """Time one backward pass of SmolLM2-135M's shape at a fixed batch shape (random weights).
 
-    python scripts/profile_step.py ROWS LENGTH [--remat none|dots|full] [--attn_block 128] [--max_segment 0]
+    python scripts/profile_step.py ROWS LENGTH [--remat none|full|attention|dots] [--attn_block 128] [--max_segment 0]
 
 Prints seconds per jax.grad of the summed rewards, compile time and peak resident memory. With
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.

@@ -73,3 +73,20 @@ def test_flash_sees_a_segment_cut_by_a_wrong_bound_and_bf16_stays_close():
   bf16 = flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, pos, br, block=8)
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf16.astype(jnp.float32))[real], full, atol=5e-2)
+
+
+def _while_loops(remat: str) -> int:
+  cfg = model.ModelConfig(num_layers=2, remat=remat, attention="flash", flash_block=16)
+  L = 64
+  tokens, seg, pos = jnp.ones((1, L), jnp.int32), jnp.ones((1, L), jnp.int32), jnp.arange(L)[None]
+  params = model.RewardModel(cfg).init(jax.random.key(0), tokens[:, :1], seg[:, :1], pos[:, :1])["params"]
+  grad = jax.grad(lambda p: model.RewardModel(cfg).apply({"params": p}, tokens, seg, pos, jnp.array([L - 1])).sum())
+  return jax.jit(grad).lower(params).as_text().count("stablehlo.while")
+
+
+def test_remat_keeps_the_attention_forward_instead_of_rerunning_it():
+  # The gradient program holds the layer scans and the attention loops. Under "attention" and
+  # "dots" the backward reads flash attention's saved output and log-sum-exp, so it has no loops
+  # beyond what no remat has; "full" recomputes the layer, attention forward loops included.
+  none = _while_loops("none")
+  assert _while_loops("attention") == _while_loops("dots") == none < _while_loops("full")

@@ -86,6 +86,20 @@ def test_unscanned_layers_and_remat_give_the_same_rewards():
   np.testing.assert_allclose(_apply(cfg2, params2, tokens, seg, pos, idx), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("attention", ["flash", "xla"])
+def test_every_remat_policy_gives_the_same_gradients(attention):
+  m = tinymodels.make_model("llama")
+  tokens, seg, pos, idx = _packed(_sequences(2))
+  grads = {}
+  for remat in ("none", "full", "attention", "dots"):
+    cfg, params = _jbt(m, remat=remat, attention=attention, flash_block=16, attn_block=16)
+    loss = lambda p: (model.RewardModel(cfg).apply({"params": p}, tokens, seg, pos, idx) ** 2).sum()  # noqa: E731
+    grads[remat] = jax.jit(jax.grad(loss))(params)
+  for remat in ("full", "attention", "dots"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads[remat], grads["none"])
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["none"])) > 0
+
+
 def test_pooling_when_pad_is_eos():
   """pad == eos: transformers reads the last token before a trailing eos run, and so must jbt."""
   m = tinymodels.make_model("llama", pad_token_id=2)
