@@ -194,8 +194,8 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
 
 
 # The forward runs outside the custom VJP and its results enter it as inputs: under a remat
-# policy that saves the names below (jbt.model's "attention" and "dots" do), the backward pass then reuses the
-# forward's output and log-sum-exp instead of running the whole forward loop again.
+# policy that saves the names below (jbt.model's "attention" and "dots" do), the backward pass
+# then reuses the forward's output and log-sum-exp instead of running the forward loop again.
 OUT_NAME, LSE_NAME = "flash_out", "flash_lse"
 
 

@@ -246,9 +246,10 @@ class Attention(nn.Module):
 
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     if mask_BxLxS is None:
-      out_BxLxKxGxH = flash.flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
-                                      info.branch_ids_BxL, sliding_window=cfg.sliding_window,
-                                      block=cfg.flash_block, max_segment=self.max_segment)
+      out_BxLxKxGxH = flash.flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL,
+                                            info.positions_BxL, info.branch_ids_BxL,
+                                            sliding_window=cfg.sliding_window, block=cfg.flash_block,
+                                            max_segment=self.max_segment)
     else:
       out_BxLxKxGxH = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS, cfg.attn_block,
                                         self.max_segment)
@@ -300,14 +301,14 @@ class DecoderLayer(nn.Module):
     return x_BxLxD, None  # (carry, per-layer output) for nn.scan
 
 
+_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(flash.OUT_NAME, flash.LSE_NAME)
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     # each layer's input and the attention's results: recompute the matmuls, never the attention
-    "attention": jax.checkpoint_policies.save_only_these_names(flash.OUT_NAME, flash.LSE_NAME),
-    # matmul outputs, and flash attention's output and log-sum-exp (its backward reads them)
+    "attention": _KEEP_ATTENTION,
+    # matmul outputs too, so only elementwise work is recomputed
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        jax.checkpoint_policies.save_only_these_names(flash.OUT_NAME, flash.LSE_NAME)),
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _KEEP_ATTENTION),
 }
 
 

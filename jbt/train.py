@@ -261,11 +261,13 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
   # One batch of lookahead: the next batch is placed, and a new shape compiled, while the current
   # step (or the first evaluation) runs. it_state is the data position right after the batch
   # being trained, what a checkpoint saved after it records: the iterator is one batch ahead.
+  def read_ahead(state: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    batch_and_stats = runner.place(next(it))
+    runner.prepare(state, batch_and_stats[0])
+    return batch_and_stats
+
   it_state = it.get_state()
-  ahead = None
-  if micro_done < updates * accum:
-    ahead = runner.place(next(it))
-    runner.prepare(state, ahead[0])
+  ahead = read_ahead(state) if micro_done < updates * accum else None
   last: dict[str, Any] = {}
   eval_last: dict[str, Any] = {}
   if micro_done == 0 and eval_tok is not None:
@@ -324,8 +326,7 @@ def _run(cfg: ConfigDict, run_dir: Path) -> dict[str, Any]:
         it_state = it.get_state()
         state, m, step_compile_s = runner.step(state, batch)
         if micro + 1 < updates * accum:
-          ahead = runner.place(next(it))
-          runner.prepare(state, ahead[0])
+          ahead = read_ahead(state)
         update_compile_s += step_compile_s
         pending.append((m, stats))
         if (micro + 1) % accum:
