@@ -116,6 +116,48 @@ def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
+@jax.custom_vjp
+def _dot_f32_acc(x_TxI: Array, w_IxO: Array) -> Array:
+  return jax.lax.dot(x_TxI, w_IxO.astype(x_TxI.dtype), preferred_element_type=jnp.float32).astype(x_TxI.dtype)
+
+
+def _dot_f32_acc_fwd(x_TxI: Array, w_IxO: Array) -> tuple[Array, tuple[Array, Array]]:
+  return _dot_f32_acc(x_TxI, w_IxO), (x_TxI, w_IxO)
+
+
+def _transposed(a_MxN: Array) -> Array:
+  """a.T laid out row-major. XLA folds a plain transpose into the dot that reads it, and its CPU
+  backend then computes that (transposed-operand) bfloat16 dot in float32; a gather of the rows
+  in order is not folded, so the dot keeps bfloat16 inputs."""
+  return jnp.take(a_MxN.T, jnp.arange(a_MxN.shape[1]), axis=0)
+
+
+def _dot_f32_acc_bwd(res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Array]:
+  x_TxI, w_IxO = res
+  g_TxO = g_TxO.astype(x_TxI.dtype)
+  dx_TxI = jax.lax.dot(g_TxO, _transposed(w_IxO.astype(x_TxI.dtype)), preferred_element_type=jnp.float32)
+  dw_IxO = jax.lax.dot(_transposed(x_TxI), g_TxO, preferred_element_type=jnp.float32)
+  return dx_TxI.astype(x_TxI.dtype), dw_IxO.astype(w_IxO.dtype)
+
+
+_dot_f32_acc.defvjp(_dot_f32_acc_fwd, _dot_f32_acc_bwd)
+
+
+def matmul(x_TxI: Array, w_IxO: Array, dt: jnp.dtype) -> Array:
+  """x @ w in the compute dtype `dt`, for a float32 parameter w.
+
+  On the CPU backend a bfloat16 x bfloat16 -> bfloat16 dot is computed by converting both sides to
+  float32 (float32 speed, plus the converts), while bfloat16 inputs with a float32 result run at
+  about twice float32's speed (~950 against ~460 GFLOP/s on 2 Zen 5 cores, a [2048, 576] x
+  [576, 1536] dot). There the forward and both backward dots take bfloat16 inputs and accumulate
+  in float32, and the weight gradient stays float32. The values equal the plain bfloat16 matmul's
+  (XLA's CPU dot accumulates in float32 too); other backends and float32 use the plain matmul.
+  """
+  if dt == jnp.float32 or jax.default_backend() != "cpu":
+    return x_TxI @ w_IxO.astype(dt)
+  return _dot_f32_acc(x_TxI.astype(dt), w_IxO)
+
+
 class RMSNorm(nn.Module):
   """HF's RMSNorm: normalise in float32, cast back, then scale (that order matters in bf16)."""
 
@@ -230,9 +272,9 @@ class Attention(nn.Module):
     # gradients of 3-D einsums (contracting B and L together) about half as fast.
     B, L = x_BxLxD.shape[:2]
     x_TxD = x_BxLxD.reshape(B * L, D)
-    q_BxLxNxH = (x_TxD @ wq.reshape(D, N * H).astype(dt)).reshape(B, L, N, H)
-    k_BxLxKxH = (x_TxD @ wk.reshape(D, K * H).astype(dt)).reshape(B, L, K, H)
-    v_BxLxKxH = (x_TxD @ wv.reshape(D, K * H).astype(dt)).reshape(B, L, K, H)
+    q_BxLxNxH = matmul(x_TxD, wq.reshape(D, N * H), dt).reshape(B, L, N, H)
+    k_BxLxKxH = matmul(x_TxD, wk.reshape(D, K * H), dt).reshape(B, L, K, H)
+    v_BxLxKxH = matmul(x_TxD, wv.reshape(D, K * H), dt).reshape(B, L, K, H)
     if cfg.qkv_bias:
       q_BxLxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
       k_BxLxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
@@ -255,7 +297,7 @@ class Attention(nn.Module):
                                         self.max_segment)
       out_BxLxKxGxH = checkpoint_name(out_BxLxKxGxH, flash.OUT_NAME)  # what remat "attention" keeps
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
-    y_BxLxD = (out_TxNH @ wo.reshape(N * H, D).astype(dt)).reshape(B, L, D)
+    y_BxLxD = matmul(out_TxNH, wo.reshape(N * H, D), dt).reshape(B, L, D)
     if cfg.o_bias:
       y_BxLxD += _param(self, "o_bias", (D,), ("embed",), zeros).astype(dt)
     return y_BxLxD
@@ -272,14 +314,14 @@ class MLP(nn.Module):
     init = nn.initializers.normal(cfg.initializer_range)
     B, L = x_BxLxD.shape[:2]
     x_TxD = x_BxLxD.reshape(B * L, D)  # 2-D matmuls, as in Attention
-    gate_TxF = x_TxD @ _param(self, "gate", (D, F), ("embed", "mlp"), init).astype(dt)
-    up_TxF = x_TxD @ _param(self, "up", (D, F), ("embed", "mlp"), init).astype(dt)
+    gate_TxF = matmul(x_TxD, _param(self, "gate", (D, F), ("embed", "mlp"), init), dt)
+    up_TxF = matmul(x_TxD, _param(self, "up", (D, F), ("embed", "mlp"), init), dt)
     if cfg.mlp_bias:
       zeros = nn.initializers.zeros
       gate_TxF += _param(self, "gate_bias", (F,), ("mlp",), zeros).astype(dt)
       up_TxF += _param(self, "up_bias", (F,), ("mlp",), zeros).astype(dt)
     h_BxLxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, L, F), ("batch", "length", "mlp"))
-    y_TxD = h_BxLxF.reshape(B * L, F) @ _param(self, "down", (F, D), ("mlp", "embed"), init).astype(dt)
+    y_TxD = matmul(h_BxLxF.reshape(B * L, F), _param(self, "down", (F, D), ("mlp", "embed"), init), dt)
     if cfg.mlp_bias:
       y_TxD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
     return y_TxD.reshape(B, L, D)

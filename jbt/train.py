@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from jbt import checkpoint, convert, data, optim, setup, sharding, trainer
+from jbt import checkpoint, convert, data, optim, setup, sharding, trainer, xla_options
 from jbt.errors import JbtError, cli_main
 from jbt.metrics import MetricsWriter
 from jbt.run_ckpt import RunCheckpoints, RunLock, is_primary
@@ -80,12 +80,14 @@ class Runner:
                                    grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
                                    max_segment=max_segment)
     evals = trainer.make_eval_step(model_cfg, margin=cfg.loss.margin, max_segment=max_segment)
+    options = xla_options.compiler_options(model_cfg.dtype)
     self.train_step = jax.jit(self._ruled(step), in_shardings=(state_shardings, batch_sh),
-                              out_shardings=(state_shardings, None), donate_argnums=0)
+                              out_shardings=(state_shardings, None), donate_argnums=0, compiler_options=options)
     self._compiled: dict[Any, Any] = {}  # batch shapes -> compiled train step
     self._compiling: dict[Any, Any] = {}  # batch shapes -> future of a compile started by prepare()
     self._pool: Any = None
-    self.eval_step = jax.jit(self._ruled(evals), in_shardings=(state_shardings.params, batch_sh))
+    self.eval_step = jax.jit(self._ruled(evals), in_shardings=(state_shardings.params, batch_sh),
+                             compiler_options=options)
 
   @staticmethod
   def _key(batch: dict[str, jax.Array]) -> tuple:

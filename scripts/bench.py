@@ -31,6 +31,7 @@ VARIANTS = {
     "jbt-packed": {"kind": "jbt", "layout": "packed"},
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
     "jbt-shared-dots": {"kind": "jbt", "layout": "shared_prompt", "remat": "dots"},  # speed over memory
+    "jbt-shared-bf16": {"kind": "jbt", "layout": "shared_prompt", "dtype": "bfloat16"},
     "trl": {"kind": "trl", "gradient_checkpointing": True},  # TRL's default
     "trl-no-gc": {"kind": "trl", "gradient_checkpointing": False},
 }
@@ -81,6 +82,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.data.truncation = "drop"
   c.data.layout = a.layout
   c.model.remat = getattr(a, "remat", c.model.remat)
+  c.model.dtype = getattr(a, "dtype", c.model.dtype)
   c.train.batch_size = a.batch
   c.train.max_steps = a.warmup + a.steps
   c.train.eval_every = 0

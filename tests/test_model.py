@@ -10,7 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tinymodels  # noqa: E402
-from jbt import hf, hf_io, model  # noqa: E402
+from jbt import hf, hf_io, model, xla_options  # noqa: E402
 
 LENGTHS = (19, 11, 6, 15)  # real tokens per sequence; rows are padded to 20
 
@@ -126,6 +126,55 @@ def test_bfloat16_compute_close_to_float32(family):
   assert r16.dtype == np.float32
   np.testing.assert_allclose(r16, r32, atol=2e-2, rtol=0)
   assert not np.array_equal(r16, r32)  # bf16 really ran
+
+
+def test_bfloat16_gradients_close_to_float32():
+  """The bfloat16 path (on CPU: jbt.model.matmul's float32-accumulating custom VJP) gives gradients
+  within bf16 rounding of float32's, for every parameter."""
+  m = tinymodels.make_model("llama")
+  tokens, seg, pos, idx = _packed(_sequences(4))
+  cfg, params = _jbt(m, remat="attention", flash_block=16)
+  grads = {}
+  for dt in ("float32", "bfloat16"):
+    c = cfg.replace(dtype=dt)
+    loss = lambda p, c=c: (model.RewardModel(c).apply({"params": p}, tokens, seg, pos, idx) ** 2).sum()  # noqa: E731
+    grads[dt] = jax.jit(jax.grad(loss))(params)
+  flat32, flat16 = jax.tree.leaves(grads["float32"]), jax.tree.leaves(grads["bfloat16"])
+  assert all(g.dtype == jnp.float32 for g in flat16)
+  for g32, g16 in zip(flat32, flat16):
+    scale = float(jnp.abs(g32).max()) + 1e-12
+    assert float(jnp.abs(g16 - g32).max()) <= 0.05 * scale
+  assert any(not np.array_equal(a, b) for a, b in zip(flat32, flat16))  # bf16 really ran
+
+
+def test_matmul_equals_the_plain_bfloat16_matmul_and_keeps_bfloat16_dots():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(96, 40)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(40, 24)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(96, 24)), jnp.bfloat16)
+
+  def vjp(f):
+    def run(x, w, g):
+      y, back = jax.vjp(f, x, w)
+      return (y, *back(g))
+    return jax.jit(run, compiler_options=xla_options.compiler_options("bfloat16"))
+
+  ours = vjp(lambda a, b: model.matmul(a, b, jnp.bfloat16))
+  y, dx, dw = ours(x, w, g)
+  y_ref, dx_ref, dw_ref = vjp(lambda a, b: a @ b.astype(jnp.bfloat16))(x, w, g)
+  assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-2, atol=1e-2)  # float32 here, bf16-rounded there
+  exact = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)
+  np.testing.assert_allclose(dw, exact, rtol=1e-4, atol=1e-4)
+  if jax.default_backend() == "cpu":  # all three dots read bfloat16: none was widened to float32
+    hlo = ours.lower(x, w, g).compile().as_text()
+    operands = [line.split(" dot(")[1].split(")")[0] for line in hlo.splitlines() if " dot(" in line]
+    params = {line.split("=")[0].strip().lstrip("%").replace("ROOT ", ""): line.split("=")[1].split("{")[0].strip()
+              for line in hlo.splitlines() if "parameter(" in line}
+    types = [params.get(name.strip().lstrip("%"), "") for op in operands for name in op.split(",")]
+    assert len(operands) == 3 and types and all(t.startswith("bf16") for t in types), (operands, types)
 
 
 def test_one_label_head_reads_logit_zero():
