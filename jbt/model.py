@@ -116,6 +116,9 @@ def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
+MATMUL_NAME = "matmul_out"  # a custom-VJP matmul's output, which remat "dots" cannot recognise as a dot
+
+
 @jax.custom_vjp
 def _dot_f32_acc(x_TxI: Array, w_IxO: Array) -> Array:
   return jax.lax.dot(x_TxI, w_IxO.astype(x_TxI.dtype), preferred_element_type=jnp.float32).astype(x_TxI.dtype)
@@ -155,7 +158,7 @@ def matmul(x_TxI: Array, w_IxO: Array, dt: jnp.dtype) -> Array:
   """
   if dt == jnp.float32 or jax.default_backend() != "cpu":
     return x_TxI @ w_IxO.astype(dt)
-  return _dot_f32_acc(x_TxI.astype(dt), w_IxO)
+  return checkpoint_name(_dot_f32_acc(x_TxI.astype(dt), w_IxO), MATMUL_NAME)  # remat "dots" keeps it
 
 
 class RMSNorm(nn.Module):
@@ -350,7 +353,8 @@ _REMAT_POLICIES = {
     "attention": _KEEP_ATTENTION,
     # matmul outputs too, so only elementwise work is recomputed
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _KEEP_ATTENTION),
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(flash.OUT_NAME, flash.LSE_NAME, MATMUL_NAME)),
 }
 
 

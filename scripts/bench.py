@@ -32,8 +32,12 @@ VARIANTS = {
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
     "jbt-shared-dots": {"kind": "jbt", "layout": "shared_prompt", "remat": "dots"},  # speed over memory
     "jbt-shared-bf16": {"kind": "jbt", "layout": "shared_prompt", "dtype": "bfloat16"},
-    "trl": {"kind": "trl", "gradient_checkpointing": True},  # TRL's default
-    "trl-no-gc": {"kind": "trl", "gradient_checkpointing": False},
+    # TRL's defaults: gradient checkpointing on, bf16 autocast (RewardConfig.bf16 defaults to True)
+    "trl": {"kind": "trl", "gradient_checkpointing": True, "bf16": True},
+    "trl-no-gc": {"kind": "trl", "gradient_checkpointing": False, "bf16": True},
+    # float32: faster than bf16 autocast on CPUs without bfloat16 instructions (AVX2)
+    "trl-fp32": {"kind": "trl", "gradient_checkpointing": True, "bf16": False},
+    "trl-fp32-no-gc": {"kind": "trl", "gradient_checkpointing": False, "bf16": False},
 }
 
 
@@ -123,6 +127,7 @@ def worker_trl(a: argparse.Namespace, spec: dict) -> dict:
   args = RewardConfig(output_dir=a.out, per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps,
                       learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                       max_grad_norm=1.0, max_length=a.max_length, gradient_checkpointing=a.gradient_checkpointing,
+                      bf16=a.bf16,
                       logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=1,
                       dataloader_num_workers=0)
   trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
