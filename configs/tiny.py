@@ -18,6 +18,7 @@ def get_config():
   c = default.get_config()
   c.model.init_from = "random"
   c.model.tokenizer = "smollm2"
+  c.model.dtype = "float32"  # exact comparisons against transformers in the tests
   c.model.random.update(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, initializer_range=0.02)
   c.data.train = (str(ROOT / "data" / "tiny_prefs.jsonl"),)

@@ -90,6 +90,7 @@ def test_losses_match_a_pytorch_reference(tmp_path):
   synthetic.write_jsonl(train_file, synthetic.make_pairs(96, seed=5))
   cfg = load_config("default")
   cfg.model.init_from = str(hf_dir)
+  cfg.model.dtype = "float32"  # the reference computes in float32
   cfg.data.train = (str(train_file),)
   cfg.data.max_length, cfg.data.max_prompt_length = 96, 48
   cfg.train.batch_size, cfg.train.max_steps, cfg.train.eval_every = 8, 10, 0
