@@ -229,5 +229,6 @@ def main() -> None:
       row += f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} ({first_run(n) / first_run(b):.2f}) |"
     print(row)
 
+
 if __name__ == "__main__":
   main()
