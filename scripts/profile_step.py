@@ -4,11 +4,19 @@
 
 Prints seconds per jax.grad of the summed rewards, compile time and peak resident memory. With
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.
+With --trace DIR one more backward pass runs under the JAX profiler (per-op events, so slower
+than untraced), the trace is written to DIR and the ops' own times are printed, largest first,
+grouped by what they compute (their source op name from the optimized HLO).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import re
 import resource
 import time
 
@@ -31,6 +39,8 @@ def main() -> None:
   ap.add_argument("--max_segment", type=int, default=0)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--trace", default="", help="trace one more backward pass into this directory; print op times")
+  ap.add_argument("--top", type=int, default=30, help="rows of the --trace table")
   ap.add_argument("--optimizer", action="store_true",
                   help="also time one AdamW + clip update with optax's clipping and with jbt.optim's")
   a = ap.parse_args()
@@ -58,8 +68,73 @@ def main() -> None:
   print(f"rows {R} x {L} dtype={a.dtype} remat={a.remat} attention={cfg.attention_impl} max_segment={a.max_segment}: "
         f"backward {step:.2f} s, compile {compile_s:.0f} s, peak RSS {rss:.1f} GiB")
 
+  if a.trace:
+    options = jax.profiler.ProfileOptions()
+    options.host_tracer_level, options.python_tracer_level = 3, 0  # level 3: one event per XLA op
+    with jax.profiler.trace(a.trace, create_perfetto_trace=True, profiler_options=options):
+      jax.block_until_ready(grad(params))
+    print_op_times(a.trace, grad.lower(params).compile().as_text(), a.top)
+
   if a.optimizer:
     time_optimizers(params, a.repeats)
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """Each optimized-HLO instruction's source op name; ops XLA made without one (fusions of
+  several ops) get their computation's most common source, else their shape."""
+  source, shape, comp_of = {}, {}, {}
+  by_comp: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  comp = ""
+  for line in hlo_text.splitlines():
+    head = re.match(r"(?:ENTRY )?%(\S+) .*\{\s*$", line)
+    if head and not line.startswith(" "):
+      comp = head.group(1)
+      continue
+    inst = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+)", line)
+    if not inst:
+      continue
+    name, comp_of[name], shape[name] = inst.group(1), comp, inst.group(2)
+    meta = re.search(r'op_name="([^"]*)"', line)
+    if meta:
+      src = re.sub(r"jit\([^)]*\)/|jvp\(|\)|RewardModel\.hidden/|while/body/|closed_call/?|checkpoint/", "",
+                   meta.group(1).replace("transpose(", "bwd "))
+      source[name] = src
+      by_comp[comp][src] += 1
+  out = {}
+  for name in shape:
+    common = by_comp.get(comp_of[name])
+    out[name] = source.get(name) or (common.most_common(1)[0][0] + " (fused)" if common else shape[name])
+  return out
+
+
+def print_op_times(trace_dir: str, hlo_text: str, top: int) -> None:
+  """Self time (own time minus nested ops') of each source op in the traced backward pass."""
+  path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+  sources = op_sources(hlo_text)
+  per_thread = collections.defaultdict(list)
+  for e in events:
+    per_thread[e["tid"]].append(e)
+  totals: collections.Counter = collections.Counter()
+  for evs in per_thread.values():
+    evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+    stack: list[dict] = []
+    for e in evs:
+      while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+        stack.pop()
+      e["self"] = e["dur"]
+      if stack:
+        stack[-1]["self"] -= e["dur"]
+      stack.append(e)
+  for e in events:
+    op = e["args"]["hlo_op"]
+    kind = "dot" if op.startswith("ynn") else re.sub(r"\.\d+$", "", op)
+    totals[f"{sources.get(op, op)} [{kind}]"] += e["self"]
+  total = sum(totals.values())
+  print(f"op self time in the traced pass: {total / 1e6:.2f} s over {len(per_thread)} threads (trace: {path})")
+  for name, us in totals.most_common(top):
+    print(f"{us / 1e6:8.3f} s {100 * us / total:5.1f}%  {name}")
 
 
 def time_optimizers(params, repeats: int) -> None:
