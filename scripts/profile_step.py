@@ -69,14 +69,20 @@ def main() -> None:
         f"backward {step:.2f} s, compile {compile_s:.0f} s, peak RSS {rss:.1f} GiB")
 
   if a.trace:
-    options = jax.profiler.ProfileOptions()
-    options.host_tracer_level, options.python_tracer_level = 3, 0  # level 3: one event per XLA op
-    with jax.profiler.trace(a.trace, create_perfetto_trace=True, profiler_options=options):
-      jax.block_until_ready(grad(params))
-    print_op_times(a.trace, grad.lower(params).compile().as_text(), a.top)
+    trace_ops(grad.lower(params).compile(), (params,), a.trace, a.top)
 
   if a.optimizer:
     time_optimizers(params, a.repeats)
+
+
+def trace_ops(compiled, args: tuple, trace_dir: str, top: int) -> None:
+  """Run a compiled program once under the profiler and print its ops' self times (the op names
+  come from that same executable's optimized HLO)."""
+  options = jax.profiler.ProfileOptions()
+  options.host_tracer_level, options.python_tracer_level = 3, 0  # level 3: one event per XLA op
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
+    jax.block_until_ready(compiled(*args))
+  print_op_times(trace_dir, compiled.as_text(), top)
 
 
 def op_sources(hlo_text: str) -> dict[str, str]:

@@ -16,18 +16,12 @@ def _step(x, w):
 
 def test_op_times_name_the_source_ops(tmp_path, capsys):
   x, w = jnp.ones((256, 256)), jnp.ones((256, 256)) * 0.01
-  f = jax.jit(jax.grad(_step, argnums=1))
-  jax.block_until_ready(f(x, w))
-  options = jax.profiler.ProfileOptions()
-  options.host_tracer_level, options.python_tracer_level = 3, 0
-  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True, profiler_options=options):
-    jax.block_until_ready(f(x, w))
-  hlo = f.lower(x, w).compile().as_text()
-  sources = profile_step.op_sources(hlo)
+  compiled = jax.jit(jax.grad(_step, argnums=1)).lower(x, w).compile()
+  sources = profile_step.op_sources(compiled.as_text())
   assert any("dot_general" in s for s in sources.values()), sources
   assert any(s.startswith("bwd ") for s in sources.values()), sources  # the transposed (backward) ops
 
-  profile_step.print_op_times(str(tmp_path), hlo, top=5)
+  profile_step.trace_ops(compiled, (x, w), str(tmp_path), top=5)
   out = capsys.readouterr().out.splitlines()
   assert out[0].startswith("op self time in the traced pass:")
   rows = out[1:]
