@@ -21,7 +21,7 @@ def get_config() -> ConfigDict:
   # compute dtype: bfloat16 (HALOs' and TRL's default; 1.4x float32's pairs/s in scripts/bench.py on a CPU)
   # or float32; parameters, gradients and optimizer state are always float32
   c.model.dtype = "bfloat16"
-  c.model.remat = "attention"  # none | full | attention | dots: what the backward pass keeps instead of recomputing (see docs/training.md)
+  c.model.remat = "dots"  # none | full | attention | dots: what the backward pass keeps instead of recomputing (see docs/training.md)
   c.model.attention = "auto"  # auto (flash on CPU, xla elsewhere) | flash (block-sparse, cost follows the pairs) | xla
   c.model.scan_layers = True  # one compiled layer scanned over depth (compile time independent of depth)
   # Size fields, used only with init_from="random" (family: llama, mistral, qwen2, qwen3).
@@ -40,7 +40,7 @@ def get_config() -> ConfigDict:
   c.data.layout = "shared_prompt"  # shared_prompt (prompt once, 2 branches; fastest) | packed (pairs side by side) | padded (HALOs)
   c.data.pack_length = 0  # packed / shared_prompt longest row; 0: 2 * max_length, or the whole batch with flash attention
   c.data.row_bucket = 2  # packed / shared_prompt rows per batch are rounded up to a multiple of this
-  c.data.length_bucket = "geometric"  # packed / shared_prompt row length: fullest row rounded up (geometric: 4 sizes per doubling | a multiple like "128" | none: pack_length)
+  c.data.length_bucket = "geometric"  # packed / shared_prompt row length: fullest row rounded up (geometric: 8 sizes per doubling above 512 | a multiple like "128" | none: pack_length)
   c.data.on_error = "skip"  # skip: count and report bad records | raise: stop at the first
   c.data.length_multiple = 64  # padded rows are cut to the batch's longest, rounded up to this (0: max_length)
   c.data.num_workers = 0  # grain worker processes for tokenizing

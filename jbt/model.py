@@ -121,7 +121,8 @@ MATMUL_NAME = "matmul_out"  # a custom-VJP matmul's output, which remat "dots" c
 
 @jax.custom_vjp
 def _dot_f32_acc(x_TxI: Array, w_IxO: Array) -> Array:
-  return jax.lax.dot(x_TxI, w_IxO.astype(x_TxI.dtype), preferred_element_type=jnp.float32).astype(x_TxI.dtype)
+  """x @ w with bfloat16 inputs and the float32 result (cast by the caller)."""
+  return jax.lax.dot(x_TxI, w_IxO.astype(x_TxI.dtype), preferred_element_type=jnp.float32)
 
 
 def _dot_f32_acc_fwd(x_TxI: Array, w_IxO: Array) -> tuple[Array, tuple[Array, Array]]:
@@ -155,10 +156,14 @@ def matmul(x_TxI: Array, w_IxO: Array, dt: jnp.dtype) -> Array:
   [576, 1536] dot). There the forward and both backward dots take bfloat16 inputs and accumulate
   in float32, and the weight gradient stays float32. The values equal the plain bfloat16 matmul's
   (XLA's CPU dot accumulates in float32 too); other backends and float32 use the plain matmul.
+
+  Remat "dots" keeps the float32 result, not its bfloat16 cast: XLA's CPU backend updates a layer
+  scan's stacked bfloat16 residuals by converting the whole stack to float32 and back at every
+  layer, while a float32 stack is updated in place (docs/benchmarks.md).
   """
   if dt == jnp.float32 or jax.default_backend() != "cpu":
     return x_TxI @ w_IxO.astype(dt)
-  return checkpoint_name(_dot_f32_acc(x_TxI.astype(dt), w_IxO), MATMUL_NAME)  # remat "dots" keeps it
+  return checkpoint_name(_dot_f32_acc(x_TxI.astype(dt), w_IxO), MATMUL_NAME).astype(dt)
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,11 @@ newest checkpoint.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax is imported: the restart would redo that work
+  from jbt import host
+
+  host.restart_with_hugepages()
+
 import json
 import math
 import shutil

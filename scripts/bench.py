@@ -31,12 +31,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
-VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "attention") but for what they name
+VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", huge pages) but for what they name
     "jbt-shared": {"kind": "jbt", "layout": "shared_prompt"},
     "jbt-packed": {"kind": "jbt", "layout": "packed"},
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
-    "jbt-shared-dots": {"kind": "jbt", "layout": "shared_prompt", "remat": "dots"},  # keeps matmul outputs too
+    # recomputes the matmuls in the backward pass, keeping only layer inputs and attention results
+    "jbt-shared-attention": {"kind": "jbt", "layout": "shared_prompt", "remat": "attention"},
     "jbt-shared-fp32": {"kind": "jbt", "layout": "shared_prompt", "dtype": "float32"},
+    # without the restart under glibc's huge-page tunable (jbt/host.py): 4 KiB pages
+    "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "hugepages": False},
     # TRL's defaults: gradient checkpointing on, bf16 autocast (RewardConfig.bf16 defaults to True)
     "trl": {"kind": "trl", "gradient_checkpointing": True, "bf16": True},
     "trl-no-gc": {"kind": "trl", "gradient_checkpointing": False, "bf16": True},
@@ -152,6 +155,8 @@ def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path) -> dic
          "--steps", str(a.steps), "--warmup", str(a.warmup), "--max_length", str(a.max_length),
          "--batch", str(a.batch), "--lr", str(a.lr), "--xla_cache", str(work / "xla_cache")]
   env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+  if not VARIANTS[name].get("hugepages", True):
+    env.pop("GLIBC_TUNABLES", None)
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   stdout, stderr = p.communicate()
   lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
@@ -178,6 +183,10 @@ def main() -> None:
   a = ap.parse_args()
   if a.worker:
     v = VARIANTS[a.worker]
+    if v["kind"] == "jbt" and v.get("hugepages", True):  # what `python -m jbt.train` does first
+      from jbt import host
+
+      host.restart_with_hugepages()
     for k, val in v.items():
       setattr(a, k, val)
     res = (worker_jbt if v["kind"] == "jbt" else worker_trl)(a, json.loads(a.spec))

@@ -2,7 +2,9 @@
 
     python scripts/profile_step.py ROWS LENGTH [--remat none|full|attention|dots] [--attn_block 128] [--max_segment 0]
 
-Prints seconds per jax.grad of the summed rewards, compile time and peak resident memory. With
+Prints seconds per jax.grad of the summed rewards, the kernel time and page faults per pass,
+compile time and peak resident memory. Like `python -m jbt.train` it first restarts itself under
+glibc's huge-page tunable (jbt/host.py; JBT_NO_HUGEPAGES=1: 4 KiB pages). With
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.
 With --trace DIR one more backward pass runs under the JAX profiler (per-op events, so slower
 than untraced), the trace is written to DIR and the ops' own times are printed, largest first,
@@ -10,6 +12,11 @@ grouped by what they compute (their source op name from the optimized HLO).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":
+  from jbt import host
+
+  host.restart_with_hugepages()
 
 import argparse
 import collections
@@ -19,6 +26,7 @@ import json
 import re
 import resource
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -26,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbt import model as M
+from jbt import xla_options
 
 
 def main() -> None:
@@ -39,6 +48,7 @@ def main() -> None:
   ap.add_argument("--max_segment", type=int, default=0)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--no_scan", action="store_true", help="unrolled layers (model.scan_layers=False)")
   ap.add_argument("--trace", default="", help="trace one more backward pass into this directory; print op times")
   ap.add_argument("--top", type=int, default=30, help="rows of the --trace table")
   ap.add_argument("--optimizer", action="store_true",
@@ -46,7 +56,8 @@ def main() -> None:
   a = ap.parse_args()
   cfg = M.ModelConfig(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                       num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, pad_token_id=2, remat=a.remat,
-                      dtype=a.dtype, attention=a.attention, attn_block=a.attn_block, flash_block=a.flash_block)
+                      dtype=a.dtype, attention=a.attention, attn_block=a.attn_block, flash_block=a.flash_block,
+                      scan_layers=not a.no_scan)
   R, L = a.rows, a.length
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 49000, (R, L)), jnp.int32)
   seg = np.arange(L) // a.max_segment + 1 if a.max_segment else np.ones(L, int)
@@ -56,17 +67,20 @@ def main() -> None:
   tiny = tokens[:1, :1]
   params = nn.unbox(jax.jit(lambda: M.RewardModel(cfg).init(jax.random.key(0), tiny, tiny, tiny)["params"])())
   grad = jax.jit(jax.grad(lambda p: M.RewardModel(cfg, a.max_segment).apply(
-      {"params": p}, tokens, segments, positions, index).sum()))
+      {"params": p}, tokens, segments, positions, index).sum()), compiler_options=xla_options.compiler_options(a.dtype))
   t = time.time()
   jax.block_until_ready(grad(params))
   compile_s = time.time() - t
-  t = time.time()
+  t, r0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(a.repeats):
     jax.block_until_ready(grad(params))
   step = (time.time() - t) / a.repeats
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  sys_s, faults = (r1.ru_stime - r0.ru_stime) / a.repeats, (r1.ru_minflt - r0.ru_minflt) // a.repeats
+  rss = r1.ru_maxrss / 2**20
   print(f"rows {R} x {L} dtype={a.dtype} remat={a.remat} attention={cfg.attention_impl} max_segment={a.max_segment}: "
-        f"backward {step:.2f} s, compile {compile_s:.0f} s, peak RSS {rss:.1f} GiB")
+        f"backward {step:.2f} s (kernel {sys_s:.2f} s, {faults} page faults), compile {compile_s:.0f} s, "
+        f"peak RSS {rss:.1f} GiB")
 
   if a.trace:
     trace_ops(grad.lower(params).compile(), (params,), a.trace, a.top)
@@ -82,7 +96,9 @@ def trace_ops(compiled, args: tuple, trace_dir: str, top: int) -> None:
   options.host_tracer_level, options.python_tracer_level = 3, 0  # level 3: one event per XLA op
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
     jax.block_until_ready(compiled(*args))
-  print_op_times(trace_dir, compiled.as_text(), top)
+  hlo_text = compiled.as_text()
+  Path(trace_dir, "optimized_hlo.txt").write_text(hlo_text)  # for regrouping the trace later
+  print_op_times(trace_dir, hlo_text, top)
 
 
 def op_sources(hlo_text: str) -> dict[str, str]:
@@ -104,6 +120,7 @@ def op_sources(hlo_text: str) -> dict[str, str]:
     if meta:
       src = re.sub(r"jit\([^)]*\)/|jvp\(|\)|RewardModel\.hidden/|while/body/|closed_call/?|checkpoint/", "",
                    meta.group(1).replace("transpose(", "bwd "))
+      src = re.sub(r"layer_\d+", "layer_*", src)  # unrolled layers (model.scan_layers=False) add up
       source[name] = src
       by_comp[comp][src] += 1
   out = {}

@@ -193,12 +193,13 @@ def test_length_bucketed_layout_adds_rows_when_the_capacity_is_short():
 
 
 def test_bucket_length_rules():
-  assert [bucket_length(n, "geometric") for n in (1, 64, 65, 256, 257, 1000, 1025, 1775, 2049)] == [
-      64, 64, 128, 256, 320, 1024, 1280, 1792, 2560]
+  assert [bucket_length(n, "geometric") for n in (1, 64, 65, 257, 512, 513, 1000, 1025, 1775, 2049)] == [
+      64, 64, 128, 320, 512, 576, 1024, 1152, 1792, 2304]
   assert [bucket_length(n, 100) for n in (1, 100, 101)] == [100, 100, 200]
-  for n in range(1, 5000, 7):  # multiples of 64 up to 256, then at most 25% over
-    assert n <= bucket_length(n, "geometric") <= max(1.25 * n, n + 63)
-  assert len({bucket_length(n, "geometric") for n in range(1025, 2049)}) == 4
+  for n in range(1, 9000, 7):  # multiples of 64 up to 512, then at most 12.5% over
+    b = bucket_length(n, "geometric")
+    assert n <= b <= (max(1.125 * n, n + 63) if n > 512 else n + 63) and b % 64 == 0
+  assert len({bucket_length(n, "geometric") for n in range(1025, 2049)}) == 8
 
 
 def test_bucket_rows_rules():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -175,6 +177,27 @@ def test_matmul_equals_the_plain_bfloat16_matmul_and_keeps_bfloat16_dots():
               for line in hlo.splitlines() if "parameter(" in line}
     types = [params.get(name.strip().lstrip("%"), "") for op in operands for name in op.split(",")]
     assert len(operands) == 3 and types and all(t.startswith("bf16") for t in types), (operands, types)
+
+
+def test_bfloat16_remat_dots_keeps_float32_matmul_outputs_and_the_same_gradients():
+  """Remat "dots" in bfloat16 saves each matmul's float32 result: the layer scan's stacks of them
+  are float32 (a bfloat16 stack is rewritten whole at every layer by XLA's CPU backend), and the
+  gradients equal those of recomputing the matmuls (remat "attention")."""
+  m = tinymodels.make_model("llama")
+  tokens, seg, pos, idx = _packed(_sequences(3))
+  grads, hlo = {}, ""
+  for remat in ("attention", "dots"):
+    cfg, params = _jbt(m, remat=remat, dtype="bfloat16", flash_block=16)
+    loss = lambda p, c=cfg: (model.RewardModel(c).apply({"params": p}, tokens, seg, pos, idx) ** 2).sum()  # noqa: E731
+    step = jax.jit(jax.grad(loss), compiler_options=xla_options.compiler_options("bfloat16"))
+    grads[remat] = step(params)
+    if remat == "dots":
+      hlo = step.lower(params).compile().as_text()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads["dots"], grads["attention"])
+  if jax.default_backend() == "cpu":
+    L, F = cfg.num_layers, cfg.intermediate_size
+    stacks = set(re.findall(rf"(\w+)\[{L},{tokens.size},{F}\]", hlo))  # the gate and up outputs of every layer
+    assert stacks == {"f32"}, stacks
 
 
 def test_one_label_head_reads_logit_zero():

@@ -61,8 +61,8 @@ class LayoutSettings:
       first-fit decreasing (the shape rule above). "geometric" or an int m: the pairs are spread
       over as few rows as hold them, but at least min_rows, longest first onto the emptiest row
       (balanced), and L is the fullest row rounded up to a multiple of m, or with "geometric" to
-      one of 4 sizes per doubling (multiples of 64: ..., 1024, 1280, 1536, 1792, 2048, 2560, ...),
-      at most 25% over and few shapes; never more than pack_length. Meant for attention whose
+      one of 8 sizes per doubling above 512 (multiples of 64: ..., 1024, 1152, 1280, ..., 2048,
+      2304, ...), at most 12.5% over there and few shapes; never more than pack_length. Meant for attention whose
       cost follows the segments, not the row (jbt.attention), where one long row is as cheap as
       several short ones and padding is the only waste.
     min_rows: with length_bucket, the fewest rows a batch has (the trainer passes this process's
@@ -131,13 +131,15 @@ def bucket_rows(n_rows: int, rule: int | str) -> int:
 
 def bucket_length(n: int, rule: int | str) -> int:
   """Row length for a fullest row of n tokens: a multiple of the int rule, or with "geometric"
-  the next of 4 sizes per doubling (multiples of 64, at most 25% over n)."""
+  a multiple of 64 up to 512, then the next of 8 sizes per doubling (..., 1024, 1152, 1280, ...,
+  1920, 2048, 2304, ...): at most 12.5% over n above 512 tokens, where the rows of a long batch
+  lie, and 25% below."""
   n = max(n, 1)
   if rule != "geometric":
     return -(-n // rule) * rule
-  if n <= 256:
+  if n <= 512:
     return -(-n // 64) * 64
-  step = (1 << ((n - 1).bit_length() - 1)) // 4  # a quarter of the power of two below n
+  step = (1 << ((n - 1).bit_length() - 1)) // 8  # an eighth of the power of two below n
   return -(-n // step) * step
 
 
