@@ -53,7 +53,7 @@ def test_loaders_on_random_json(tmp_path_factory, rows, as_array):
   _load(path)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=40)  # each example is a whole evaluate run (model load, compile)
 @given(rows=st.lists(records, max_size=4))
 def test_loaders_raise_mode_names_the_place(tmp_path_factory, rows):
   path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
@@ -91,7 +91,7 @@ def test_label_on_random_samples(tmp_path_factory, model_dir, capsys, payload, m
   assert not [p for p in d.iterdir() if p.name not in ("samples.json", "out.json")]  # no temp files left
 
 
-@FUZZ
+@settings(FUZZ, max_examples=40)  # each example is a whole evaluate run (model load, compile)
 @given(rows=st.lists(records, max_size=4))
 def test_evaluate_on_random_data(tmp_path_factory, model_dir, capsys, rows):
   from jbt.evaluate import main
