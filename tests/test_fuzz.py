@@ -53,7 +53,7 @@ def test_loaders_on_random_json(tmp_path_factory, rows, as_array):
   _load(path)
 
 
-@settings(FUZZ, max_examples=40)  # each example is a whole evaluate run (model load, compile)
+@FUZZ
 @given(rows=st.lists(records, max_size=4))
 def test_loaders_raise_mode_names_the_place(tmp_path_factory, rows):
   path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
