@@ -9,13 +9,9 @@ A ...ForCausalLM checkpoint gets a fresh reward head (normal(0, initializer_rang
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jbt.convert import hf_to_jbt  # noqa: E402
-from jbt.errors import ArgParser, cli_main  # noqa: E402
+from jbt.errors import ArgParser, cli_main
+from jbt.tools.convert import hf_to_jbt
 
 
 @cli_main

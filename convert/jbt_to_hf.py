@@ -9,13 +9,9 @@ logit 0). Either way the reward is unchanged. The directory appears only once co
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jbt.convert import jbt_to_hf  # noqa: E402
-from jbt.errors import ArgParser, cli_main  # noqa: E402
+from jbt.errors import ArgParser, cli_main
+from jbt.tools.convert import jbt_to_hf
 
 
 @cli_main

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
 VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", huge pages) but for what they name
     "jbt-shared": {"kind": "jbt", "layout": "shared_prompt"},
@@ -51,8 +50,9 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
 
 def prepare(work: Path, data: Path, max_length: int, n_pairs: int) -> dict:
   """The shared starting point: an HF model directory and a pairs file both trainers read."""
-  from jbt import convert, data as jdata
-  from jbt.setup import resolve_model_path
+  from jbt import data as jdata
+  from jbt.checkpoint.load import resolve_model_path
+  from jbt.tools import convert
 
   hf_dir = work / "model"
   if not hf_dir.exists():
@@ -82,7 +82,7 @@ def prepare(work: Path, data: Path, max_length: int, n_pairs: int) -> dict:
 def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   from absl import logging as absl_logging
 
-  from configs import default
+  from jbt.configs import default
   from jbt.train import run
 
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -103,7 +103,9 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.train.compilation_cache = a.xla_cache
   c.log.progress = c.log.tensorboard = False
   summary = run(c)
-  rows = [json.loads(line) for line in (Path(a.out) / "jbt" / "metrics.jsonl").read_text().splitlines()]
+  from jbt.train.metrics import read_metrics
+
+  rows = read_metrics(Path(a.out) / "jbt" / "metrics.jsonl")
   train = {r["step"]: r for r in rows if "loss/train" in r}
   secs = pairs = toks = 0.0
   for step in range(a.warmup + 1, a.warmup + a.steps + 1):
@@ -184,9 +186,9 @@ def main() -> None:
   if a.worker:
     v = VARIANTS[a.worker]
     if v["kind"] == "jbt" and v.get("hugepages", True):  # what `python -m jbt.train` does first
-      from jbt import host
+      from jbt.runtime import hugepages
 
-      host.restart_with_hugepages()
+      hugepages.restart_with_hugepages()
     for k, val in v.items():
       setattr(a, k, val)
     res = (worker_jbt if v["kind"] == "jbt" else worker_trl)(a, json.loads(a.spec))

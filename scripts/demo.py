@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -45,7 +43,7 @@ def score_with_transformers(final: Path) -> None:
 def main() -> None:
   from absl import app, logging as absl_logging
 
-  from jbt.config_cli import CONFIG, parse_flags_with_usage
+  from jbt.configs.flags import CONFIG, parse_flags_with_usage
   from jbt.errors import cli_main
   from jbt.train import run
 
@@ -57,7 +55,7 @@ def main() -> None:
     score_with_transformers(Path(cfg.ckpt.cache_dir) / cfg.ckpt.exp_name / "FINAL")
 
   if not any(a.startswith("--config=") or a == "--config" for a in sys.argv[1:]):
-    sys.argv[1:1] = ["--config", str(ROOT / "configs" / "demo.py")]
+    sys.argv[1:1] = ["--config", "demo"]
   app.run(_main, flags_parser=parse_flags_with_usage)
 
 

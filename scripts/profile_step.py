@@ -4,7 +4,7 @@
 
 Prints seconds per jax.grad of the summed rewards, the kernel time and page faults per pass,
 compile time and peak resident memory. Like `python -m jbt.train` it first restarts itself under
-glibc's huge-page tunable (jbt/host.py; JBT_NO_HUGEPAGES=1: 4 KiB pages). With
+glibc's huge-page tunable (jbt/runtime/hugepages.py; JBT_NO_HUGEPAGES=1: 4 KiB pages). With
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.
 With --trace DIR one more backward pass runs under the JAX profiler (per-op events, so slower
 than untraced), the trace is written to DIR and the ops' own times are printed, largest first,
@@ -14,9 +14,9 @@ grouped by what they compute (their source op name from the optimized HLO).
 from __future__ import annotations
 
 if __name__ == "__main__":
-  from jbt import host
+  from jbt.runtime import hugepages
 
-  host.restart_with_hugepages()
+  hugepages.restart_with_hugepages()
 
 import argparse
 import collections
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbt import model as M
-from jbt import xla_options
+from jbt.runtime import xla_options
 
 
 def main() -> None:
@@ -163,7 +163,7 @@ def print_op_times(trace_dir: str, hlo_text: str, top: int) -> None:
 def time_optimizers(params, repeats: int) -> None:
   import optax
 
-  from jbt.optim import clip_by_global_norm
+  from jbt.train.optim import clip_by_global_norm
 
   grads = jax.tree.map(lambda p: p * 0.1, params)
   for name, clip in (("optax.clip_by_global_norm", optax.clip_by_global_norm),

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ARGS = ["--config.ckpt.save_every=2", "--config.mesh.shape=(1,1,1)", "--config.log.progress=False",
         "--config.log.tensorboard=False"]
@@ -43,10 +42,11 @@ def final_state(run_dir: Path) -> tuple[list, dict, dict]:
   import jax
   import numpy as np
 
-  from jbt import convert
+  from jbt.checkpoint.load import load_model
+  from jbt.train.metrics import read_metrics
 
-  params = [np.asarray(x) for x in jax.tree.leaves(convert.load_any(run_dir / "final")[1])]
-  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  params = [np.asarray(x) for x in jax.tree.leaves(load_model(run_dir / "final").params)]
+  rows = read_metrics(run_dir / "metrics.jsonl")
   losses = {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
   ckpts = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
   data = json.loads(next((run_dir / "checkpoints" / str(ckpts[-1]) / "data").glob("*")).read_text())

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from jbt import model
-from jbt.attention import flash_attention
+from jbt.model.attention.flash import flash_attention
+from jbt.model.attention.mask import dense_mask
+from jbt.model.attention.xla import blocked_attention
 
 
 def packed_rows(rng, B, L, branches: bool):
@@ -44,10 +46,10 @@ def test_flash_equals_dense_values_and_gradients(branches, window, block, max_se
   w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   real = jnp.asarray(seg > 0)[:, :, None, None, None]  # padding outputs are never read
   branch = jnp.asarray(br) if branches else None
-  mask = model.attention_mask(jnp.asarray(seg), jnp.asarray(pos), window, branch)
+  mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), window, branch)
 
   def dense(q, k, v):
-    return (model.blocked_attention(q, k, v, mask, 0, 0) * real * w).sum()
+    return (blocked_attention(q, k, v, mask, 0, 0) * real * w).sum()
 
   def flash(q, k, v):
     out = flash_attention(q, k, v, jnp.asarray(seg), jnp.asarray(pos), branch, sliding_window=window,

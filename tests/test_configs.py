@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from jbt import configs
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
+CONFIGS = [ROOT / "configs" / f"{name}.py" for name in configs.names()]
 STABLE = ["model.init_from", "model.num_labels", "model.dtype", "data.train", "data.eval", "data.max_length",
           "data.max_prompt_length", "data.truncation", "data.layout", "data.on_error", "train.batch_size",
           "train.epochs", "train.max_steps", "train.eval_every", "train.seed", "opt.lr", "opt.warmup_ratio",
@@ -28,7 +30,7 @@ def test_config_loads_with_stable_keys(path):
       assert part in node, f"{path.name}: missing {key}"
       node = node[part]
   assert "python -m jbt.train --config configs/" in (mod.__doc__ or ""), f"{path.name}: docstring lacks its command"
-  from jbt.setup import validate
+  from jbt.train.setup import validate
 
   validate(cfg)
 

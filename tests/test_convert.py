@@ -19,12 +19,21 @@ import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 import tinymodels  # noqa: E402
-from jbt import convert, hf, hf_io, model  # noqa: E402
+from jbt import model  # noqa: E402
+from jbt.checkpoint.load import load_model  # noqa: E402
+from jbt.hf import families  # noqa: E402
+from jbt.hf import files as hf_io  # noqa: E402
+from jbt.tools import convert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "convert"))
 import hf_to_jbt as hf_to_jbt_cli  # noqa: E402
 import jbt_to_hf as jbt_to_hf_cli  # noqa: E402
+
+
+def load_any(path):
+  m = load_model(path)
+  return m.cfg, m.params, m.hf_config, m.tokenizer
 
 
 def _load_seqcls(d: Path):
@@ -50,7 +59,7 @@ def _batch():
 
 
 def _jbt_rewards(ckpt: Path, tokens, seg, pos):
-  cfg, params, _, _ = convert.load_any(ckpt)
+  cfg, params, _, _ = load_any(ckpt)
   idx = model.pool_index(jnp.asarray(tokens), jnp.asarray(seg), cfg.pad_token_id)
   return np.asarray(model.RewardModel(cfg).apply({"params": params}, tokens, seg, pos, idx))
 
@@ -66,7 +75,7 @@ def test_round_trip_is_bit_exact_and_loads(tmp_path, family):
     assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
   back = _load_seqcls(tmp_path / "back")
   cfg = json.loads((tmp_path / "back" / "config.json").read_text())
-  assert cfg["architectures"] == [hf.ARCHITECTURES[family.split("_")[0]]] and cfg["pad_token_id"] == 0
+  assert cfg["architectures"] == [families.FAMILIES[family.split("_")[0]].architecture] and cfg["pad_token_id"] == 0
   tokens, seg, pos = _batch()
   np.testing.assert_allclose(_score(back, tokens, seg), _jbt_rewards(tmp_path / "ckpt", tokens, seg, pos), atol=1e-4)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
@@ -83,8 +92,8 @@ def test_causal_lm_gets_fresh_head_and_bin_and_sharded_sources(tmp_path):
   for name in ("bin", "shards"):
     cfg = convert.hf_to_jbt(tmp_path / name, tmp_path / f"ckpt_{name}", num_labels=1, seed=3)
     assert cfg.num_labels == 1
-  p1 = convert.load_any(tmp_path / "ckpt_bin")[1]
-  p2 = convert.load_any(tmp_path / "ckpt_shards")[1]
+  p1 = load_any(tmp_path / "ckpt_bin")[1]
+  p2 = load_any(tmp_path / "ckpt_shards")[1]
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     assert np.array_equal(np.asarray(x), np.asarray(y))
   score = np.asarray(p1["score"])
@@ -102,17 +111,17 @@ def test_export_one_label_head_keeps_the_reward(tmp_path):
   jbt_to_hf_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "one"), "--num_labels", "1"])
   two, one = _load_seqcls(src), _load_seqcls(tmp_path / "one")
   assert one.config.num_labels == 1
-  assert convert.load_any(tmp_path / "one")[0].num_labels == 1  # read back as a 1-label head
+  assert load_any(tmp_path / "one")[0].num_labels == 1  # read back as a 1-label head
   # The converter resizes a checkpoint's own head on request, keeping the reward.
   convert.hf_to_jbt(tmp_path / "one", tmp_path / "two_again", num_labels=2)
-  assert convert.load_any(tmp_path / "two_again")[0].num_labels == 2
+  assert load_any(tmp_path / "two_again")[0].num_labels == 2
   tokens, seg, _ = _batch()
   np.testing.assert_allclose(_score(one, tokens, seg), _score(two, tokens, seg), atol=1e-5)
 
 
 def test_export_is_sharded_past_the_size_limit(tmp_path):
   m = tinymodels.make_model("mistral")
-  cfg, params, hf_cfg, _ = convert.load_any(tinymodels.save_model(m, tmp_path / "hf"))
+  cfg, params, hf_cfg, _ = load_any(tinymodels.save_model(m, tmp_path / "hf"))
   hf_io.write_hf_dir(cfg, params, tmp_path / "out", base_config=hf_cfg, tokenizer=tinymodels.make_tokenizer(),
                      max_shard_bytes=60_000)
   assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1

@@ -1,4 +1,4 @@
-"""jbt.scoring and jbt.evaluate: rewards equal transformers', accuracy equal to a hand count."""
+"""jbt.tools.score and jbt.tools.evaluate: rewards equal transformers', accuracy equal to a hand count."""
 
 import json
 import random
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import tinymodels
-from jbt import evaluate, scoring
+from jbt.tools import evaluate
+from jbt.tools import score as scoring
 
 torch = pytest.importorskip("torch")
 

@@ -82,7 +82,7 @@ def _cli(main, argv: list[str], capsys) -> None:
 @FUZZ
 @given(payload=st.lists(records, max_size=4) | records | scalars, mode=st.sampled_from(["scalar", "binary", "pairwise"]))
 def test_label_on_random_samples(tmp_path_factory, model_dir, capsys, payload, mode):
-  from jbt.label import main
+  from jbt.tools.label import main
 
   d = tmp_path_factory.mktemp("fuzz")
   (d / "samples.json").write_text(json.dumps(payload))
@@ -94,7 +94,7 @@ def test_label_on_random_samples(tmp_path_factory, model_dir, capsys, payload, m
 @settings(FUZZ, max_examples=40)  # each example is a whole evaluate run (model load, compile)
 @given(rows=st.lists(records, max_size=4))
 def test_evaluate_on_random_data(tmp_path_factory, model_dir, capsys, rows):
-  from jbt.evaluate import main
+  from jbt.tools.evaluate import main
 
   d = tmp_path_factory.mktemp("fuzz")
   (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

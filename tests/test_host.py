@@ -1,4 +1,4 @@
-"""jbt.host: the restart under glibc's huge-page tunable."""
+"""jbt.runtime.hugepages: the restart under glibc's huge-page tunable."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jbt import host
+from jbt.runtime import hugepages as host
 
 glibc = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="needs glibc")
 
@@ -27,7 +27,7 @@ def test_hugepage_env_adds_the_tunable_and_keeps_the_rest():
 @glibc
 def test_restart_runs_the_same_command_once_under_the_tunable(tmp_path):
   marker = tmp_path / "runs"
-  code = ("import os, sys; from jbt import host; open(sys.argv[1], 'a').write('run\\n'); "
+  code = ("import os, sys; from jbt.runtime import hugepages as host; open(sys.argv[1], 'a').write('run\\n'); "
           "host.restart_with_hugepages(); print(os.environ['GLIBC_TUNABLES'], sys.argv[2])")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OFF)}
   out = subprocess.run([sys.executable, "-c", code, str(marker), "arg"], capture_output=True, text=True, env=env,

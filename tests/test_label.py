@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tinymodels
-from jbt import label
+from jbt.tools import label
 
 torch = pytest.importorskip("torch")
 
@@ -45,7 +45,7 @@ def sample_records() -> list[dict]:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
   """(HF directory, jbt checkpoint of it, transformers' logits[:, 1] of each sample's scored text)."""
-  from jbt.convert import hf_to_jbt
+  from jbt.tools.convert import hf_to_jbt
 
   root = tmp_path_factory.mktemp("label")
   model = tinymodels.make_model("llama", seed=3)

@@ -16,7 +16,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tinymodels  # noqa: E402
-from jbt import hf, hf_io, loss, trainer  # noqa: E402
+from jbt import loss  # noqa: E402
+from jbt.hf.config import model_config_from_hf  # noqa: E402
+from jbt.hf.params import load_params  # noqa: E402
+from jbt.hf.sources import DictSource  # noqa: E402
+from jbt.train import batches, step  # noqa: E402
 from jbt.data import LayoutSettings, Pair, split_batch, tokenize_pairs  # noqa: E402
 from jbt.data.layouts import make_batch  # noqa: E402
 
@@ -72,8 +76,8 @@ def hf_rewards(m, tok, pairs: list[Pair]) -> np.ndarray:
 
 
 def jbt_model(m):
-  cfg = hf.model_config_from_hf(m.config.to_dict(), num_labels=m.config.num_labels)
-  params = hf.load_params(cfg, hf_io.DictSource(m.state_dict()), where="t",
+  cfg = model_config_from_hf(m.config.to_dict(), num_labels=m.config.num_labels)
+  params = load_params(cfg, DictSource(m.state_dict()), where="t",
                           allow_missing_head=False)
   return cfg, params
 
@@ -114,7 +118,7 @@ def test_layouts_agree_with_each_other_and_with_transformers(variant):
   cfg, params = jbt_model(m)
 
   def loss_fn(p, batch):
-    chosen_P, rejected_P = trainer.rewards(cfg, p, batch)
+    chosen_P, rejected_P = step.rewards(cfg, p, batch)
     return loss.bt_loss(chosen_P, rejected_P, batch["pair_mask"])[0], (chosen_P, rejected_P)
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -140,15 +144,15 @@ def test_layouts_agree_with_each_other_and_with_transformers(variant):
 
 
 def test_padding_a_batch_to_a_common_shape_keeps_the_rewards():
-  """Processes pad their batches to the largest rows x length among them (trainer.pad_rows):
+  """Processes pad their batches to the largest rows x length among them (batches.pad_rows):
   the flat pooling indices must follow the new row length."""
   tok, m = setup("pad_0")
   data, _ = tokenize_pairs(make_pairs(), tok, max_length=MAX_LENGTH, max_prompt_length=100)
   cfg, params = jbt_model(m)
   batch = layout_batches(data, len(data) + 1)["shared_prompt"]
   R, L = batch["tokens"].shape
-  padded = trainer.pad_rows(batch, R + 3, data.pad_token_id, L + 37)
+  padded = batches.pad_rows(batch, R + 3, data.pad_token_id, L + 37)
   assert padded["tokens"].shape == (R + 3, L + 37)
-  for a, b in zip(trainer.rewards(cfg, params, batch), trainer.rewards(cfg, params, padded)):
+  for a, b in zip(step.rewards(cfg, params, batch), step.rewards(cfg, params, padded)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
   assert not np.array_equal(padded["chosen_index"], batch["chosen_index"])  # the indices did move

@@ -12,7 +12,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tinymodels  # noqa: E402
-from jbt import hf, hf_io, model, xla_options  # noqa: E402
+from jbt import model  # noqa: E402
+from jbt.hf.config import model_config_from_hf  # noqa: E402
+from jbt.hf.params import load_params  # noqa: E402
+from jbt.hf.sources import DictSource  # noqa: E402
+from jbt.model.matmul import matmul  # noqa: E402
+from jbt.runtime import xla_options  # noqa: E402
 
 LENGTHS = (19, 11, 6, 15)  # real tokens per sequence; rows are padded to 20
 
@@ -54,8 +59,8 @@ def _hf_rewards(m, tokens: np.ndarray, seg: np.ndarray) -> np.ndarray:
 
 
 def _jbt(m, **overrides):
-  cfg = hf.model_config_from_hf(m.config.to_dict(), num_labels=m.config.num_labels, **overrides)
-  params = hf.load_params(cfg, hf_io.DictSource(m.state_dict()), where="test", allow_missing_head=False)
+  cfg = model_config_from_hf(m.config.to_dict(), num_labels=m.config.num_labels, **overrides)
+  params = load_params(cfg, DictSource(m.state_dict()), where="test", allow_missing_head=False)
   return cfg, params
 
 
@@ -161,7 +166,7 @@ def test_matmul_equals_the_plain_bfloat16_matmul_and_keeps_bfloat16_dots():
       return (y, *back(g))
     return jax.jit(run, compiler_options=xla_options.compiler_options("bfloat16"))
 
-  ours = vjp(lambda a, b: model.matmul(a, b, jnp.bfloat16))
+  ours = vjp(lambda a, b: matmul(a, b, jnp.bfloat16, "bf16_f32"))
   y, dx, dw = ours(x, w, g)
   y_ref, dx_ref, dw_ref = vjp(lambda a, b: a @ b.astype(jnp.bfloat16))(x, w, g)
   assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32

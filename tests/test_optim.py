@@ -1,4 +1,4 @@
-"""jbt.optim's clipping gives optax.clip_by_global_norm's result."""
+"""jbt.train.optim's clipping gives optax.clip_by_global_norm's result."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jbt.optim import clip_by_global_norm
+from jbt.train.optim import clip_by_global_norm
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jbt import plots
-from jbt.metrics import MetricsWriter
+from jbt.tools import plots
+from jbt.train.metrics import MetricsWriter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

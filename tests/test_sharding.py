@@ -6,7 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jbt import model, sharding
+from jbt import model
+from jbt.runtime import mesh as sharding
 
 CFG = model.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=8,
                         num_kv_heads=4, head_dim=8, qkv_bias=True, o_bias=True, mlp_bias=True, qk_norm=True)

@@ -20,7 +20,10 @@ import jax  # noqa: E402
 import transformers  # noqa: E402
 
 import tinymodels  # noqa: E402
-from jbt import convert, data, model, optim, synthetic  # noqa: E402
+from jbt import data, model  # noqa: E402
+from jbt.checkpoint.load import load_model  # noqa: E402
+from jbt.data import synthetic  # noqa: E402
+from jbt.train import optim  # noqa: E402
 from jbt.train import run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +78,8 @@ def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path):
   ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
   with torch.no_grad():
     ref = hf_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 1].numpy()
-  mcfg, params, _, _ = convert.load_any(run_dir / "final")
+  m = load_model(run_dir / "final")
+  mcfg, params = m.cfg, m.params
   pos = np.tile(np.arange(ids.shape[1], dtype=np.int32), (len(texts), 1)) * mask
   ours = np.asarray(model.RewardModel(mcfg).apply({"params": params}, ids, mask, pos,
                                                   model.pool_index(ids, mask, mcfg.pad_token_id)))
@@ -163,8 +167,8 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_params(tmp_path)
   r = subprocess.run(_train_cmd(tmp_path / "b", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
-  pa = convert.load_any(tmp_path / "a" / "tiny" / "final")[1]
-  pb = convert.load_any(tmp_path / "b" / "tiny" / "final")[1]
+  pa = load_model(tmp_path / "a" / "tiny" / "final").params
+  pb = load_model(tmp_path / "b" / "tiny" / "final").params
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     assert np.array_equal(np.asarray(x), np.asarray(y))
   la, lb = losses(tmp_path / "a" / "tiny"), losses(tmp_path / "b" / "tiny")

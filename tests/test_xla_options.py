@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbt import xla_options
+from jbt.runtime import xla_options
 
 
 def test_options_only_for_cpu_and_known_dtypes():

@@ -61,21 +61,21 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
   the dict, and padded and packed batches stay free of an all-zero array.
 
 Sequences: the chat template over prompt turns + response turns (the tokenizer's template, else
-DEFAULT_CHAT_TEMPLATE), truncated by HALOs' rule (jbt.data.formatting). Pad id: the tokenizer's
+DEFAULT_CHAT_TEMPLATE), truncated by HALOs' rule (jbt.data.chat). Pad id: the tokenizer's
 pad token, else its EOS (resolve_pad_token_id); the exported model's config.pad_token_id must be
 the same id for pooling to agree.
 """
 
 from jbt.data.batching import batches_per_epoch, make_batch_iterator
-from jbt.data.formatting import (DEFAULT_CHAT_TEMPLATE, TRUNCATIONS, PairTokenizer, TokenizedPair,
+from jbt.data.chat import (DEFAULT_CHAT_TEMPLATE, TRUNCATIONS, PairTokenizer, TokenizedPair,
                                  ensure_chat_template, pool_position, resolve_pad_token_id,
                                  tokenize_pair)
 from jbt.data.layouts import (BRANCH_KEY, DEVICE_KEYS, LAYOUTS, STAT_KEYS, LayoutSettings,
                               bucket_rows, device_keys)
 from jbt.data.records import Pair
 from jbt.data.report import BadRecord, DataReport
-from jbt.data.sources import load_pairs
-from jbt.data.tokenized import TokenizedPairs, tokenize_pairs
+from jbt.data.sources import load_pairs, resolve_spec
+from jbt.data.token_pairs import TokenizedPairs, tokenize_pairs
 
 
 def split_batch(batch: dict) -> tuple[dict, dict]:
@@ -91,6 +91,6 @@ __all__ = [
     "BRANCH_KEY", "BadRecord", "DataReport", "DEFAULT_CHAT_TEMPLATE", "DEVICE_KEYS", "LAYOUTS",
     "LayoutSettings", "Pair", "PairTokenizer", "STAT_KEYS", "TRUNCATIONS", "TokenizedPair",
     "TokenizedPairs", "batches_per_epoch", "bucket_rows", "device_keys", "ensure_chat_template",
-    "load_pairs", "make_batch_iterator", "pool_position", "resolve_pad_token_id", "split_batch",
+    "load_pairs", "make_batch_iterator", "resolve_spec", "pool_position", "resolve_pad_token_id", "split_batch",
     "tokenize_pair", "tokenize_pairs",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 
 from jbt.data.layouts import LayoutSettings, make_batch
 from jbt.data.records import Pair
-from jbt.data.tokenized import TokenizedPairs, tokenize_pairs
+from jbt.data.token_pairs import TokenizedPairs, tokenize_pairs
 from jbt.errors import JbtError
 
 

@@ -11,8 +11,8 @@ import dataclasses
 
 import numpy as np
 
-from jbt.data.formatting import pool_position
-from jbt.data.tokenized import TokenizedPairs
+from jbt.data.chat import pool_position
+from jbt.data.token_pairs import TokenizedPairs
 from jbt.errors import JbtError
 
 LAYOUTS = ("padded", "packed", "shared_prompt")

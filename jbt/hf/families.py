@@ -1,0 +1,95 @@
+"""The model families jbt maps to and from Hugging Face: one spec each, the list defined here once.
+
+A family spec says which transformers classes it is, which ModelConfig feature flags its HF
+config sets, which keys of config.json are its own on export, and its parameter table rows
+(jbt.hf.params.standard_rows unless the family lays its tensors out differently, e.g. fused
+projections). To add a family: one spec below, the model features it needs (jbt/model), and a
+tiny model in tests/tinymodels.py (the tests loop over FAMILIES and fail on a family without one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from jbt.errors import JbtError
+from jbt.model import ModelConfig
+
+
+def _sliding_window_qwen(hf: Mapping[str, Any]) -> int | None:
+  """Qwen2 / Qwen3: a window only where use_sliding_window is set; mixed layer kinds are refused."""
+  if not (hf.get("use_sliding_window") and hf.get("sliding_window")):
+    return None
+  kinds = set(hf.get("layer_types") or ["sliding_attention"])
+  if kinds != {"sliding_attention"}:
+    raise JbtError(f"{hf.get('model_type')} config mixes sliding and full attention layers; jbt supports one kind "
+                   "for all layers")
+  return int(hf["sliding_window"])
+
+
+def _export_sliding_window_qwen(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
+  hf.pop("layer_types", None)
+  if cfg.sliding_window is not None:
+    hf["max_window_layers"] = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What jbt needs to know about one Hugging Face model family."""
+
+  name: str  # config.json's model_type
+  architecture: str  # the ...ForSequenceClassification class written on export
+  # HF config dict -> the ModelConfig feature fields this family sets (sizes, rope and pad are common)
+  features: Callable[[Mapping[str, Any]], dict[str, Any]]
+  # writes this family's own keys into the exported config.json dict
+  export: Callable[[ModelConfig, dict[str, Any]], None]
+  # ModelConfig -> parameter table rows; None: jbt.hf.params.standard_rows
+  rows: Callable[[ModelConfig], list[Any]] | None = None
+
+
+def _llama_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  bias = bool(hf.get("attention_bias", False))
+  return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+
+
+def _llama_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+
+
+def _mistral_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  window = hf.get("sliding_window")
+  return dict(_llama_features(hf), sliding_window=int(window) if window else None)
+
+
+def _mistral_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  hf["sliding_window"] = cfg.sliding_window
+
+
+def _qwen2_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  return dict(qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=_sliding_window_qwen(hf))
+
+
+def _qwen3_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  bias = bool(hf.get("attention_bias", False))
+  return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True, sliding_window=_sliding_window_qwen(hf))
+
+
+def _qwen3_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  hf.update(attention_bias=cfg.qkv_bias)
+  _export_sliding_window_qwen(cfg, hf)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", "LlamaForSequenceClassification", _llama_features, _llama_export),
+    Family("mistral", "MistralForSequenceClassification", _mistral_features, _mistral_export),
+    Family("qwen2", "Qwen2ForSequenceClassification", _qwen2_features, _export_sliding_window_qwen),
+    Family("qwen3", "Qwen3ForSequenceClassification", _qwen3_features, _qwen3_export),
+)}
+
+
+def get(name: str | None, where: str = "") -> Family:
+  """The spec of family `name`, or a JbtError listing the supported ones."""
+  if name not in FAMILIES:
+    raise JbtError(f"{where}unsupported architecture: model_type {name!r}; supported: {', '.join(FAMILIES)}")
+  return FAMILIES[name]

@@ -1,0 +1,55 @@
+"""Attention kinds, by name (ModelConfig.attention). To add a kernel: a module with an
+`attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, *, sliding_window, block, max_segment)` function,
+one Kind entry below, and its case in tests/test_attention.py (values and gradients against the
+dense reference).
+
+- "flash": block-sparse online softmax with its own backward pass (flash.py); cost follows the
+  real attention pairs of packed and shared-prompt rows. The CPU default.
+- "xla": softmax over each query block's causal keys from a dense mask (xla.py). The default
+  elsewhere, until fused GPU/TPU kernels land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from jbt.model.attention import flash, xla
+from jbt.model.attention.mask import MaskInfo, dense_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  attend: Callable[..., jax.Array]
+  dense_mask: bool  # reads MaskInfo.dense_BxLxS (built once per forward, outside the layers)
+  block_field: str  # the ModelConfig field that sizes its blocks
+  saved_names: tuple[str, ...]  # checkpoint names of its results, kept by remat "attention"
+
+
+KINDS: dict[str, Kind] = {
+    "flash": Kind(flash.attend, dense_mask=False, block_field="flash_block", saved_names=(flash.OUT_NAME, flash.LSE_NAME)),
+    "xla": Kind(xla.attend, dense_mask=True, block_field="attn_block", saved_names=(xla.OUT_NAME,)),
+}
+DEFAULT_BY_BACKEND = {"cpu": "flash"}  # others: "xla"
+SAVED_NAMES = tuple(n for k in KINDS.values() for n in k.saved_names)
+
+
+def resolve(kind: str, backend: str | None = None) -> str:
+  """A name of KINDS; "auto" becomes the default of `backend` (JAX's default backend if None)."""
+  if kind == "auto":
+    return DEFAULT_BY_BACKEND.get(backend or jax.default_backend(), "xla")
+  if kind not in KINDS:
+    raise ValueError(f"attention must be auto or one of {', '.join(KINDS)}, got {kind!r}")
+  return kind
+
+
+def mask_info(kind: str, segment_ids_BxL: jax.Array, positions_BxL: jax.Array, branch_ids_BxL: jax.Array | None,
+              sliding_window: int | None) -> MaskInfo:
+  """What the layers' attention of `kind` reads about the mask."""
+  dense = dense_mask(segment_ids_BxL, positions_BxL, sliding_window, branch_ids_BxL) if KINDS[kind].dense_mask else None
+  return MaskInfo(segment_ids_BxL, branch_ids_BxL, positions_BxL, dense)
+
+
+__all__ = ["KINDS", "Kind", "MaskInfo", "dense_mask", "mask_info", "resolve"]

@@ -1,0 +1,255 @@
+"""Block-sparse causal attention for packed rows, with an online softmax and its own backward pass.
+
+Rows of a packed or shared-prompt batch hold several sequences (segments) side by side, so most
+(query block, key block) pairs of a long row are masked out entirely: a query only sees keys of
+its own segment. `flash_attention` visits, for each query block, only the key blocks from the
+start of its earliest segment up to the diagonal (a run-time loop bound), skips any of those
+whose mask is still all false (branches of a shared prompt, rows of a batch that differ), and
+keeps a running max and sum (FlashAttention's online softmax), so no [L, S] score matrix is
+ever materialised. The backward pass recomputes each visited block's probabilities from the
+saved log-sum-exp. The cost follows the segments' lengths, not the row's: one long row packed
+with many pairs costs what the pairs would alone, and a block's scores stay in cache on a CPU.
+
+Shapes follow jbt.model: B rows, L tokens, K key/value heads, G query heads per kv head, H head dim.
+The mask is jbt.model.attention.mask.dense_mask's (same segment, not in the future, trunk-or-own-branch,
+inside the sliding window) for every real token. Each segment must be one contiguous run of its
+row, as every jbt layout makes them. Padding (segment 0) attends to itself only: its outputs
+are never read, and the softmax denominator is never zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jbt.model.attention.mask import MaskInfo
+
+Array = jax.Array
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _slice_tokens(x_BxL: Array | None, start: Array, size: int) -> Array | None:
+  return None if x_BxL is None else jax.lax.dynamic_slice_in_dim(x_BxL, start, size, axis=1)
+
+
+def _block_mask(info: MaskInfo, qs: Array, ks: Array, block: int, sliding_window: int | None) -> Array:
+  """[B, block, block] boolean mask of the query block at qs against the key block at ks."""
+  seg_q, seg_k = _slice_tokens(info.segment_ids_BxL, qs, block), _slice_tokens(info.segment_ids_BxL, ks, block)
+  iq, ik = qs + jnp.arange(block), ks + jnp.arange(block)
+  causal = (iq[:, None] >= ik[None, :])[None]
+  mask = (seg_q[:, :, None] == seg_k[:, None, :]) & causal
+  mask &= (seg_q[:, :, None] != 0) | (iq[:, None] == ik[None, :])[None]  # padding: itself only
+  if info.branch_ids_BxL is not None:
+    br_q, br_k = _slice_tokens(info.branch_ids_BxL, qs, block), _slice_tokens(info.branch_ids_BxL, ks, block)
+    mask &= (br_k[:, None, :] == 0) | (br_q[:, :, None] == br_k[:, None, :])
+  if sliding_window is not None:
+    pos_q, pos_k = _slice_tokens(info.positions_BxL, qs, block), _slice_tokens(info.positions_BxL, ks, block)
+    mask &= (pos_q[:, :, None] - pos_k[:, None, :]) < sliding_window
+  return mask
+
+
+def _first_key_block(segment_ids_BxL: Array, block: int, max_segment: int) -> Array:
+  """[L / block] int32: for each query block, the first key block any of its queries can see.
+
+  A token's earliest key is the start of its segment (itself for padding); segments are
+  contiguous runs, so the block's minimum over rows and queries is a loop bound. max_segment > 0
+  (a promise that no segment is longer) caps how far back that can be.
+  """
+  B, L = segment_ids_BxL.shape
+  idx_L = jnp.arange(L)
+  starts_BxL = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+  first_BxL = jax.lax.cummax(jnp.where(starts_BxL, idx_L, 0), axis=1)
+  first_BxL = jnp.where(segment_ids_BxL == 0, idx_L, first_BxL)
+  if max_segment > 0:
+    first_BxL = jnp.maximum(first_BxL, idx_L - max_segment + 1)
+  return (first_BxL.reshape(B, L // block, block).min(axis=(0, 2)) // block).astype(jnp.int32)
+
+
+def _pad_tokens(x: Array, n: int, value: int = 0) -> Array:
+  return x if n == 0 else jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+
+def _visit_key_blocks(q_BxKxGxQxH: Array, k_BxKxLxH: Array, v_BxKxLxH: Array, info: MaskInfo, qs: Array,
+                      first: Array, last: Array, block: int, sliding_window: int | None, visit, init):
+  """Folds visit(carry, ks, mask, k block, v block, scaled scores) over the key blocks first..last
+  of the query block at qs, skipping those whose mask is all false."""
+  scale = 1.0 / math.sqrt(q_BxKxGxQxH.shape[-1])
+
+  def key_block(j, carry):
+    ks = j * block
+    mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
+
+    def go(c):
+      k_BxKxSxH = jax.lax.dynamic_slice_in_dim(k_BxKxLxH, ks, block, axis=2)
+      v_BxKxSxH = jax.lax.dynamic_slice_in_dim(v_BxKxLxH, ks, block, axis=2)
+      s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BxKxGxQxH, k_BxKxSxH, preferred_element_type=jnp.float32) * scale
+      return visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s)
+
+    return jax.lax.cond(mask_BxQxS.any(), go, lambda c: c, carry)
+
+  return jax.lax.fori_loop(first, last + 1, key_block, init)
+
+
+# Inside the loops q, k, v and their gradients are kept head-major ([B, K, (G,) L, H]): a block is
+# then a contiguous slice that the block matmuls read as is, with no per-block transposes.
+def _heads_major(x_BxLxKx_xH: Array) -> Array:
+  return jnp.moveaxis(x_BxLxKx_xH, 1, -2)
+
+
+def _tokens_major(x_BxKx_xLxH: Array) -> Array:
+  return jnp.moveaxis(x_BxKx_xLxH, -2, 1)
+
+
+def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, block: int, max_segment: int,
+             sliding_window: int | None) -> tuple[Array, Array]:
+  """(output [B, L, K, G, H] in q's dtype, log-sum-exp [B, K, G, L] float32); L a multiple of block."""
+  B, L, K, G, H = q_BxLxKxGxH.shape
+  f32 = jnp.float32
+  first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
+  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
+
+  def visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s):
+    del ks, k_BxKxSxH
+    m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = c
+    keep = mask_BxQxS[:, None, None]
+    m_new = jnp.maximum(m_BxKxGxQ, jnp.where(keep, s, _NEG).max(-1))
+    p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m_BxKxGxQ - m_new)
+    pv = jnp.einsum("BKGQS,BKSH->BKGQH", p.astype(v_BxKxSxH.dtype), v_BxKxSxH, preferred_element_type=f32)
+    return m_new, l_BxKxGxQ * corr + p.sum(-1), acc_BxKxGxQxH * corr[..., None] + pv
+
+  def query_block(i, outputs):
+    out_BxKxGxLxH, lse_BxKxGxL = outputs
+    qs = i * block
+    q_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(q_BxKxGxLxH, qs, block, axis=3)
+    init = (jnp.full((B, K, G, block), _NEG, f32), jnp.zeros((B, K, G, block), f32),
+            jnp.zeros((B, K, G, block, H), f32))
+    m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = _visit_key_blocks(
+        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
+    o_BxKxGxQxH = (acc_BxKxGxQxH / l_BxKxGxQ[..., None]).astype(q_BxLxKxGxH.dtype)
+    out_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(out_BxKxGxLxH, o_BxKxGxQxH, qs, axis=3)
+    lse_BxKxGxL = jax.lax.dynamic_update_slice_in_dim(lse_BxKxGxL, m_BxKxGxQ + jnp.log(l_BxKxGxQ), qs, axis=3)
+    return out_BxKxGxLxH, lse_BxKxGxL
+
+  init = (jnp.zeros_like(q_BxKxGxLxH), jnp.zeros((B, K, G, L), f32))
+  out_BxKxGxLxH, lse_BxKxGxL = jax.lax.fori_loop(0, L // block, query_block, init)
+  return _tokens_major(out_BxKxGxLxH), lse_BxKxGxL
+
+
+def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, out_BxLxKxGxH: Array,
+              lse_BxKxGxL: Array, dout_BxLxKxGxH: Array, block: int, max_segment: int,
+              sliding_window: int | None) -> tuple[Array, Array, Array]:
+  B, L, K, G, H = q_BxLxKxGxH.shape
+  f32 = jnp.float32
+  scale = 1.0 / math.sqrt(H)
+  first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
+  # D = rowsum(dO * O): the softmax backward's per-query term (FlashAttention-2's dS = P (dP - D)).
+  d_BxKxGxL = jnp.einsum("BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(f32), out_BxLxKxGxH.astype(f32))
+  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
+  do_BxKxGxLxH = _heads_major(dout_BxLxKxGxH)
+
+  def query_block(i, grads):
+    dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH = grads
+    qs = i * block
+    q_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(q_BxKxGxLxH, qs, block, axis=3)
+    do_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(do_BxKxGxLxH, qs, block, axis=3)
+    lse_BxKxGxQ = jax.lax.dynamic_slice_in_dim(lse_BxKxGxL, qs, block, axis=3)
+    d_BxKxGxQ = jax.lax.dynamic_slice_in_dim(d_BxKxGxL, qs, block, axis=3)
+
+    def visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s):
+      dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH = c
+      p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
+      dv = jnp.einsum("BKGQS,BKGQH->BKSH", p.astype(do_BxKxGxQxH.dtype), do_BxKxGxQxH, preferred_element_type=f32)
+      dp = jnp.einsum("BKGQH,BKSH->BKGQS", do_BxKxGxQxH, v_BxKxSxH, preferred_element_type=f32)
+      ds = (p * (dp - d_BxKxGxQ[..., None]) * scale).astype(q_BxKxGxQxH.dtype)
+      dq_BxKxGxQxH += jnp.einsum("BKGQS,BKSH->BKGQH", ds, k_BxKxSxH, preferred_element_type=f32)
+      dk = jnp.einsum("BKGQS,BKGQH->BKSH", ds, q_BxKxGxQxH, preferred_element_type=f32)
+      dk_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(
+          dk_BxKxLxH, jax.lax.dynamic_slice_in_dim(dk_BxKxLxH, ks, block, axis=2) + dk, ks, axis=2)
+      dv_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(
+          dv_BxKxLxH, jax.lax.dynamic_slice_in_dim(dv_BxKxLxH, ks, block, axis=2) + dv, ks, axis=2)
+      return dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH
+
+    init = (jnp.zeros((B, K, G, block, H), f32), dk_BxKxLxH, dv_BxKxLxH)
+    dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH = _visit_key_blocks(
+        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
+    dq_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(dq_BxKxGxLxH, dq_BxKxGxQxH, qs, axis=3)
+    return dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH
+
+  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros(k_BxKxLxH.shape, f32), jnp.zeros(v_BxKxLxH.shape, f32))
+  dq, dk, dv = jax.lax.fori_loop(0, L // block, query_block, init)
+  return (_tokens_major(dq).astype(q_BxLxKxGxH.dtype), _tokens_major(dk).astype(k_BxLxKxH.dtype),
+          _tokens_major(dv).astype(v_BxLxKxH.dtype))
+
+
+# The forward runs outside the custom VJP and its results enter it as inputs: under a remat
+# policy that saves the names below (jbt.model's "attention" and "dots" do), the backward pass
+# then reuses the forward's output and log-sum-exp instead of running the forward loop again.
+OUT_NAME, LSE_NAME = "flash_out", "flash_lse"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window):
+  """out, with the attention's gradients to q, k and v (out and lse are the forward's results)."""
+  del q, k, v, info, lse, block, max_segment, sliding_window
+  return out
+
+
+def _with_grads_fwd(q, k, v, info, out, lse, block, max_segment, sliding_window):
+  del block, max_segment, sliding_window
+  return out, (q, k, v, info, out, lse)
+
+
+def _with_grads_bwd(block, max_segment, sliding_window, res, dout):
+  q, k, v, info, out, lse = res
+  dq, dk, dv = _backward(q, k, v, info, out, lse, dout, block, max_segment, sliding_window)
+  return dq, dk, dv, jax.tree.map(lambda _: None, info), jnp.zeros_like(out), jnp.zeros_like(lse)
+
+
+_with_grads.defvjp(_with_grads_fwd, _with_grads_bwd)
+
+
+def _flash(q, k, v, info, block, max_segment, sliding_window):
+  out, lse = jax.lax.stop_gradient(_forward(q, k, v, info, block, max_segment, sliding_window))
+  out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+  return _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window)
+
+
+def flash_attention(
+    q_BxLxKxGxH: Array,
+    k_BxLxKxH: Array,
+    v_BxLxKxH: Array,
+    segment_ids_BxL: Array,
+    positions_BxL: Array | None = None,
+    branch_ids_BxL: Array | None = None,
+    *,
+    sliding_window: int | None = None,
+    block: int = 64,
+    max_segment: int = 0,
+) -> Array:
+  """Masked softmax(q k^T / sqrt(H)) v over the blocks the mask leaves, [B, L, K, G, H].
+
+  block: the query and key block size (rows are padded to a multiple of it internally).
+  max_segment > 0 promises that no segment is longer, bounding how far back a block looks.
+  """
+  if sliding_window is not None and positions_BxL is None:
+    raise ValueError("a sliding window needs positions")
+  L = q_BxLxKxGxH.shape[1]
+  block = max(1, min(block, L))
+  extra = -L % block
+  info = MaskInfo(_pad_tokens(segment_ids_BxL, extra),
+                  None if branch_ids_BxL is None else _pad_tokens(branch_ids_BxL, extra),
+                  _pad_tokens(positions_BxL, extra) if sliding_window is not None else None)
+  out = _flash(_pad_tokens(q_BxLxKxGxH, extra), _pad_tokens(k_BxLxKxH, extra), _pad_tokens(v_BxLxKxH, extra), info,
+               block, max_segment, sliding_window)
+  return out[:, :L]
+
+
+def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *, sliding_window: int | None,
+           block: int, max_segment: int) -> Array:
+  """The attention registry's entry point."""
+  return flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
+                         info.branch_ids_BxL, sliding_window=sliding_window, block=block, max_segment=max_segment)

@@ -1,0 +1,102 @@
+"""The model's configuration: sizes, feature flags and the kernels it runs, frozen and hashable."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+REMAT = ("none", "full", "attention", "dots")
+RUNTIME_FIELDS = ("dtype", "remat", "attention", "matmul", "scan_layers")  # choices of the machine that runs it
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the model needs, built from cfg.model or a Hugging Face config (jbt.hf).
+
+  `family` only names the Hugging Face mapping (jbt.hf.families); the model itself reads the
+  feature flags. `attention` and `matmul` may be given as "auto": they are resolved for JAX's
+  default backend when the config is built, so the model never looks at the backend.
+  """
+
+  family: str = "llama"
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
+  # ("linear", factor) or None; a tuple so the dataclass stays hashable for jit.
+  rope_scaling: tuple | None = None
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int | None = None
+  num_labels: int = 2
+  pad_token_id: int = 0
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  remat: str = "none"  # "none" | "full" | "attention" (save attention results) | "dots" (and matmul outputs)
+  attention: str = "auto"  # a kind of jbt.model.attention.KINDS, or "auto" (the backend's default)
+  matmul: str = "auto"  # a kind of jbt.model.matmul.KINDS, or "auto" (the backend's default)
+  attn_block: int = 128  # "xla" query block (0: dense); changes speed and memory, not results
+  flash_block: int = 64  # "flash" query and key block
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    from jbt.model import attention, matmul  # the kernel registries
+
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+    if self.num_labels not in (1, 2):
+      raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
+    if self.remat not in REMAT:
+      raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
+    # Decided once, here, for the backend this process computes on.
+    object.__setattr__(self, "attention", attention.resolve(self.attention))
+    object.__setattr__(self, "matmul", matmul.resolve(self.matmul))
+
+  @property
+  def reward_label(self) -> int:
+    """The logit that is the reward: 1 for HALOs' two-label head, 0 for a one-label head."""
+    return 1 if self.num_labels == 2 else 0
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    """Parameter count (no LM head), used for MFU estimates."""
+    D, F, N, K, H = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+    attn = D * N * H * 2 + D * K * H * 2
+    attn += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
+    mlp = 3 * D * F + (2 * F + D) * self.mlp_bias
+    return self.vocab_size * D + self.num_layers * (attn + mlp + 2 * D) + D + D * self.num_labels
+
+  def to_json(self) -> dict[str, Any]:
+    """The fields a model directory stores; attention and matmul stay "auto", since they are the
+    choice of whichever machine loads it."""
+    d = dataclasses.asdict(self)
+    d.update(attention="auto", matmul="auto")
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "ModelConfig":
+    """Inverse of to_json; raises ValueError naming unknown fields."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown model config fields {unknown}")
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = tuple(d["rope_scaling"])
+    return cls(**d)

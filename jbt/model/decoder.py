@@ -1,0 +1,290 @@
+"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3) with a Bradley-Terry reward head.
+
+Shape legend for array names and einsum strings:
+  B: batch rows            L: tokens in a row (query side)   S: tokens in a row (key side)
+  D: model width           F: MLP width                      V: vocabulary
+  N: query heads           K: key/value heads                G: query heads per kv head (N // K)
+  H: head dim              C: reward-head outputs (num_labels)
+  P: pooled sequences (one reward each)   T: tokens of all rows (B * L)
+
+One row may hold several sequences packed side by side: `segment_ids` numbers them (0 = padding)
+and attention is causal within a segment. `positions` restart at 0 for every sequence and only
+feed RoPE, so a padded batch is the one-segment-per-row case.
+
+Shared prompts: with `branch_ids` (0 = trunk, 1, 2, ... = branches), a segment is a prompt
+followed by several responses; a token attends to earlier trunk tokens and to earlier tokens of
+its own branch only. With positions continuing from the prompt in every branch, each branch
+computes exactly what prompt + that response would alone, while the prompt is computed once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jbt.model import attention
+from jbt.model.config import ModelConfig
+from jbt.model.matmul import MATMUL_NAME, matmul
+
+Array = jax.Array
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """HF's RMSNorm: normalise in float32, cast back, then scale (that order matters in bf16)."""
+
+  eps: float
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return w.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """RoPE inverse frequencies [H/2], with Llama 3 / linear scaling as transformers computes them."""
+  H = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  if cfg.rope_scaling is None:
+    return inv_freq
+  kind = cfg.rope_scaling[0]
+  if kind == "linear":
+    return inv_freq / cfg.rope_scaling[1]
+  if kind == "llama3":
+    _, factor, low_ff, high_ff, old_len = cfg.rope_scaling
+    low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+def apply_rope(x_BxLxNxH: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
+  """HF's rotate_half layout: (x1, x2) halves, x*cos + (-x2, x1)*sin. No weight permutation needed."""
+  x1, x2 = jnp.split(x_BxLxNxH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxLxNxH * cos_BxLxH[:, :, None, :] + rotated * sin_BxLxH[:, :, None, :]
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  max_segment: int = 0  # longest sequence in a row (0: the row length); bounds the keys a block needs
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
+    cfg = self.cfg
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt = cfg.compute_dtype
+    init = nn.initializers.normal(cfg.initializer_range)
+    zeros = nn.initializers.zeros
+    wq = _param(self, "q", (D, N, H), ("embed", "heads", "head_dim"), init)
+    wk = _param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
+    wv = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
+    wo = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), init)
+
+    # Projections run as 2-D matmuls over all B*L tokens: XLA's CPU backend computes the weight
+    # gradients of 3-D einsums (contracting B and L together) about half as fast.
+    B, L = x_BxLxD.shape[:2]
+    x_TxD = x_BxLxD.reshape(B * L, D)
+    q_BxLxNxH = matmul(x_TxD, wq.reshape(D, N * H), dt, cfg.matmul).reshape(B, L, N, H)
+    k_BxLxKxH = matmul(x_TxD, wk.reshape(D, K * H), dt, cfg.matmul).reshape(B, L, K, H)
+    v_BxLxKxH = matmul(x_TxD, wv.reshape(D, K * H), dt, cfg.matmul).reshape(B, L, K, H)
+    if cfg.qkv_bias:
+      q_BxLxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
+      k_BxLxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+      v_BxLxKxH += _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H before RoPE
+      q_BxLxNxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="q_norm")(q_BxLxNxH)
+      k_BxLxKxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="k_norm")(k_BxLxKxH)
+    q_BxLxNxH = _constrain(apply_rope(q_BxLxNxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "heads", "head_dim"))
+    k_BxLxKxH = _constrain(apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "kv_heads", "head_dim"))
+    v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
+
+    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
+    kind = attention.KINDS[cfg.attention]
+    out_BxLxKxGxH = kind.attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, sliding_window=cfg.sliding_window,
+                                block=getattr(cfg, kind.block_field), max_segment=self.max_segment)
+    out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
+    y_BxLxD = matmul(out_TxNH, wo.reshape(N * H, D), dt, cfg.matmul).reshape(B, L, D)
+    if cfg.o_bias:
+      y_BxLxD += _param(self, "o_bias", (D,), ("embed",), zeros).astype(dt)
+    return y_BxLxD
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    cfg = self.cfg
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    dt = cfg.compute_dtype
+    init = nn.initializers.normal(cfg.initializer_range)
+    B, L = x_BxLxD.shape[:2]
+    x_TxD = x_BxLxD.reshape(B * L, D)  # 2-D matmuls, as in Attention
+    gate_TxF = matmul(x_TxD, _param(self, "gate", (D, F), ("embed", "mlp"), init), dt, cfg.matmul)
+    up_TxF = matmul(x_TxD, _param(self, "up", (D, F), ("embed", "mlp"), init), dt, cfg.matmul)
+    if cfg.mlp_bias:
+      zeros = nn.initializers.zeros
+      gate_TxF += _param(self, "gate_bias", (F,), ("mlp",), zeros).astype(dt)
+      up_TxF += _param(self, "up_bias", (F,), ("mlp",), zeros).astype(dt)
+    h_BxLxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, L, F), ("batch", "length", "mlp"))
+    y_TxD = matmul(h_BxLxF.reshape(B * L, F), _param(self, "down", (F, D), ("mlp", "embed"), init), dt,
+                   cfg.matmul)
+    if cfg.mlp_bias:
+      y_TxD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
+    return y_TxD.reshape(B, L, D)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  max_segment: int = 0
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array):
+    cfg = self.cfg
+    h = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + Attention(cfg, self.max_segment, name="attn")(h, info, cos_BxLxH, sin_BxLxH)
+    h = RMSNorm(cfg.rms_norm_eps, "embed", name="mlp_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
+    x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
+    return x_BxLxD, None  # (carry, per-layer output) for nn.scan
+
+
+_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(*attention.SAVED_NAMES)
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    # each layer's input and the attention's results: recompute the matmuls, never the attention
+    "attention": _KEEP_ATTENTION,
+    # matmul outputs too, so only elementwise work is recomputed
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(*attention.SAVED_NAMES, MATMUL_NAME)),
+}
+
+
+class RewardModel(nn.Module):
+  """Decoder + reward head. A pure function of its params; no I/O.
+
+  max_segment: an upper bound on the length of any sequence in a row, when rows are packed with
+  sequences shorter than the row (0: no bound); it only lets attention skip work.
+  """
+
+  cfg: ModelConfig
+  max_segment: int = 0
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = self.param(
+        "embed",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size),
+        jnp.float32,
+    )
+    layer_cls = DecoderLayer
+    if cfg.remat != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # One traced layer scanned over a leading "layers" axis: compile time independent of depth.
+      self.layers = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, self.max_segment, name="layers")
+    else:
+      self.layer_list = [layer_cls(cfg, self.max_segment, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed")
+    self.score = self.param(
+        "score",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "labels")),
+        (cfg.hidden_size, cfg.num_labels),
+        jnp.float32,
+    )
+
+  def hidden(
+      self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array, branch_ids_BxL: Array | None = None
+  ) -> Array:
+    """Final-norm hidden states [B, L, D] in the compute dtype."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(dt)
+    x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
+    freqs_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
+    cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
+    info = attention.mask_info(cfg.attention, segment_ids_BxL, positions_BxL, branch_ids_BxL, cfg.sliding_window)
+    if cfg.scan_layers:
+      x_BxLxD, _ = self.layers(x_BxLxD, info, cos_BxLxH, sin_BxLxH)
+    else:
+      for layer in self.layer_list:
+        x_BxLxD, _ = layer(x_BxLxD, info, cos_BxLxH, sin_BxLxH)
+    return self.final_norm(x_BxLxD)
+
+  def __call__(
+      self,
+      tokens_BxL: Array,
+      segment_ids_BxL: Array,
+      positions_BxL: Array,
+      pool_index_P: Array | None = None,
+      branch_ids_BxL: Array | None = None,
+  ) -> Array:
+    """Rewards.
+
+    With `pool_index_P` (flat indices row * L + t): the reward of each pooled sequence, [P].
+    Without it: the reward read at every token, [B, L] (useful for checks and scoring).
+    The head runs in float32: it is tiny, and the reward is what the loss differentiates.
+    """
+    cfg = self.cfg
+    h_BxLxD = self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL, branch_ids_BxL)
+    w_D = self.score[:, cfg.reward_label]
+    if pool_index_P is None:
+      return jnp.einsum("BLD,D->BL", h_BxLxD.astype(jnp.float32), w_D)
+    B, L, D = h_BxLxD.shape
+    h_PxD = jnp.take(h_BxLxD.reshape(B * L, D), pool_index_P, axis=0)
+    return jnp.einsum("PD,D->P", h_PxD.astype(jnp.float32), w_D)
+
+
+def pool_index(tokens_BxL: Array, segment_ids_BxL: Array, pad_token_id: int) -> Array:
+  """Flat index of the reward token of each padded row, as transformers pools.
+
+  transformers reads the rightmost token whose id != pad_token_id; with pad == eos a row ending
+  in eos is read before its trailing eos run. Rows here hold one sequence each.
+  """
+  B, L = tokens_BxL.shape
+  keep_BxL = (tokens_BxL != pad_token_id) & (segment_ids_BxL > 0)
+  last_B = jnp.argmax(jnp.where(keep_BxL, jnp.arange(L)[None, :], -1), axis=1)
+  return jnp.arange(B) * L + last_B
+
+
+def abstract_params(cfg: ModelConfig, *, boxed: bool = False) -> Any:
+  """Parameter shapes (jax.ShapeDtypeStruct), without allocating: eval_shape of init. boxed keeps
+  the nn.LogicallyPartitioned boxes, whose logical axis names give the shardings."""
+  tok = jnp.zeros((1, 1), jnp.int32)
+  boxed_params = jax.eval_shape(lambda: RewardModel(cfg).init(jax.random.key(0), tok, tok, tok)["params"])
+  return boxed_params if boxed else nn.unbox(boxed_params)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
+  """Random parameters (unboxed); jit it with out_shardings to build them straight into shards."""
+  tok = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(RewardModel(cfg).init(key, tok, tok, tok)["params"])

@@ -1,0 +1,7 @@
+"""Where and how jbt's programs run.
+
+    mesh.py          device meshes and logical-axis rules (DP / FSDP / TP is a config edit)
+    distributed.py   jax.distributed, the primary process, the compilation cache, data-parallel size
+    xla_options.py   per-program XLA compiler options
+    hugepages.py     the host-memory setting a process must start with
+"""

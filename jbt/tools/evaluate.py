@@ -1,0 +1,177 @@
+"""Pairwise accuracy of a reward model on preference data.
+
+    python -m jbt.evaluate --model PATH --data SPEC [--data SPEC ...] [--split auto|test|train|all]
+        [--max_length 1250] [--max_prompt_length 625] [--truncation halos|drop] [--batch_size 16]
+        [--plot out.png] [--dtype float32|bfloat16] [--mesh 1,-1,1] [--on_error skip|raise]
+
+PATH is an HF reward-model directory (such as a run's FINAL/) or a jbt checkpoint; a SPEC is any
+data spec training takes (hub name, file, directory, glob). Pairs are formatted and truncated
+exactly as training formats them, each member scored alone. Prints one JSON line:
+
+    {"accuracy", "mean_margin", "n_pairs", "loss", "mean_chosen", "mean_rejected",
+     "reward_length_corr", "model", "per_dataset": {SPEC: {... the same, "split", "n_skipped"}}}
+
+accuracy counts r_chosen > r_rejected strictly (a tie is wrong, as HALOs counts); loss is the mean
+-log sigmoid(r_chosen - r_rejected); reward_length_corr is the Pearson correlation of reward and
+response length over all scored responses.
+
+Split rule (--split auto, the default), per spec: a hub data set uses its test split; a file
+whose records name a test split ("test", or "eval"/"validation"/"valid"/"dev") uses those
+records plus any without a split; a file with no test records is used whole. --split test|train
+takes that split as training would (records without a split belong to both); --split all takes
+every pair once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jbt.errors import ArgParser, JbtError, cli_main
+
+SPLIT_CHOICES = ("auto", "test", "train", "all")
+
+
+def load_split(spec: str, split: str, on_error: str = "skip") -> tuple[list[Any], Any, str]:
+  """(pairs, data report, the split used) of one spec under the rule in the module docstring."""
+  from jbt import data
+  from jbt.data import hub
+
+  if split in ("test", "train"):
+    pairs, report = data.load_pairs([spec], split=split, on_error=on_error)
+    return pairs, report, split
+  if spec in hub.HUB_DATASETS:
+    if split == "auto":
+      pairs, report = data.load_pairs([spec], split="test", on_error=on_error)
+      return pairs, report, "test"
+    train, report = data.load_pairs([spec], split="train", on_error=on_error)
+    test, _ = data.load_pairs([spec], split="test", on_error=on_error)
+    return train + test, report, "all"
+  # A file: the train load counts the test records it leaves out, which tells whether the data
+  # has a test split without a second read. A file of test records only fails the train load.
+  try:
+    train, report = data.load_pairs([spec], split="train", on_error=on_error)
+  except JbtError:
+    pairs, report = data.load_pairs([spec], split="test", on_error=on_error)
+    return pairs, report, "test" if split == "auto" else "all"
+  if not report.excluded["other_split"]:
+    return train, report, "all"
+  test, test_report = data.load_pairs([spec], split="test", on_error=on_error)
+  if split == "auto":
+    return test, test_report, "test"
+  # Records without a split are in both loads; keep their first copy.
+  return train + [p for p in test if p.split is not None], report, "all"
+
+
+def pair_metrics(chosen_P: np.ndarray, rejected_P: np.ndarray) -> dict[str, float | int]:
+  """accuracy (strict), mean margin, BT loss and mean rewards of P pairs (float64)."""
+  from jbt.loss import bt_sums, pair_means
+
+  chosen_P, rejected_P = np.asarray(chosen_P, np.float64), np.asarray(rejected_P, np.float64)
+  n = int(chosen_P.size)
+  m = pair_means(bt_sums(chosen_P, rejected_P)) if n else dict.fromkeys(("accuracies", "margins", "loss", "chosen",
+                                                                           "rejected"), float("nan"))
+  return {"accuracy": float(m["accuracies"]), "mean_margin": float(m["margins"]), "n_pairs": n,
+          "loss": float(m["loss"]), "mean_chosen": float(m["chosen"]), "mean_rejected": float(m["rejected"])}
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+  """JSON has no NaN: write null."""
+  return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", max_length: int = 1250,
+             max_prompt_length: int = 625, truncation: str = "halos", batch_size: int = 16,
+             dtype: str = "float32", mesh_shape: Sequence[int] = (1, -1, 1), on_error: str = "skip",
+             plot: str | Path | None = None) -> dict[str, Any]:
+  """Scores every pair of every spec; returns the result dict (see the module docstring)."""
+  from jbt import data
+  from jbt.tools import plots, score
+  from jbt.data.sources import resolve_spec
+
+  if split not in SPLIT_CHOICES:
+    raise JbtError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
+  if not specs:
+    raise JbtError("give at least one --data SPEC")
+  if len(set(specs)) != len(specs):
+    raise JbtError(f"a --data spec is given twice: {specs}")
+  if plot is not None and Path(plot).is_dir():
+    raise JbtError(f"--plot {plot}: is a directory; give the PNG file's path")
+  if not Path(model).exists():
+    raise JbtError(f"--model {model}: no such directory")
+  for spec in specs:  # a spec that names nothing fails before the model loads
+    resolve_spec(spec)
+
+  scorer, tokenizer = score.load_scorer(model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape)
+  datasets = []
+  for spec in specs:
+    pairs, load_report, used = load_split(spec, split, on_error)
+    tok, tok_report = data.tokenize_pairs(pairs, tokenizer, max_length=max_length,
+                                          max_prompt_length=max_prompt_length, truncation=truncation,
+                                          on_error=on_error)
+    if len(tok) == 0:
+      raise JbtError(f"--data {spec}: no pair is left to score ({tok_report.summary()})")
+    print(f"{spec}: {len(tok)} {used} pairs ({load_report.summary()}; {tok_report.summary()})", file=sys.stderr)
+    datasets.append((spec, used, tok, load_report.n_skipped + tok_report.n_skipped))
+
+  # One scoring call over every member of every dataset: shared length buckets, one progress bar.
+  sequences = [tok.member(i, j) for _, _, tok, _ in datasets for i in range(len(tok)) for j in (0, 1)]
+  rewards = scorer(sequences, desc="evaluating")
+  result: dict[str, Any] = {}
+  per_dataset, all_rewards, all_lengths = {}, [], []
+  offset = 0
+  for spec, used, tok, n_skipped in datasets:
+    rewards_Px2 = rewards[offset:offset + 2 * len(tok)].reshape(-1, 2)
+    offset += 2 * len(tok)
+    # Response tokens: what follows the prefix both members share (prompt and template header).
+    lengths_Px2 = tok.lengths - tok.shared_prefix[:, None]
+    all_rewards.append(rewards_Px2)
+    all_lengths.append(lengths_Px2)
+    m = pair_metrics(rewards_Px2[:, 0], rewards_Px2[:, 1])
+    m["reward_length_corr"] = plots.length_correlation(rewards_Px2.ravel(), lengths_Px2.ravel())
+    per_dataset[spec] = _finite({**m, "split": used, "n_skipped": n_skipped})
+  rewards_Px2, lengths_Px2 = np.concatenate(all_rewards), np.concatenate(all_lengths)
+  result.update(pair_metrics(rewards_Px2[:, 0], rewards_Px2[:, 1]))
+  result["reward_length_corr"] = plots.length_correlation(rewards_Px2.ravel(), lengths_Px2.ravel())
+  result = _finite(result)
+  result["model"] = str(model)
+  result["per_dataset"] = per_dataset
+  if plot is not None:
+    title = f"{Path(model).name}: accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs"
+    plots.plot_rewards(rewards_Px2[:, 0], rewards_Px2[:, 1], lengths_Px2[:, 0], lengths_Px2[:, 1], plot, title=title)
+    print(f"wrote {plot}", file=sys.stderr)
+  return result
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+  from jbt.tools.score import parse_mesh
+
+  ap = ArgParser(prog="python -m jbt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", required=True, help="HF reward-model directory (e.g. a run's FINAL/) or jbt checkpoint")
+  ap.add_argument("--data", action="append", required=True, help="data spec (repeatable): hub name, file, dir, glob")
+  ap.add_argument("--split", choices=SPLIT_CHOICES, default="auto", help="which pairs to score (see above)")
+  ap.add_argument("--max_length", type=int, default=1250, help="as cfg.data.max_length")
+  ap.add_argument("--max_prompt_length", type=int, default=625, help="as cfg.data.max_prompt_length")
+  ap.add_argument("--truncation", choices=("halos", "drop"), default="halos", help="as cfg.data.truncation")
+  ap.add_argument("--batch_size", type=int, default=16, help="sequences per scoring batch")
+  ap.add_argument("--plot", default=None, help="write reward histograms and reward vs length to this PNG")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+  ap.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) sizes over the local devices")
+  ap.add_argument("--on_error", choices=("skip", "raise"), default="skip", help="bad records: count or stop")
+  args = ap.parse_args(argv)
+  result = evaluate(args.model, args.data, split=args.split, max_length=args.max_length,
+                    max_prompt_length=args.max_prompt_length, truncation=args.truncation,
+                    batch_size=args.batch_size, dtype=args.dtype, mesh_shape=parse_mesh(args.mesh),
+                    on_error=args.on_error, plot=args.plot)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,299 @@
+"""A training run in three stages: set up, loop, finish.
+
+    run(cfg) -> summary
+      setup   config checks, mesh, model, data, optimizer, train state (restored when resuming)
+      loop    one jitted step per micro-batch; metrics, evaluations and checkpoints on schedule
+      finish  the last checkpoint and evaluation, final/ (jbt) and FINAL/ (Hugging Face)
+
+Writes {cache_dir}/{exp_name}/: checkpoints/, metrics.jsonl, tb/, config.json, final/, FINAL/
+and summary.json. Re-running the same command resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+from ml_collections import ConfigDict
+
+from jbt.atomic import atomic_dir
+from jbt.checkpoint import model_dir
+from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, run_path
+from jbt.errors import JbtError
+from jbt.loss.bradley_terry import pair_means
+from jbt.runtime import mesh as mesh_lib
+from jbt.runtime import xla_options
+from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
+from jbt.tools.convert import export_hf
+from jbt.train import optim, setup
+from jbt.train.batches import Batches
+from jbt.train.compiler import StepCompiler
+from jbt.train.metrics import MetricsWriter
+from jbt.train.state import abstract_state, init_state
+from jbt.train.step import make_eval_step, make_train_step
+from jbt.train.throughput import Throughput
+
+
+def log(msg: str) -> None:
+  if is_primary():
+    print(msg, flush=True)
+
+
+def run(cfg: ConfigDict) -> dict[str, Any]:
+  """Trains (or resumes) per cfg; returns the last train and eval metrics."""
+  setup.validate(cfg)
+  maybe_init_distributed(cfg)
+  enable_compilation_cache(cfg)
+  run_dir = run_path(cfg.ckpt.cache_dir) / cfg.ckpt.exp_name
+  # flock needs a local filesystem; a remote run directory relies on one job per exp_name.
+  lock = RunLock(run_dir).acquire() if is_primary() and not is_remote(run_dir) else None
+  try:
+    trainer = Trainer(cfg, run_dir)
+    try:
+      trainer.loop()
+    finally:
+      trainer.close()
+    return trainer.finish()
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _ruled(fn: Any, rules: tuple) -> Any:
+  """fn traced under the config's logical-axis rules, so the model's constraints meet the mesh."""
+  def wrapped(*args):
+    with nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
+class Trainer:
+  """One run's state between the stages: __init__ sets up, loop() trains, finish() exports."""
+
+  def __init__(self, cfg: ConfigDict, run_dir: Any):
+    self.cfg, self.run_dir, self.t_start = cfg, run_dir, time.time()
+    setup.check_specs(cfg)
+    self.mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+    setup.check_mesh_batch(cfg, self.mesh)
+    self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    loaded = setup.model(cfg, lambda mc: mesh_lib.model_shardings(mc, self.mesh, self.rules))
+    self.model_cfg, self.hf_cfg, self.tokenizer = loaded.cfg, loaded.hf_config, loaded.tokenizer
+    from jbt.data import ensure_chat_template
+
+    ensure_chat_template(self.tokenizer)
+    mc = self.model_cfg
+    log(f"model: {mc.family}, {mc.num_layers} layers, {mc.num_params() / 1e6:.1f}M parameters, {mc.dtype} compute, "
+        f"{mc.attention} attention, mesh {dict(self.mesh.shape)} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices")
+    ds = setup.datasets(cfg, self.tokenizer)
+    for line in ds.messages:
+      log(line)
+    self.train_tok, self.eval_tok = ds.train, ds.eval
+    self.accum = cfg.opt.grad_accum
+    self.updates = setup.count_updates(cfg, len(self.train_tok))
+    self.tx, self.lr_fn = optim.make_optimizer(cfg.opt, self.updates)
+    with jax.set_mesh(self.mesh):
+      self.state, self.state_sh = init_state(mc, self.tx, self.mesh, self.rules, seed=cfg.train.seed,
+                                             params=loaded.params)
+    del loaded
+    self.ckpts = RunCheckpoints(self.run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
+    self.examples = 0  # pairs trained on: counters/examples, and the eval schedule's clock
+    self.tokens = 0
+    self.data_state: dict[str, Any] | None = None
+    restored = self.ckpts.restore_latest(abstract_state(self.state, self.state_sh))
+    if restored is not None:
+      step, self.state, self.data_state, progress = restored
+      self.examples, self.tokens = int(progress["examples"]), int(progress.get("tokens", 0))
+      log(f"resumed from {self.ckpts.dir / str(step)} (update {step // self.accum} of {self.updates})")
+    self.micro_done = int(jax.device_get(self.state.step))
+    if is_primary():
+      self.run_dir.mkdir(parents=True, exist_ok=True)
+      (self.run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    self.writer = MetricsWriter(self.run_dir, resume_step=self.micro_done // self.accum,
+                                tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
+                                config=cfg.to_dict(), enabled=is_primary())
+    self._build_steps()
+    self.last: dict[str, Any] = {}
+    self.eval_last: dict[str, Any] = {}
+
+  def _build_steps(self) -> None:
+    cfg, mc = self.cfg, self.model_cfg
+    self.batches = Batches(cfg, self.mesh, mc.pad_token_id, flash=mc.attention == "flash")
+    # Packed rows hold members of at most max_length tokens; attention skips keys further back.
+    max_segment = cfg.data.max_length if cfg.data.layout == "packed" else 0
+    batch_sh = jax.sharding.NamedSharding(self.mesh, mesh_lib.batch_spec(self.mesh))
+    train_step = make_train_step(mc, self.tx, self.lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
+                                 grad_accum=self.accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
+                                 max_segment=max_segment)
+    options = xla_options.compiler_options(mc.dtype)
+    self.train_step = StepCompiler(
+        jax.jit(_ruled(train_step, self.rules), in_shardings=(self.state_sh, batch_sh),
+                out_shardings=(self.state_sh, None), donate_argnums=0, compiler_options=options), self.mesh)
+    self.eval_step = jax.jit(_ruled(make_eval_step(mc, margin=cfg.loss.margin, max_segment=max_segment), self.rules),
+                             in_shardings=(self.state_sh.params, batch_sh), compiler_options=options)
+
+  # -- evaluation ------------------------------------------------------------------------------
+
+  def evaluate(self) -> dict[str, float]:
+    """HALOs' eval metrics over every eval pair (sums added over batches, divided once)."""
+    totals: dict[str, float] = {}
+    it = self.batches.iterator(self.eval_tok, batch_size=self.cfg.train.eval_batch_size, epochs=1,
+                               seed=self.cfg.train.seed)
+    with jax.set_mesh(self.mesh):
+      for local in it:
+        batch, _ = self.batches.place(local)
+        for k, v in jax.device_get(self.eval_step(self.state.params, batch)).items():
+          totals[k] = totals.get(k, 0.0) + float(v)
+    means = pair_means({"n": 0.0, **{k: 0.0 for k in ("loss", "chosen", "rejected", "margins", "accuracies")},
+                        **totals})
+    out = {f"rewards_eval/{k}": v for k, v in means.items() if k != "loss"}
+    out["loss/eval"] = means["loss"]
+    out["eval_pairs"] = totals.get("n", 0.0)
+    return out
+
+  def _write_eval(self, update: int) -> None:
+    self.eval_last = self.writer.write(update, self.evaluate())
+
+  # -- the loop --------------------------------------------------------------------------------
+
+  def _read_ahead(self) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """The next batch, placed on the mesh, its shape compiling in the background if it is new."""
+    batch, stats = self.batches.place(next(self.iterator))
+    self.train_step.prepare(self.state, batch)
+    return batch, stats
+
+  def loop(self) -> None:
+    """Trains from the restored (or initial) state to the last optimizer step. One batch of
+    lookahead: the next batch is placed, and a new shape compiled, while the current step (or
+    the first evaluation) runs."""
+    cfg, accum, total = self.cfg, self.accum, self.updates * self.accum
+    self.iterator = self.batches.iterator(self.train_tok, batch_size=cfg.train.batch_size // accum, epochs=None,
+                                          seed=cfg.train.seed)
+    if self.data_state is not None:
+      self.iterator.set_state(self.data_state)
+    # The data position a checkpoint records: right after the batch being trained (the iterator
+    # itself is one batch ahead).
+    self.data_state = self.iterator.get_state()
+    ahead = self._read_ahead() if self.micro_done < total else None
+    if self.micro_done == 0 and self.eval_tok is not None:
+      self._write_eval(0)
+      log(f"eval before training: accuracy {self.eval_last['rewards_eval/accuracies']:.3f}, "
+          f"loss {self.eval_last['loss/eval']:.4f}")
+    self.progress = self._progress_bar()
+    self.throughput = Throughput(self.model_cfg)
+    pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    compile_s = 0.0  # seconds the current update waited for compilation (new batch shapes)
+    with jax.set_mesh(self.mesh):
+      for micro in range(self.micro_done, total):
+        batch, stats = ahead
+        self.data_state = self.iterator.get_state()
+        self.state, metrics, waited = self.train_step(self.state, batch)
+        if micro + 1 < total:
+          ahead = self._read_ahead()
+        compile_s += waited
+        pending.append((metrics, stats))
+        if (micro + 1) % accum == 0:
+          self._end_update((micro + 1) // accum, pending, compile_s)
+          pending, compile_s = [], 0.0
+    if self.progress is not None:
+      self.progress.close()
+
+  def _progress_bar(self) -> Any:
+    if not (self.cfg.log.progress and is_primary()):
+      return None
+    from tqdm import tqdm
+
+    return tqdm(total=self.updates, initial=self.micro_done // self.accum, desc="train", unit="step",
+                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+
+  def _update_metrics(self, update: int, pending: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Means of the micro-steps' device metrics, host counters and throughput; stops on NaN."""
+    host = [(jax.device_get(m), s) for m, s in pending]
+    out = {k: sum(float(m[k]) for m, _ in host) / len(host) for k in host[0][0] if k != "n_pairs"}
+    for k in ("loss/train", "grad_norm"):
+      if not math.isfinite(out[k]):
+        self.ckpts.wait()
+        good = max(self.ckpts.steps(), default=None)
+        raise JbtError(f"non-finite {k} ({out[k]}) at step {update}: stopping; last good checkpoint: "
+                       + (f"{self.ckpts.dir / str(good)}" if good is not None else "none (nothing saved)"))
+    pairs = int(sum(float(s["n_pairs"]) for _, s in host))
+    tokens = int(sum(float(s["n_tokens"]) for _, s in host))
+    self.examples += pairs
+    self.tokens += tokens
+    out.update({"counters/examples": self.examples, "counters/updates": update})
+    out.update(self.throughput.update(pairs, tokens))
+    return out
+
+  def _end_update(self, update: int, pending: list[tuple[dict[str, Any], dict[str, Any]]], compile_s: float) -> None:
+    cfg = self.cfg
+    before = self.examples
+    self.last = self._update_metrics(update, pending)
+    self.last["perf/compile_seconds"] = compile_s  # included in this update's wall time
+    if update % cfg.train.log_every == 0 or update == self.updates:
+      self.writer.write(update, self.last)
+    if self.progress is not None:
+      self.progress.set_postfix(loss=f"{self.last['loss/train']:.4f}",
+                                acc=f"{self.last['rewards_train/accuracies']:.2f}")
+      self.progress.update(1)
+    every = cfg.train.eval_every
+    if self.eval_tok is not None and every > 0 and update < self.updates and self.examples // every > before // every:
+      self._write_eval(update)
+      self.throughput.restart()
+    if cfg.ckpt.save_every > 0 and update % cfg.ckpt.save_every == 0 and update < self.updates:
+      self._save(update * self.accum)
+
+  def _save(self, micro: int) -> None:
+    self.ckpts.save(micro, self.state, self.data_state, {"examples": self.examples, "tokens": self.tokens})
+
+  def close(self) -> None:
+    self.train_step.close()
+
+  # -- finish ----------------------------------------------------------------------------------
+
+  def finish(self) -> dict[str, Any]:
+    """The final checkpoint and evaluation, final/ and FINAL/, summary.json; returns the summary."""
+    final_step = self.updates * self.accum
+    if final_step not in self.ckpts.steps():
+      self._save(final_step)
+    self.ckpts.wait()
+    if self.eval_tok is not None and (self.micro_done < final_step or not self.eval_last):
+      self._write_eval(self.updates)
+    if self.eval_last:
+      e = self.eval_last
+      log(f"eval after training: accuracy {e['rewards_eval/accuracies']:.3f}, loss {e['loss/eval']:.4f}, "
+          f"margin {e['rewards_eval/margins']:.3f} on {int(e['eval_pairs'])} pairs")
+    self._save_final()
+    self.writer.close()
+    self.ckpts.close()
+    summary = {**self.last, **self.eval_last, "compile_seconds": self.train_step.seconds_waited if self.last else None,
+               "compiled_shapes": self.train_step.compiled_shapes, "wall_seconds": time.time() - self.t_start}
+    if is_primary():
+      (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    log(f"done in {summary['wall_seconds']:.0f}s: {self.run_dir / 'FINAL'}")
+    return summary
+
+  def _save_final(self) -> None:
+    """{run}/final: jbt checkpoint; {run}/FINAL: HF directory. Both appear only when complete."""
+    params, mc = self.state.params, self.model_cfg
+    final = self.run_dir / "final"
+    if jax.process_count() == 1:
+      with atomic_dir(final, overwrite=True) as tmp:
+        model_dir.write_model_meta(tmp, mc, self.hf_cfg, self.tokenizer)
+        model_dir.save_params(tmp / "params", params)
+    else:  # every process writes its shards; orbax renames the params into place when complete
+      from jax.experimental import multihost_utils
+
+      if is_primary():
+        shutil.rmtree(final, ignore_errors=True)
+        model_dir.write_model_meta(final, mc, self.hf_cfg, self.tokenizer)
+      multihost_utils.sync_global_devices("jbt_final_meta")
+      model_dir.save_params(final / "params", params)
+      params = multihost_utils.process_allgather(params, tiled=True)
+    if is_primary() and self.cfg.ckpt.export_final:
+      export_hf(mc, params, self.run_dir / "FINAL", hf_config=self.hf_cfg, tokenizer=self.tokenizer, overwrite=True)
