@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import stat
 import logging
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import tinymodels  # noqa: E402
 from jbt import model  # noqa: E402
+from jbt.atomic import umask  # noqa: E402
 from jbt.checkpoint.load import load_model  # noqa: E402
 from jbt.hf import families  # noqa: E402
 from jbt.hf import files as hf_io  # noqa: E402
@@ -80,6 +82,10 @@ def test_round_trip_is_bit_exact_and_loads(tmp_path, family):
   np.testing.assert_allclose(_score(back, tokens, seg), _jbt_rewards(tmp_path / "ckpt", tokens, seg, pos), atol=1e-4)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
   assert tok.chat_template and tok.pad_token_id == 0
+  # Readable by other users as the umask allows (mkdtemp makes 0700, safetensors 0600 files).
+  mask = umask()
+  assert stat.S_IMODE((tmp_path / "back").stat().st_mode) == 0o777 & ~mask
+  assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "back").iterdir()} == {0o666 & ~mask}
 
 
 def test_causal_lm_gets_fresh_head_and_bin_and_sharded_sources(tmp_path):

@@ -4,6 +4,7 @@ error (JbtError / exit 2) or a counted skip, never a raw traceback or a hang."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,22 @@ def test_loaders_raise_mode_names_the_place(tmp_path_factory, rows):
   try:
     data.load_pairs([str(path)], on_error="raise")
   except JbtError as e:
-    assert str(path) in str(e) or "no " in str(e)
+    msg = str(e)
+    assert str(path) in msg, msg
+    named = re.match(re.escape(str(path)) + r":(\d+): ", msg)
+    if named:  # a bad record, named by its 1-based line: that line alone is bad too
+      line = int(named.group(1))
+      assert 1 <= line <= len(rows), msg
+      one = path.with_name("one.jsonl")
+      one.write_text(json.dumps(rows[line - 1]) + "\n")
+      with pytest.raises(JbtError, match=re.escape(f"{one}:1: ")):
+        data.load_pairs([str(one)], on_error="raise")
+    else:  # a whole-file problem (no records, no pairs): no single record was bad
+      try:
+        _, report = data.load_pairs([str(path)], on_error="skip")
+        assert report.n_skipped == 0, (msg, report.summary())
+      except JbtError:
+        pass
 
 
 @pytest.fixture(scope="module")

