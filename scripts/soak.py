@@ -27,9 +27,10 @@ ARGS = ["--config.ckpt.save_every=2", "--config.mesh.shape=(1,1,1)", "--config.l
         "--config.log.tensorboard=False"]
 
 
-def command(cache: Path, epochs: int) -> list[str]:
+def command(cache: Path, epochs: int, xla_cache: Path) -> list[str]:
   return [sys.executable, "-m", "jbt.train", "--config", str(ROOT / "configs" / "tiny.py"),
-          f"--config.ckpt.cache_dir={cache}", f"--config.train.epochs={epochs}", *ARGS]
+          f"--config.ckpt.cache_dir={cache}", f"--config.train.epochs={epochs}",
+          f"--config.train.compilation_cache={xla_cache}", *ARGS]
 
 
 def env() -> dict[str, str]:
@@ -53,18 +54,21 @@ def final_state(run_dir: Path) -> tuple[list, dict, dict]:
   return params, losses, data
 
 
-def soak(work: Path, kills: int, seed: int, max_delay: float = 25.0, epochs: int = 10, log=print) -> tuple[int, int]:
-  """Returns (kills survived, kills tried); raises AssertionError on any difference."""
+def soak(work: Path, kills: int, seed: int, max_delay: float = 25.0, epochs: int = 10, log=print,
+         xla_cache: Path | None = None) -> tuple[int, int]:
+  """Returns (kills survived, kills tried); raises AssertionError on any difference. Every run
+  shares one compilation cache (default: work/xla_cache)."""
   import numpy as np
 
   rng = random.Random(seed)
   shutil.rmtree(work, ignore_errors=True)
   work.mkdir(parents=True)
-  clean = subprocess.run(command(work / "clean", epochs), env=env(), cwd=work, capture_output=True, text=True)
+  xla_cache = xla_cache or work / "xla_cache"
+  clean = subprocess.run(command(work / "clean", epochs, xla_cache), env=env(), cwd=work, capture_output=True, text=True)
   assert clean.returncode == 0, clean.stderr[-3000:]
   tried = 0
   while tried < kills:
-    p = subprocess.Popen(command(work / "soak", epochs), env=env(), cwd=work, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(command(work / "soak", epochs, xla_cache), env=env(), cwd=work, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     delay = rng.uniform(0.5, max_delay)
     try:
@@ -78,7 +82,7 @@ def soak(work: Path, kills: int, seed: int, max_delay: float = 25.0, epochs: int
       done = sorted(int(x.name) for x in (work / "soak" / "tiny" / "checkpoints").glob("*") if x.name.isdigit()) \
           if (work / "soak" / "tiny" / "checkpoints").exists() else []
       log(f"  kill {tried}/{kills} at {delay:.1f}s; checkpoints {done[-2:]}")
-  last = subprocess.run(command(work / "soak", epochs), env=env(), cwd=work, capture_output=True, text=True)
+  last = subprocess.run(command(work / "soak", epochs, xla_cache), env=env(), cwd=work, capture_output=True, text=True)
   assert last.returncode == 0, last.stderr[-3000:]
   a, b = final_state(work / "soak" / "tiny"), final_state(work / "clean" / "tiny")
   assert len(a[0]) == len(b[0]) and all(np.array_equal(x, y) for x, y in zip(a[0], b[0])), "parameters differ"

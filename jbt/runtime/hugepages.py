@@ -2,11 +2,9 @@
 
 XLA's CPU runtime allocates a step's temporary buffers (gigabytes for a long packed row) anew at
 every step, and glibc hands such large blocks back to the kernel when they are freed, so every
-step touches fresh 4 KiB pages: 453,905 page faults and 1.02 s of kernel time per SmolLM2
-backward pass at 1 x 1,792 tokens with remat "dots" on 2 cores (`scripts/profile_step.py 1 1792
---max_segment 256 --dtype bfloat16 --remat dots`, JBT_NO_HUGEPAGES=1). glibc's
+step touches fresh 4 KiB pages: hundreds of thousands of page faults a step. glibc's
 `glibc.malloc.hugetlb=1` tunable (glibc 2.35 and newer) asks for transparent huge pages on those
-blocks instead: 8,970 faults and 0.64 s in the same command (docs/benchmarks.md). A
+blocks instead (the measured fault counts and times are in docs/benchmarks.md). A
 tunable is read once, at process start, so `python -m jbt.train` starts itself again with it
 set, before anything else runs. JBT_NO_HUGEPAGES=1 turns this off; where GLIBC_TUNABLES already
 names the tunable, or the C library is not glibc, nothing changes.

@@ -2,17 +2,15 @@
 
 On the CPU backend recent jaxlibs hand dots *and reductions* to YNNPACK. A reduction over a
 non-minor axis of a product, such as the RMSNorm scale gradient (a [tokens, D] product summed over
-tokens), then runs about 30x slower than XLA's own loop: 15 ms against 0.5 ms at [1, 2048, 576]
-on 2 Zen 5 cores. jbt keeps YNNPACK for dots only:
+tokens), then runs far slower than XLA's own loop (docs/benchmarks.md, "XLA CPU options"). jbt
+keeps YNNPACK for dots only:
 
 - float32: dots and the elementwise work fused around them ("LIBRARY_FUSION_TYPE_DOT");
 - bfloat16: single dots ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"), since the fused kind computes a
-  bfloat16 dot in float32 while a single one keeps bfloat16 inputs (about twice the speed).
+  bfloat16 dot in float32 while a single one keeps bfloat16 inputs.
 
-One SmolLM2 backward pass at 2,048 tokens (`scripts/profile_step.py 1 2048 --remat attention
---max_segment 256`): float32 5.6 s with XLA's defaults, 4.8 s with these; bfloat16 3.6 s (with
-`jbt.model.matmul`). The options are passed per program, never through XLA_FLAGS, and are left
-out where the installed jaxlib does not know them.
+The options are passed per program, never through XLA_FLAGS, and are left out where the
+installed jaxlib does not know them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """optax.clip_by_global_norm's result (scale by max_norm / norm when the norm exceeds it), as
   one scalar multiply per element: XLA's CPU backend runs optax's per-element where/divide form
-  about 4x slower than the whole AdamW update (scripts/bench.py's model: 0.35 s vs 0.09 s)."""
+  several times slower than the whole AdamW update (docs/benchmarks.md, "What moved the numbers")."""
 
   def update(updates, state, params=None):
     del params
