@@ -256,7 +256,8 @@ def test_blocked_attention_equals_dense(family, attention):
   dense_cfg = cfg.replace(attention="xla", attn_block=0)
   dense = np.asarray(model.RewardModel(dense_cfg).apply({"params": params}, ptokens, pseg, ppos, pidx))
   field = "attn_block" if attention == "xla" else "flash_block"
-  for block, max_segment in ((8, 0), (8, 19), (16, 19), (24, 20), (5, 0)):
+  # A bound that skips blocks, a block longer than the bound, an odd block with no bound.
+  for block, max_segment in ((8, 19), (24, 20), (5, 0)):
     c = cfg.replace(attention=attention, **{field: block})
     got = model.RewardModel(c, max_segment).apply({"params": params}, ptokens, pseg, ppos, pidx)
     np.testing.assert_allclose(np.asarray(got), dense, atol=1e-5, err_msg=f"block {block}, max_segment {max_segment}")

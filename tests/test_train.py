@@ -25,6 +25,7 @@ from jbt.checkpoint.load import load_model  # noqa: E402
 from jbt.data import synthetic  # noqa: E402
 from jbt.train import optim  # noqa: E402
 from jbt.train import run  # noqa: E402
+from jbt.train.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 XLA_CACHE = os.environ["JBT_TESTS_XLA_CACHE"]  # conftest.py: one compilation cache for the session
@@ -55,8 +56,7 @@ def tiny(tmp_path: Path, **overrides):
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
+  return {r["step"]: r["loss/train"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss/train" in r}
 
 
 @needs_smollm2
