@@ -265,3 +265,14 @@ def test_an_output_whose_directory_cannot_be_made_is_one_error_line(capsys, tmp_
   err = capsys.readouterr().err.strip().splitlines()
   assert e.value.code == 2 and len(err) == 1, err
   assert err[0].startswith(f"error: {blocker / 'out.json'}: cannot create its directory") and "is a file" in err[0]
+
+
+def test_a_run_directory_given_as_the_model_names_its_model_folders(capsys, tmp_path, samples_file):
+  run_dir = tmp_path / "runs" / "tiny"
+  (run_dir / "checkpoints").mkdir(parents=True)
+  (run_dir / "config.json").write_text("{}")  # a run's resolved config, not a model's
+  with pytest.raises(SystemExit) as e:
+    run_label(capsys, samples_file, tmp_path / "out.json", "--reward_model_path", run_dir)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and err[-1] == (f"error: {run_dir}: a training run directory, not a model; use "
+                                           f"{run_dir / 'FINAL'} or {run_dir / 'final'}")

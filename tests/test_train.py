@@ -205,8 +205,13 @@ def test_two_processes_reproduce_one_process(tmp_path):
 def test_config_errors_are_one_line(tmp_path):
   r = subprocess.run(_train_cmd(tmp_path, "--config.train.no_such_key=3"), env=_env(1), cwd=tmp_path,
                      capture_output=True, text=True, timeout=120)
-  assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "no_such_key" in r.stderr
-  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "'no_such_key'" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and "\\" not in r.stderr, r.stderr
+  cmd = _train_cmd(tmp_path)
+  cmd[cmd.index("--config") + 1] = "configs/tinny.py"  # misspelled
+  r = subprocess.run(cmd, env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith("error: --config configs/tinny.py: no such file") and "tiny" in r.stderr
   r = subprocess.run(_train_cmd(tmp_path, "--config.data.max_prompt_length=500"), env=_env(1), cwd=tmp_path,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "max_prompt_length (500) must be below data.max_length (128)" in r.stderr

@@ -61,7 +61,7 @@ def load_model(spec: str | Path, *, shardings_fn: ShardingsFn | None = None, num
     tok_dir = path / "tokenizer"
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None
   else:
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").exists():
+    if path.is_dir() and (path / "checkpoints").is_dir():
       raise JbtError(f"{path}: a training run directory, not a model; use {path / 'FINAL'} or {path / 'final'}")
     cfg, source, hf_config, tokenizer, has_head = hf_files.read_hf(
         path, num_labels=None if num_labels is None else num_labels, **overrides)

@@ -53,9 +53,11 @@ def parse_flags_with_usage(argv: list[str]) -> list[str]:
     # config_flags reports an unknown --config.x.y as AttributeError, a bad value as a flags error.
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, (AttributeError, KeyError)):
-      # KeyError's str() is the repr of its message: quotes and escaped newlines.
-      text = e.args[0] if e.args and isinstance(e.args[0], str) else msg
-      msg = f"unknown config field {text.strip(chr(34)).strip(chr(39))} (see configs/default.py for every field)"
+      # The message may carry a KeyError's repr: escaped quotes and newlines.
+      text = msg.replace("\\'", "'").replace("\\n", "\n")
+      lines = [line.strip().strip("'\"") for line in text.splitlines() if line.strip()]
+      hint = f"; {lines[1]}" if len(lines) > 1 else ""
+      msg = f"unknown config field {lines[0]!r}{hint} (see configs/default.py for every field)"
     _fail(msg.splitlines()[0])
   if CONFIG.value is None:
     _fail("--config is required, e.g. --config configs/tiny.py or --config tiny")
