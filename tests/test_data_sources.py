@@ -306,3 +306,16 @@ def test_shared_hh_sample_loads_every_pair():
   assert len(pairs) == 1520 and report.n_skipped == 0
   assert all(isinstance(p, Pair) and p.chosen[-1]["role"] == "assistant" for p in pairs)
   assert all(p.prompt[0]["role"] == "user" for p in pairs)
+
+
+@pytest.mark.parametrize("line, where", [
+    ('{"prompt": "q", "chosen": "a", "rejected": "b" x}', "Expecting ',' delimiter at column 48"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b"', "Expecting ',' delimiter at the end of the line"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b\u0001"}', "Invalid control character at column 46"),
+])
+def test_malformed_json_names_the_column_where_it_breaks(tmp_path, line, where):
+  path = tmp_path / "cut.jsonl"
+  path.write_bytes((line + "\r\n").encode())  # a Windows line end, and no line after it
+  with pytest.raises(JbtError) as e:
+    load_pairs([str(path)], on_error="raise")
+  assert str(e.value) == f"{path}:1: malformed JSON: {where}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_continues(tmp_path, capsys):
   for p in victims:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
   first = losses(tmp_path / "runs" / "tiny")
-  out = run(tiny(tmp_path, **{**base, "train.max_steps": 16}))
+  out = run(tiny(tmp_path, **{**base, "train.max_steps": 16, "ckpt.resume": "force"}))  # extended on purpose
   err = capsys.readouterr().err
   assert "checkpoint" in err and "cannot be restored" in err and "12" in err
   assert out["counters/updates"] == 16
@@ -90,7 +91,8 @@ def test_second_run_on_the_same_directory_refuses_until_the_first_dies(tmp_path)
   finally:
     first.send_signal(signal.SIGKILL)
     first.wait()
-  third = subprocess.run(_train_cmd(tmp_path, "--config.train.max_steps=2", "--config.mesh.shape=(1,1,1)"),
+  third = subprocess.run(_train_cmd(tmp_path, "--config.train.max_steps=2", "--config.mesh.shape=(1,1,1)",
+                                    "--config.ckpt.resume=never"),
                          env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert third.returncode == 0, third.stderr[-2000:]
 
@@ -121,3 +123,31 @@ def test_soak_reduced_kills_at_random_moments(tmp_path):
   survived, tried = soak.soak(tmp_path / "soak", kills=2, seed=1, max_delay=12.0, epochs=2,
                               log=lines.append, xla_cache=Path(XLA_CACHE))
   assert tried >= 1 and survived == tried, lines
+
+
+@needs_smollm2
+def test_a_changed_config_refuses_to_resume_unless_told_never_or_force(tmp_path):
+  base = {"ckpt.save_every": 4, "ckpt.async_save": False, "train.max_steps": 4, "opt.warmup_ratio": 0.0}
+  run_dir = tmp_path / "runs" / "tiny"
+  run(tiny(tmp_path, **base))
+  with pytest.raises(JbtError) as e:
+    run(tiny(tmp_path, **base, **{"opt.lr": 2e-3, "data.max_length": 120}))
+  msg = str(e.value)
+  assert msg.startswith(f"{run_dir} holds a run with other settings (data.max_length: 128 -> 120; opt.lr: 0.001 -> "
+                        "0.002)") and "ckpt.resume=never" in msg and "ckpt.resume=force" in msg
+  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4"]  # nothing was trained
+
+  # Extended on purpose: steps 5..8 continue from 4, and the run's record says so.
+  out = run(tiny(tmp_path, **{**base, "train.max_steps": 8, "ckpt.resume": "force"}))
+  assert out["counters/updates"] == 8 and out["counters/examples"] == 8 * 16
+  record = json.loads((run_dir / "run.json").read_text())
+  assert record["history"][-1]["changed"] == {"train.max_steps": [4, 8]}
+  # Shorter than what was trained: nothing to train, no step clash; the export is the trained model.
+  run(tiny(tmp_path, **{**base, "train.max_steps": 2, "ckpt.resume": "force"}))
+  assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [4, 8]
+
+  # Start over in place: the old run is moved aside whole, never deleted.
+  run(tiny(tmp_path, **{**base, "opt.lr": 2e-3, "ckpt.resume": "never"}))
+  aside = [p for p in run_dir.parent.iterdir() if p.name.startswith("tiny.old-")]
+  assert len(aside) == 1 and sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == ["4", "8"]
+  assert sorted(losses(run_dir)) == [1, 2, 3, 4] and losses(run_dir) != losses(aside[0])

@@ -60,9 +60,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @needs_smollm2
-def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path):
+def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path, capsys):
   cfg = tiny(tmp_path, **{"mesh.shape": (1, 2, 4)})
   out = run(cfg)
+  said = capsys.readouterr().out.strip().splitlines()[-1]  # where the files are, how much room they take
+  assert said.startswith(f"{tmp_path / 'runs' / 'tiny'} takes ") and "checkpoints/ 0.0" in said and "FINAL/ 0.0" in said
   assert out["rewards_eval/accuracies"] > 0.9 and out["eval_pairs"] == 88  # held-out prompts, chance is 0.5
   run_dir = tmp_path / "runs" / "tiny"
   first_eval = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
@@ -169,12 +171,47 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_params(tmp_path)
   r = subprocess.run(_train_cmd(tmp_path / "b", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
-  pa = load_model(tmp_path / "a" / "tiny" / "final").params
+  # SIGTERM (a preemption) mid-run: a checkpoint at the stop step, one line, then an exact resume.
+  stop_step = _stop_with(signal.SIGTERM, _train_cmd(tmp_path / "c", *extra), tmp_path / "c" / "tiny", after_step=3)
+  r = subprocess.run(_train_cmd(tmp_path / "c", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0 and f"resumed from {tmp_path / 'c' / 'tiny' / 'checkpoints' / str(stop_step)}" in r.stdout
   pb = load_model(tmp_path / "b" / "tiny" / "final").params
-  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-    assert np.array_equal(np.asarray(x), np.asarray(y))
-  la, lb = losses(tmp_path / "a" / "tiny"), losses(tmp_path / "b" / "tiny")
-  assert la == lb and len(la) == 16  # metrics.jsonl reads as one uninterrupted run
+  for other in ("a", "c"):
+    po = load_model(tmp_path / other / "tiny" / "final").params
+    for x, y in zip(jax.tree.leaves(po), jax.tree.leaves(pb)):
+      assert np.array_equal(np.asarray(x), np.asarray(y)), other
+    lo, lb = losses(tmp_path / other / "tiny"), losses(tmp_path / "b" / "tiny")
+    assert lo == lb and len(lo) == 16  # metrics.jsonl reads as one uninterrupted run
+
+
+def _stop_with(sig: int, cmd: list[str], run_dir: Path, after_step: int) -> int:
+  """Starts a run, sends `sig` once metrics.jsonl shows `after_step`, checks the one-line stop and
+  the checkpoint; returns the step it stopped at."""
+  p = subprocess.Popen(cmd, env=_env(), cwd=run_dir.parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and p.poll() is None and not any(
+      r["step"] >= after_step for r in (read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists()
+                                        else [])):
+    time.sleep(0.02)
+  p.send_signal(sig)
+  out, err = p.communicate(timeout=240)
+  assert p.returncode == 130 and "Traceback" not in err + out, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  name = signal.Signals(sig).name
+  assert last.startswith(f"{name}: stopped at step ") and last.endswith("re-run the same command to resume"), err
+  step = int(last.split("stopped at step ")[1].split()[0])
+  assert step >= after_step and (run_dir / "checkpoints" / str(step)).is_dir()
+  assert not (run_dir / "final").exists()
+  return step
+
+
+@needs_smollm2
+def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_one_line(tmp_path):
+  cmd = _train_cmd(tmp_path, "--config.train.epochs=30", "--config.ckpt.save_every=1000")
+  step = _stop_with(signal.SIGINT, cmd, tmp_path / "tiny", after_step=2)
+  assert sorted(int(p.name) for p in (tmp_path / "tiny" / "checkpoints").iterdir()) == [step]
 
 
 def _free_port() -> int:

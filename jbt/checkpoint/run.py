@@ -132,3 +132,82 @@ class RunCheckpoints:
   def close(self) -> None:
     self.manager.close()
 
+
+
+# The config fields that define what a run computes: resuming with other values would silently
+# mix two runs. Logging, evaluation cadence, checkpoint cadence, mesh and kernels are left out.
+IDENTITY_FIELDS = (
+    "model.init_from", "model.tokenizer", "model.num_labels", "model.dtype", "model.random",
+    "data.train", "data.eval", "data.eval_fraction", "data.max_length", "data.max_prompt_length", "data.truncation",
+    "data.layout", "data.pack_length", "data.row_bucket", "data.length_bucket", "data.length_multiple",
+    "train.batch_size", "train.epochs", "train.max_steps", "train.seed", "loss", "opt",
+)
+RESUME_MODES = ("auto", "never", "force")
+RECORD = "run.json"
+
+
+def run_identity(cfg: Any) -> dict[str, Any]:
+  """The values of IDENTITY_FIELDS, one entry per leaf ("opt.lr"), as plain JSON data."""
+  import json
+
+  out: dict[str, Any] = {}
+
+  def add(name: str, node: Any) -> None:
+    if hasattr(node, "to_dict"):
+      node = node.to_dict()
+    if isinstance(node, dict):
+      for k, v in node.items():
+        add(f"{name}.{k}", v)
+    else:
+      out[name] = node
+
+  for field in IDENTITY_FIELDS:
+    node = cfg
+    for part in field.split("."):
+      node = node.get(part) if hasattr(node, "get") else None
+    add(field, node)
+  return json.loads(json.dumps(out, default=str))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def reconcile(cfg: Any, run_dir: Any, mode: str) -> str:
+  """Compares the config with the run directory's record before any work. Returns "new" (nothing
+  to resume), "resume", "forced" (continuing with changed fields, recorded), or "moved" (the old
+  run was renamed aside by mode "never"); raises a JbtError when the fields differ in mode "auto".
+  Only the primary process writes; every process reaches the same answer."""
+  import datetime
+  import json
+
+  if mode not in RESUME_MODES:
+    raise JbtError(f"ckpt.resume must be one of {', '.join(RESUME_MODES)}, got {mode!r}")
+  record_path = run_dir / RECORD
+  has_steps = (run_dir / "checkpoints").exists() and any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
+  record = json.loads(record_path.read_text()) if record_path.exists() else None
+  new = run_identity(cfg)
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  if not has_steps or record is None or mode == "never":
+    state = "new"
+    if has_steps and mode == "never":
+      aside = run_dir.parent / f"{run_dir.name}.old-{now.replace(':', '')}"
+      if is_primary():
+        os.replace(run_dir, aside)
+      print(f"ckpt.resume=never: moved the old run {run_dir} aside to {aside}", file=sys.stderr)
+      state = "moved"
+    if is_primary():
+      run_dir.mkdir(parents=True, exist_ok=True)
+      record_path.write_text(json.dumps({"identity": new, "history": [{"started": now, "resume": mode}]}, indent=2))
+    return state
+  changed = _differences(record["identity"], new)
+  if changed and mode == "auto":
+    fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, v in changed.items() for a, b in [v])
+    raise JbtError(f"{run_dir} holds a run with other settings ({fields}). Use another ckpt.exp_name, or "
+                   "--config.ckpt.resume=never to start over (the old run is moved aside, not deleted), or "
+                   "--config.ckpt.resume=force to continue it with the new settings")
+  if is_primary():
+    record["history"].append({"started": now, "resume": mode, **({"changed": changed} if changed else {})})
+    record["identity"] = new
+    record_path.write_text(json.dumps(record, indent=2))
+  return "forced" if changed else "resume"

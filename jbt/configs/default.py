@@ -83,6 +83,10 @@ def get_config() -> ConfigDict:
   c.ckpt.keep = 2  # checkpoints kept
   c.ckpt.async_save = True
   c.ckpt.export_final = True  # write {cache_dir}/{exp_name}/FINAL (HF directory)
+  # The same command resumes. With changed model / data / optimizer / steps fields: auto refuses,
+  # never moves the old run aside and starts over, force continues with the new fields (recorded
+  # in the run's run.json, e.g. to extend train.max_steps).
+  c.ckpt.resume = "auto"
 
   c.dist = ConfigDict()
   c.dist.auto = False  # jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)

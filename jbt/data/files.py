@@ -58,10 +58,13 @@ def _decode_line(raw: bytes) -> Any:
     text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     return BadRecord("not_utf8", f"not UTF-8 text (byte {e.start + 1} of the line)")
+  text = text.rstrip("\r\n")  # else an error at the end of the line is reported at column 1 of the next
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    return BadRecord("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}")
+    msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "Invalid control character at"
+    where = "the end of the line" if e.pos >= len(text) else f"column {e.colno}"
+    return BadRecord("malformed_json", f"malformed JSON: {msg} at {where}")
 
 
 def _read_json_lines(path: Path) -> Iterator[Located]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from typing import Any
@@ -24,8 +25,8 @@ from ml_collections import ConfigDict
 
 from jbt.atomic import atomic_dir
 from jbt.checkpoint import model_dir
-from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, run_path
-from jbt.errors import JbtError
+from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, run_path
+from jbt.errors import Interrupted, JbtError
 from jbt.loss.bradley_terry import pair_means
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
@@ -37,6 +38,7 @@ from jbt.train.compiler import StepCompiler
 from jbt.train.metrics import MetricsWriter
 from jbt.train.state import abstract_state, init_state
 from jbt.train.step import make_eval_step, make_train_step
+from jbt.train.stopping import StopRequests
 from jbt.train.throughput import Throughput
 
 
@@ -54,15 +56,39 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
   # flock needs a local filesystem; a remote run directory relies on one job per exp_name.
   lock = RunLock(run_dir).acquire() if is_primary() and not is_remote(run_dir) else None
   try:
-    trainer = Trainer(cfg, run_dir)
-    try:
-      trainer.loop()
-    finally:
-      trainer.close()
-    return trainer.finish()
+    if reconcile(cfg, run_dir, cfg.ckpt.get("resume", "auto")) == "moved" and lock is not None:
+      lock.release()  # its file went aside with the old run
+      lock = RunLock(run_dir).acquire()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("jbt_run_reconciled")
+    with StopRequests() as stops:
+      trainer = Trainer(cfg, run_dir, stops)
+      try:
+        trainer.loop()
+      except Interrupted:
+        trainer.writer.close()
+        trainer.ckpts.close()
+        raise
+      finally:
+        trainer.close()
+      return trainer.finish()
   finally:
     if lock is not None:
       lock.release()
+
+
+def disk_usage(run_dir: Any) -> str:
+  """One line: what a run directory holds on disk, by part (checkpoints hold optimizer state too)."""
+  def size(p: Any) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+  parts = {name: size(run_dir / name) for name in ("checkpoints", "final", "FINAL")}
+  total = size(run_dir)
+  gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+  return (f"{run_dir} takes {gib(total)}: " + ", ".join(f"{k}/ {gib(v)}" for k, v in parts.items())
+          + "; FINAL/ is the model to use, checkpoints/ only resume the run (remove them when done)")
 
 
 def _ruled(fn: Any, rules: tuple) -> Any:
@@ -76,8 +102,9 @@ def _ruled(fn: Any, rules: tuple) -> Any:
 class Trainer:
   """One run's state between the stages: __init__ sets up, loop() trains, finish() exports."""
 
-  def __init__(self, cfg: ConfigDict, run_dir: Any):
+  def __init__(self, cfg: ConfigDict, run_dir: Any, stops: StopRequests | None = None):
     self.cfg, self.run_dir, self.t_start = cfg, run_dir, time.time()
+    self.stops = stops or StopRequests()
     setup.check_specs(cfg)
     self.mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     setup.check_mesh_batch(cfg, self.mesh)
@@ -189,6 +216,7 @@ class Trainer:
     self.throughput = Throughput(self.model_cfg)
     pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
     compile_s = 0.0  # seconds the current update waited for compilation (new batch shapes)
+    self.stops.in_loop = True
     with jax.set_mesh(self.mesh):
       for micro in range(self.micro_done, total):
         batch, stats = ahead
@@ -201,8 +229,23 @@ class Trainer:
         if (micro + 1) % accum == 0:
           self._end_update((micro + 1) // accum, pending, compile_s)
           pending, compile_s = [], 0.0
+          if micro + 1 < total and self.stops.requested():
+            self._stop((micro + 1) // accum)
+    self.stops.in_loop = False
     if self.progress is not None:
       self.progress.close()
+
+  def _stop(self, update: int) -> None:
+    """Saves the state after `update` (unless save_every just did), waits for it, and raises."""
+    self.stops.in_loop = False  # a further signal exits at once
+    if self.progress is not None:
+      self.progress.close()
+    if update * self.accum not in self.ckpts.steps():
+      self._save(update * self.accum)
+    self.ckpts.wait()
+    name = signal.Signals(self.stops.signal).name if self.stops.signal else "a stop request on another process"
+    raise Interrupted(f"{name}: stopped at step {update} of {self.updates}; checkpoint saved in "
+                      f"{self.ckpts.dir / str(update * self.accum)}; re-run the same command to resume")
 
   def _progress_bar(self) -> Any:
     if not (self.cfg.log.progress and is_primary()):
@@ -259,7 +302,10 @@ class Trainer:
   def finish(self) -> dict[str, Any]:
     """The final checkpoint and evaluation, final/ and FINAL/, summary.json; returns the summary."""
     final_step = self.updates * self.accum
-    if final_step not in self.ckpts.steps():
+    if self.micro_done > final_step:  # resumed (ckpt.resume=force) past a now shorter run
+      log(f"the run had already trained {self.micro_done // self.accum} steps, more than the {self.updates} asked "
+          "for: nothing to train; exporting the restored parameters")
+    elif final_step not in self.ckpts.steps():
       self._save(final_step)
     self.ckpts.wait()
     if self.eval_tok is not None and (self.micro_done < final_step or not self.eval_last):
@@ -276,6 +322,8 @@ class Trainer:
     if is_primary():
       (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     log(f"done in {summary['wall_seconds']:.0f}s: {self.run_dir / 'FINAL'}")
+    if is_primary() and not is_remote(self.run_dir):
+      log(disk_usage(self.run_dir))
     return summary
 
   def _save_final(self) -> None:
