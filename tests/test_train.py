@@ -69,6 +69,18 @@ def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path, capsys):
   run_dir = tmp_path / "runs" / "tiny"
   first_eval = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
   assert first_eval["step"] == 0 and first_eval["rewards_eval/accuracies"] < 0.6
+  # `jbt.evaluate --run` scores the run's final model on exactly the run's eval pairs: its numbers.
+  from jbt.tools import evaluate
+
+  evaluate.main(["--run", str(run_dir)])
+  again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert (again["accuracy"], again["loss"], again["mean_margin"], again["n_pairs"]) == (
+      out["rewards_eval/accuracies"], out["loss/eval"], out["rewards_eval/margins"], 88)
+  # Scoring the run's own split-less training file warns, and takes the run's lengths.
+  res = evaluate.evaluate(run_dir / "FINAL", list(cfg.data.train), batch_size=32)
+  err = capsys.readouterr().err
+  assert f"warning: --data {cfg.data.train[0]} is what {run_dir} trained on" in err and "--run" in err
+  assert (res["max_length"], res["max_prompt_length"], res["n_pairs"]) == (128, 64, 480)
   # FINAL is a transformers model whose logit 1 is jbt's reward.
   hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run_dir / "FINAL"),
                                                                            dtype=torch.float32).eval()

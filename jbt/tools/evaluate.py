@@ -1,5 +1,6 @@
 """Pairwise accuracy of a reward model on preference data.
 
+    python -m jbt.evaluate --run RUN_DIR       # a run's final model on exactly the run's eval pairs
     python -m jbt.evaluate --model PATH --data SPEC [--data SPEC ...] [--split auto|test|train|all]
         [--max_length 1250] [--max_prompt_length 625] [--truncation halos|drop] [--batch_size 16]
         [--plot out.png] [--dtype float32|bfloat16] [--mesh 1,-1,1] [--on_error skip|raise]
@@ -86,8 +87,20 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
   return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", max_length: int = 1250,
-             max_prompt_length: int = 625, truncation: str = "halos", batch_size: int = 16,
+def run_config(model: str | Path) -> dict[str, Any] | None:
+  """The config.json of the training run a model came from (a run's FINAL/ or final/), if any."""
+  f = Path(model).parent / "config.json"
+  if Path(model).name not in ("FINAL", "final") or not f.is_file():
+    return None
+  try:
+    cfg = json.loads(f.read_text())
+  except ValueError:
+    return None
+  return cfg if isinstance(cfg, dict) and isinstance(cfg.get("data"), dict) else None
+
+
+def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", max_length: int | None = None,
+             max_prompt_length: int | None = None, truncation: str = "halos", batch_size: int = 16,
              dtype: str = "float32", mesh_shape: Sequence[int] = (1, -1, 1), on_error: str = "skip",
              plot: str | Path | None = None) -> dict[str, Any]:
   """Scores every pair of every spec; returns the result dict (see the module docstring)."""
@@ -107,11 +120,19 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
     raise JbtError(f"--model {model}: no such directory")
   for spec in specs:  # a spec that names nothing fails before the model loads
     resolve_spec(spec)
+  run = run_config(model)  # lengths default to the run's; its training files are flagged below
+  run_data = (run or {}).get("data", {})
+  max_length = max_length or run_data.get("max_length") or 1250
+  max_prompt_length = max_prompt_length or run_data.get("max_prompt_length") or min(625, max_length // 2)
 
   scorer, tokenizer = score.load_scorer(model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape)
   datasets = []
   for spec in specs:
     pairs, load_report, used = load_split(spec, split, on_error)
+    if used in ("all", "train") and spec in (run_data.get("train") or []):
+      print(f"warning: --data {spec} is what {Path(model).parent} trained on, and these {len(pairs)} pairs include "
+            f"the ones it trained on ({used}): the accuracy is inflated; `python -m jbt.evaluate --run "
+            f"{Path(model).parent}` scores its held-out pairs only", file=sys.stderr)
     tok, tok_report = data.tokenize_pairs(pairs, tokenizer, max_length=max_length,
                                           max_prompt_length=max_prompt_length, truncation=truncation,
                                           on_error=on_error)
@@ -141,6 +162,7 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   result["reward_length_corr"] = plots.length_correlation(rewards_Px2.ravel(), lengths_Px2.ravel())
   result = _finite(result)
   result["model"] = str(model)
+  result["max_length"], result["max_prompt_length"] = max_length, max_prompt_length
   result["per_dataset"] = per_dataset
   if plot is not None:
     title = f"{Path(model).name}: accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs"
@@ -149,16 +171,56 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   return result
 
 
+def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+  """A training run's final model on exactly that run's eval pairs, lengths, layout, dtype and
+  mesh (when this machine has its devices): the numbers of the run's last evaluation."""
+  import jax
+  from ml_collections import ConfigDict
+
+  from jbt.checkpoint.load import load_model
+  from jbt.runtime import mesh as mesh_lib
+  from jbt.train import setup
+  from jbt.train.evaluation import Evaluator
+
+  run_dir = Path(run_dir)
+  if not (run_dir / "config.json").is_file() or not (run_dir / "final").is_dir():
+    raise JbtError(f"--run {run_dir}: not a finished training run (it needs config.json and final/)")
+  cfg = ConfigDict(json.loads((run_dir / "config.json").read_text()))
+  rules = tuple(tuple(r) for r in cfg.mesh.rules)
+  try:
+    mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  except JbtError:  # the run's mesh does not fit here: every device as FSDP (numbers may differ in the last bits)
+    mesh = mesh_lib.make_mesh((1, -1, 1), cfg.mesh.axes)
+  m = load_model(run_dir / "final", shardings_fn=lambda c: mesh_lib.model_shardings(c, mesh, rules),
+                 **setup.runtime_fields(cfg))
+  from jbt.data import ensure_chat_template
+
+  ensure_chat_template(m.tokenizer)
+  cfg.train.eval_every = max(cfg.train.eval_every, 0)
+  ds = setup.datasets(cfg, m.tokenizer)
+  if ds.eval is None:
+    raise JbtError(f"--run {run_dir}: the run had no eval split ({ds.messages[-1]})")
+  metrics = Evaluator(cfg, mesh, rules, m.cfg, mesh_lib.model_shardings(m.cfg, mesh, rules))(m.params, ds.eval)
+  return {"accuracy": metrics["rewards_eval/accuracies"], "mean_margin": metrics["rewards_eval/margins"],
+          "n_pairs": int(metrics["eval_pairs"]), "loss": metrics["loss/eval"],
+          "mean_chosen": metrics["rewards_eval/chosen"], "mean_rejected": metrics["rewards_eval/rejected"],
+          "run": str(run_dir), "split": ds.messages[-1], "devices": jax.device_count()}
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   from jbt.tools.score import parse_mesh
 
   ap = ArgParser(prog="python -m jbt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="HF reward-model directory (e.g. a run's FINAL/) or jbt checkpoint")
-  ap.add_argument("--data", action="append", required=True, help="data spec (repeatable): hub name, file, dir, glob")
+  ap.add_argument("--run", default=None, help="a training run directory: its final model on exactly its eval pairs, "
+                  "lengths and dtype (the other options are then the run's)")
+  ap.add_argument("--model", help="HF reward-model directory (e.g. a run's FINAL/) or jbt checkpoint")
+  ap.add_argument("--data", action="append", help="data spec (repeatable): hub name, file, dir, glob")
   ap.add_argument("--split", choices=SPLIT_CHOICES, default="auto", help="which pairs to score (see above)")
-  ap.add_argument("--max_length", type=int, default=1250, help="as cfg.data.max_length")
-  ap.add_argument("--max_prompt_length", type=int, default=625, help="as cfg.data.max_prompt_length")
+  ap.add_argument("--max_length", type=int, default=None,
+                  help="as cfg.data.max_length (default: the model's run's, else 1250)")
+  ap.add_argument("--max_prompt_length", type=int, default=None,
+                  help="as cfg.data.max_prompt_length (default: the model's run's, else 625)")
   ap.add_argument("--truncation", choices=("halos", "drop"), default="halos", help="as cfg.data.truncation")
   ap.add_argument("--batch_size", type=int, default=16, help="sequences per scoring batch")
   ap.add_argument("--plot", default=None, help="write reward histograms and reward vs length to this PNG")
@@ -166,6 +228,13 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) sizes over the local devices")
   ap.add_argument("--on_error", choices=("skip", "raise"), default="skip", help="bad records: count or stop")
   args = ap.parse_args(argv)
+  if args.run is not None:
+    if args.model or args.data:
+      raise JbtError("--run evaluates the run's own model on its own eval pairs: give it without --model / --data")
+    print(json.dumps(_finite(evaluate_run(args.run))), flush=True)
+    return
+  if not args.model or not args.data:
+    raise JbtError("give --model and --data, or --run RUN_DIR")
   result = evaluate(args.model, args.data, split=args.split, max_length=args.max_length,
                     max_prompt_length=args.max_prompt_length, truncation=args.truncation,
                     batch_size=args.batch_size, dtype=args.dtype, mesh_shape=parse_mesh(args.mesh),

@@ -19,7 +19,6 @@ import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
@@ -27,7 +26,6 @@ from jbt.atomic import atomic_dir
 from jbt.checkpoint import model_dir
 from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, run_path
 from jbt.errors import Interrupted, JbtError
-from jbt.loss.bradley_terry import pair_means
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
@@ -37,7 +35,8 @@ from jbt.train.batches import Batches
 from jbt.train.compiler import StepCompiler
 from jbt.train.metrics import MetricsWriter
 from jbt.train.state import abstract_state, init_state
-from jbt.train.step import make_eval_step, make_train_step
+from jbt.train.evaluation import Evaluator, max_segment, ruled
+from jbt.train.step import make_train_step
 from jbt.train.stopping import StopRequests
 from jbt.train.throughput import Throughput
 
@@ -89,14 +88,6 @@ def disk_usage(run_dir: Any) -> str:
   gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
   return (f"{run_dir} takes {gib(total)}: " + ", ".join(f"{k}/ {gib(v)}" for k, v in parts.items())
           + "; FINAL/ is the model to use, checkpoints/ only resume the run (remove them when done)")
-
-
-def _ruled(fn: Any, rules: tuple) -> Any:
-  """fn traced under the config's logical-axis rules, so the model's constraints meet the mesh."""
-  def wrapped(*args):
-    with nn.logical_axis_rules(rules):
-      return fn(*args)
-  return wrapped
 
 
 class Trainer:
@@ -152,37 +143,20 @@ class Trainer:
   def _build_steps(self) -> None:
     cfg, mc = self.cfg, self.model_cfg
     self.batches = Batches(cfg, self.mesh, mc.pad_token_id, flash=mc.attention == "flash")
-    # Packed rows hold members of at most max_length tokens; attention skips keys further back.
-    max_segment = cfg.data.max_length if cfg.data.layout == "packed" else 0
     batch_sh = jax.sharding.NamedSharding(self.mesh, mesh_lib.batch_spec(self.mesh))
     train_step = make_train_step(mc, self.tx, self.lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
                                  grad_accum=self.accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
-                                 max_segment=max_segment)
+                                 max_segment=max_segment(cfg))
     options = xla_options.compiler_options(mc.dtype)
     self.train_step = StepCompiler(
-        jax.jit(_ruled(train_step, self.rules), in_shardings=(self.state_sh, batch_sh),
+        jax.jit(ruled(train_step, self.rules), in_shardings=(self.state_sh, batch_sh),
                 out_shardings=(self.state_sh, None), donate_argnums=0, compiler_options=options), self.mesh)
-    self.eval_step = jax.jit(_ruled(make_eval_step(mc, margin=cfg.loss.margin, max_segment=max_segment), self.rules),
-                             in_shardings=(self.state_sh.params, batch_sh), compiler_options=options)
+    self.evaluator = Evaluator(cfg, self.mesh, self.rules, mc, self.state_sh.params)
 
   # -- evaluation ------------------------------------------------------------------------------
 
   def evaluate(self) -> dict[str, float]:
-    """HALOs' eval metrics over every eval pair (sums added over batches, divided once)."""
-    totals: dict[str, float] = {}
-    it = self.batches.iterator(self.eval_tok, batch_size=self.cfg.train.eval_batch_size, epochs=1,
-                               seed=self.cfg.train.seed)
-    with jax.set_mesh(self.mesh):
-      for local in it:
-        batch, _ = self.batches.place(local)
-        for k, v in jax.device_get(self.eval_step(self.state.params, batch)).items():
-          totals[k] = totals.get(k, 0.0) + float(v)
-    means = pair_means({"n": 0.0, **{k: 0.0 for k in ("loss", "chosen", "rejected", "margins", "accuracies")},
-                        **totals})
-    out = {f"rewards_eval/{k}": v for k, v in means.items() if k != "loss"}
-    out["loss/eval"] = means["loss"]
-    out["eval_pairs"] = totals.get("n", 0.0)
-    return out
+    return self.evaluator(self.state.params, self.eval_tok)
 
   def _write_eval(self, update: int) -> None:
     self.eval_last = self.writer.write(update, self.evaluate())

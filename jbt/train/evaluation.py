@@ -1,0 +1,60 @@
+"""A run's evaluation: HALOs' eval metrics over every eval pair, batched as training batches them.
+
+The trainer evaluates with it, and `jbt.evaluate --run` builds the same one from a run directory,
+so both give the same numbers for the same parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from ml_collections import ConfigDict
+
+from jbt.loss.bradley_terry import SUM_KEYS, pair_means
+from jbt.model import ModelConfig
+from jbt.runtime import mesh as mesh_lib
+from jbt.runtime import xla_options
+from jbt.train.batches import Batches
+from jbt.train.step import make_eval_step
+
+
+def ruled(fn: Any, rules: tuple) -> Any:
+  """fn traced under the config's logical-axis rules, so the model's constraints meet the mesh."""
+  def wrapped(*args):
+    with nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
+def max_segment(cfg: ConfigDict) -> int:
+  """Packed rows hold members of at most max_length tokens; attention skips keys further back."""
+  return cfg.data.max_length if cfg.data.layout == "packed" else 0
+
+
+class Evaluator:
+  """The jitted eval step of a run and the batches it reads."""
+
+  def __init__(self, cfg: ConfigDict, mesh: Any, rules: tuple, model_cfg: ModelConfig, param_shardings: Any):
+    self.cfg, self.mesh = cfg, mesh
+    self.batches = Batches(cfg, mesh, model_cfg.pad_token_id, flash=model_cfg.attention == "flash")
+    batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
+    step = make_eval_step(model_cfg, margin=cfg.loss.margin, max_segment=max_segment(cfg))
+    self.step = jax.jit(ruled(step, rules), in_shardings=(param_shardings, batch_sh),
+                        compiler_options=xla_options.compiler_options(model_cfg.dtype))
+
+  def __call__(self, params: Any, tok: Any) -> dict[str, float]:
+    """rewards_eval/{chosen,rejected,margins,accuracies}, loss/eval and eval_pairs over `tok`."""
+    totals = dict.fromkeys((*SUM_KEYS, "n"), 0.0)
+    it = self.batches.iterator(tok, batch_size=self.cfg.train.eval_batch_size, epochs=1, seed=self.cfg.train.seed)
+    with jax.set_mesh(self.mesh):
+      for local in it:
+        batch, _ = self.batches.place(local)
+        for k, v in jax.device_get(self.step(params, batch)).items():
+          totals[k] += float(v)
+    means = pair_means(totals)
+    out = {f"rewards_eval/{k}": v for k, v in means.items() if k != "loss"}
+    out["loss/eval"] = means["loss"]
+    out["eval_pairs"] = totals["n"]
+    return out
