@@ -80,7 +80,7 @@ def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path, capsys):
   res = evaluate.evaluate(run_dir / "FINAL", list(cfg.data.train), batch_size=32)
   err = capsys.readouterr().err
   assert f"warning: --data {cfg.data.train[0]} is what {run_dir} trained on" in err and "--run" in err
-  assert (res["max_length"], res["max_prompt_length"], res["n_pairs"]) == (128, 64, 480)
+  assert (res["max_length"], res["max_prompt_length"], res["dtype"], res["n_pairs"]) == (128, 64, "float32", 480)
   # FINAL is a transformers model whose logit 1 is jbt's reward.
   hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run_dir / "FINAL"),
                                                                            dtype=torch.float32).eval()
@@ -183,18 +183,30 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_params(tmp_path)
   r = subprocess.run(_train_cmd(tmp_path / "b", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
-  # SIGTERM (a preemption) mid-run: a checkpoint at the stop step, one line, then an exact resume.
+  _same_run(tmp_path / "a" / "tiny", tmp_path / "b" / "tiny", steps=16)
+
+
+def _same_run(a: Path, b: Path, steps: int) -> None:
+  """Bit-identical final parameters, and metrics.jsonl reading as one uninterrupted run."""
+  pa, pb = load_model(a / "final").params, load_model(b / "final").params
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+  la, lb = losses(a), losses(b)
+  assert la == lb and len(la) == steps
+
+
+@needs_smollm2
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
+  """A preemption mid-run: a checkpoint at the stop step, one line, exit 130, then an exact resume."""
+  extra = ["--config.ckpt.save_every=4", "--config.train.max_steps=16", "--config.mesh.shape=(1,8,1)"]
   stop_step = _stop_with(signal.SIGTERM, _train_cmd(tmp_path / "c", *extra), tmp_path / "c" / "tiny", after_step=3)
   r = subprocess.run(_train_cmd(tmp_path / "c", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0 and f"resumed from {tmp_path / 'c' / 'tiny' / 'checkpoints' / str(stop_step)}" in r.stdout
-  pb = load_model(tmp_path / "b" / "tiny" / "final").params
-  for other in ("a", "c"):
-    po = load_model(tmp_path / other / "tiny" / "final").params
-    for x, y in zip(jax.tree.leaves(po), jax.tree.leaves(pb)):
-      assert np.array_equal(np.asarray(x), np.asarray(y)), other
-    lo, lb = losses(tmp_path / other / "tiny"), losses(tmp_path / "b" / "tiny")
-    assert lo == lb and len(lo) == 16  # metrics.jsonl reads as one uninterrupted run
+  r = subprocess.run(_train_cmd(tmp_path / "d", *extra), env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  _same_run(tmp_path / "c" / "tiny", tmp_path / "d" / "tiny", steps=16)
 
 
 def _stop_with(sig: int, cmd: list[str], run_dir: Path, after_step: int) -> int:
@@ -233,20 +245,39 @@ def _free_port() -> int:
 
 
 @needs_smollm2
-def test_two_processes_reproduce_one_process(tmp_path):
-  common = ["--config.train.max_steps=3", "--config.mesh.shape=(1,8,1)", "--config.ckpt.export_final=False"]
+def test_two_processes_reproduce_one_process_and_stop_together_on_sigterm(tmp_path):
+  common = ["--config.train.max_steps=12", "--config.mesh.shape=(1,8,1)", "--config.ckpt.export_final=False",
+            "--config.ckpt.save_every=1000"]
   port = _free_port()
-  procs = [subprocess.Popen(
-      _train_cmd(tmp_path / "mp", *common, f"--config.dist.coordinator=127.0.0.1:{port}",
-                 "--config.dist.num_processes=2", f"--config.dist.process_id={i}", "--config.dist.cpu_collectives=gloo"),
-      env=_env(4), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+
+  def two_processes():
+    return [subprocess.Popen(
+        _train_cmd(tmp_path / "mp", *common, f"--config.dist.coordinator=127.0.0.1:{port}",
+                   "--config.dist.num_processes=2", f"--config.dist.process_id={i}",
+                   "--config.dist.cpu_collectives=gloo"),
+        env=_env(4), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+  # A preemption: SIGTERM to both processes mid-run. They agree on one stop step and save it.
+  procs, metrics = two_processes(), tmp_path / "mp" / "tiny" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and all(p.poll() is None for p in procs) and not any(
+      r["step"] >= 2 for r in (read_metrics(metrics) if metrics.exists() else [])):
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [130, 130], [e[-2000:] for _, e in outs]
+  steps = {e.strip().splitlines()[-1].split("stopped at step ")[1].split()[0] for _, e in outs}
+  assert len(steps) == 1 and (tmp_path / "mp" / "tiny" / "checkpoints" / steps.pop()).is_dir()
+  procs = two_processes()  # the same command resumes
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert "resumed from" in outs[0][0]
   r = subprocess.run(_train_cmd(tmp_path / "sp", *common), env=_env(8), cwd=tmp_path, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   mp, sp = losses(tmp_path / "mp" / "tiny"), losses(tmp_path / "sp" / "tiny")
-  assert sorted(mp) == sorted(sp) == [1, 2, 3]
+  assert sorted(mp) == sorted(sp) == list(range(1, 13))
   for s in sp:
     assert abs(mp[s] - sp[s]) <= 1e-5, (s, mp[s], sp[s])
 

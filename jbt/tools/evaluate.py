@@ -101,7 +101,7 @@ def run_config(model: str | Path) -> dict[str, Any] | None:
 
 def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", max_length: int | None = None,
              max_prompt_length: int | None = None, truncation: str = "halos", batch_size: int = 16,
-             dtype: str = "float32", mesh_shape: Sequence[int] = (1, -1, 1), on_error: str = "skip",
+             dtype: str | None = None, mesh_shape: Sequence[int] = (1, -1, 1), on_error: str = "skip",
              plot: str | Path | None = None) -> dict[str, Any]:
   """Scores every pair of every spec; returns the result dict (see the module docstring)."""
   from jbt import data
@@ -124,6 +124,7 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   run_data = (run or {}).get("data", {})
   max_length = max_length or run_data.get("max_length") or 1250
   max_prompt_length = max_prompt_length or run_data.get("max_prompt_length") or min(625, max_length // 2)
+  dtype = dtype or (run or {}).get("model", {}).get("dtype") or "float32"
 
   scorer, tokenizer = score.load_scorer(model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape)
   datasets = []
@@ -162,7 +163,7 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   result["reward_length_corr"] = plots.length_correlation(rewards_Px2.ravel(), lengths_Px2.ravel())
   result = _finite(result)
   result["model"] = str(model)
-  result["max_length"], result["max_prompt_length"] = max_length, max_prompt_length
+  result["max_length"], result["max_prompt_length"], result["dtype"] = max_length, max_prompt_length, dtype
   result["per_dataset"] = per_dataset
   if plot is not None:
     title = f"{Path(model).name}: accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs"
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--truncation", choices=("halos", "drop"), default="halos", help="as cfg.data.truncation")
   ap.add_argument("--batch_size", type=int, default=16, help="sequences per scoring batch")
   ap.add_argument("--plot", default=None, help="write reward histograms and reward vs length to this PNG")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                  help="compute dtype (default: the model's run's, else float32; float32 for exact checks)")
   ap.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) sizes over the local devices")
   ap.add_argument("--on_error", choices=("skip", "raise"), default="skip", help="bad records: count or stop")
   args = ap.parse_args(argv)
