@@ -236,6 +236,18 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_one_line(tmp_path):
   cmd = _train_cmd(tmp_path, "--config.train.epochs=30", "--config.ckpt.save_every=1000")
   step = _stop_with(signal.SIGINT, cmd, tmp_path / "tiny", after_step=2)
   assert sorted(int(p.name) for p in (tmp_path / "tiny" / "checkpoints").iterdir()) == [step]
+  # Ctrl-C outside the training loop (here while the resumed run sets up; a second Ctrl-C in the
+  # loop takes the same path) exits at once, with one line and no traceback.
+  p = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in p.stdout:
+    if line.startswith("model: "):
+      break
+  p.send_signal(signal.SIGINT)
+  out, err = p.communicate(timeout=240)
+  assert p.returncode == 130 and "Traceback" not in out + err, err[-2000:]
+  assert err.strip().splitlines()[-1] == "SIGINT: exiting now; re-run the same command to resume from the last checkpoint"
+  # Nothing half-written looks like a checkpoint: the numbered ones are those that completed.
+  assert [p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir() if p.name.isdigit()] == [str(step)]
 
 
 def _free_port() -> int:
