@@ -64,7 +64,7 @@ def load_model(spec: str | Path, *, shardings_fn: ShardingsFn | None = None, num
     if path.is_dir() and (path / "checkpoints").is_dir():
       raise JbtError(f"{path}: a training run directory, not a model; use {path / 'FINAL'} or {path / 'final'}")
     cfg, source, hf_config, tokenizer, has_head = hf_files.read_hf(
-        path, num_labels=None if num_labels is None else num_labels, **overrides)
+        path, num_labels=num_labels, **overrides)
     params = hf_params.load_params(cfg, source, where=str(path), shardings=shardings_fn(cfg) if shardings_fn else None,
                                    allow_missing_head=not has_head, seed=seed)
   if num_labels is not None and num_labels != cfg.num_labels:

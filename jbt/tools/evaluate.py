@@ -179,6 +179,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
   from ml_collections import ConfigDict
 
   from jbt.checkpoint.load import load_model
+  from jbt.data import ensure_chat_template
   from jbt.runtime import mesh as mesh_lib
   from jbt.train import setup
   from jbt.train.evaluation import Evaluator
@@ -194,8 +195,6 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     mesh = mesh_lib.make_mesh((1, -1, 1), cfg.mesh.axes)
   m = load_model(run_dir / "final", shardings_fn=lambda c: mesh_lib.model_shardings(c, mesh, rules),
                  **setup.runtime_fields(cfg))
-  from jbt.data import ensure_chat_template
-
   ensure_chat_template(m.tokenizer)
   cfg.train.eval_every = max(cfg.train.eval_every, 0)
   ds = setup.datasets(cfg, m.tokenizer)

@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 
 from jbt.atomic import atomic_dir
 from jbt.checkpoint import model_dir
+from jbt.data import ensure_chat_template
 from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, run_path
 from jbt.errors import Interrupted, JbtError
 from jbt.runtime import mesh as mesh_lib
@@ -102,8 +103,6 @@ class Trainer:
     self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
     loaded = setup.model(cfg, lambda mc: mesh_lib.model_shardings(mc, self.mesh, self.rules))
     self.model_cfg, self.hf_cfg, self.tokenizer = loaded.cfg, loaded.hf_config, loaded.tokenizer
-    from jbt.data import ensure_chat_template
-
     ensure_chat_template(self.tokenizer)
     mc = self.model_cfg
     log(f"model: {mc.family}, {mc.num_layers} layers, {mc.num_params() / 1e6:.1f}M parameters, {mc.dtype} compute, "
