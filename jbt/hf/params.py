@@ -19,8 +19,7 @@ import numpy as np
 from jbt.errors import JbtError
 from jbt.hf import families
 from jbt.hf.sources import TensorSource
-from jbt.model import ModelConfig
-from jbt.model import abstract_params
+from jbt.model import ModelConfig, abstract_params
 
 # HF keys a causal-LM or base checkpoint may carry that the reward model does not use.
 IGNORED_HF_KEYS = ("lm_head.weight",)

@@ -105,8 +105,8 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
              plot: str | Path | None = None) -> dict[str, Any]:
   """Scores every pair of every spec; returns the result dict (see the module docstring)."""
   from jbt import data
-  from jbt.tools import plots, score
   from jbt.data.sources import resolve_spec
+  from jbt.tools import plots, score
 
   if split not in SPLIT_CHOICES:
     raise JbtError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")

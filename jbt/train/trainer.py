@@ -24,8 +24,8 @@ from ml_collections import ConfigDict
 
 from jbt.atomic import atomic_dir
 from jbt.checkpoint import model_dir
-from jbt.data import ensure_chat_template
 from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, run_path
+from jbt.data import ensure_chat_template
 from jbt.errors import Interrupted, JbtError
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
@@ -34,9 +34,9 @@ from jbt.tools.convert import export_hf
 from jbt.train import optim, setup
 from jbt.train.batches import Batches
 from jbt.train.compiler import StepCompiler
+from jbt.train.evaluation import Evaluator, max_segment, ruled
 from jbt.train.metrics import MetricsWriter
 from jbt.train.state import abstract_state, init_state
-from jbt.train.evaluation import Evaluator, max_segment, ruled
 from jbt.train.step import make_train_step
 from jbt.train.stopping import StopRequests
 from jbt.train.throughput import Throughput

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
