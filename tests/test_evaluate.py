@@ -71,6 +71,33 @@ def test_scorer_matches_transformers_in_any_order(setup):
     scorer([seqs[0], np.zeros(4, np.int64)])
 
 
+@pytest.mark.parametrize("layout,attention", [("shared_prompt", "flash"), ("shared_prompt", "xla"),
+                                              ("packed", "flash"), ("padded", "xla")])
+def test_pair_scorer_matches_transformers_in_any_order(setup, layout, attention):
+  from jbt.checkpoint.load import load_model
+  from jbt.data import TokenizedPair, TokenizedPairs
+  from jbt.runtime import mesh as mesh_lib
+
+  model = tinymodels.make_model("qwen2", seed=5)
+  rng = np.random.default_rng(1)
+  pairs = []
+  for n_prompt, n_a, n_b in ((5, 3, 9), (60, 1, 70), (1, 0, 4), (20, 40, 2), (3, 3, 3), (40, 24, 25), (7, 0, 0)):
+    prompt = rng.integers(3, tinymodels.VOCAB, size=n_prompt)
+    a, b = (np.concatenate([prompt, rng.integers(3, tinymodels.VOCAB, size=n)]).astype(np.int32) for n in (n_a, n_b))
+    pairs.append(TokenizedPair(chosen=a, rejected=b, altered=()))
+  tok = TokenizedPairs.from_pairs(pairs, pad_token_id=0)
+  with torch.no_grad():
+    ref = np.array([[model(input_ids=torch.tensor(tok.member(i, j)[None].astype(np.int64))).logits[0, 1].item()
+                     for j in (0, 1)] for i in range(len(tok))])
+  mesh = mesh_lib.make_mesh((1, -1, 1), mesh_lib.MESH_AXES)
+  m = load_model(setup[0], shardings_fn=lambda c: mesh_lib.model_shardings(c, mesh, mesh_lib.DEFAULT_RULES),
+                 dtype="float32", attention=attention)
+  scorer = scoring.PairScorer(m.cfg, m.params, mesh, max_length=130, pairs_per_batch=3, layout=layout)
+  np.testing.assert_allclose(scorer(tok), ref, atol=1e-4)
+  with pytest.raises(scoring.JbtError, match="more than max_length 64"):
+    scoring.PairScorer(m.cfg, m.params, mesh, max_length=64, layout=layout)(tok)
+
+
 def test_accuracy_equals_hand_count(setup, tmp_path, capsys):
   hf_dir, root, ref_trl, ref_halos = setup
   plot = tmp_path / "rewards.png"

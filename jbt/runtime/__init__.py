@@ -4,4 +4,5 @@
     distributed.py   jax.distributed, the primary process, the compilation cache, data-parallel size
     xla_options.py   per-program XLA compiler options
     hugepages.py     the host-memory setting a process must start with
+    platforms.py     which JAX backends a process starts (no TPU attempt on a machine without one)
 """

@@ -7,7 +7,8 @@
 
 PATH is an HF reward-model directory (such as a run's FINAL/) or a jbt checkpoint; a SPEC is any
 data spec training takes (hub name, file, directory, glob). Pairs are formatted and truncated
-exactly as training formats them, each member scored alone. Prints one JSON line:
+exactly as training formats them and scored in training's shared-prompt layout with its forward
+pass (each member's reward is the one it gets scored alone). Prints one JSON line:
 
     {"accuracy", "mean_margin", "n_pairs", "loss", "mean_chosen", "mean_rejected",
      "reward_length_corr", "model", "per_dataset": {SPEC: {... the same, "split", "n_skipped"}}}
@@ -126,7 +127,8 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   max_prompt_length = max_prompt_length or run_data.get("max_prompt_length") or min(625, max_length // 2)
   dtype = dtype or (run or {}).get("model", {}).get("dtype") or "float32"
 
-  scorer, tokenizer = score.load_scorer(model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape)
+  scorer, tokenizer = score.load_scorer(model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape,
+                                       pairs_max_length=max_length)
   datasets = []
   for spec in specs:
     pairs, load_report, used = load_split(spec, split, on_error)
@@ -142,15 +144,10 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
     print(f"{spec}: {len(tok)} {used} pairs ({load_report.summary()}; {tok_report.summary()})", file=sys.stderr)
     datasets.append((spec, used, tok, load_report.n_skipped + tok_report.n_skipped))
 
-  # One scoring call over every member of every dataset: shared length buckets, one progress bar.
-  sequences = [tok.member(i, j) for _, _, tok, _ in datasets for i in range(len(tok)) for j in (0, 1)]
-  rewards = scorer(sequences, desc="evaluating")
   result: dict[str, Any] = {}
   per_dataset, all_rewards, all_lengths = {}, [], []
-  offset = 0
   for spec, used, tok, n_skipped in datasets:
-    rewards_Px2 = rewards[offset:offset + 2 * len(tok)].reshape(-1, 2)
-    offset += 2 * len(tok)
+    rewards_Px2 = scorer(tok, desc=f"evaluating {spec}" if len(datasets) > 1 else "evaluating")
     # Response tokens: what follows the prefix both members share (prompt and template header).
     lengths_Px2 = tok.lengths - tok.shared_prefix[:, None]
     all_rewards.append(rewards_Px2)
@@ -222,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--max_prompt_length", type=int, default=None,
                   help="as cfg.data.max_prompt_length (default: the model's run's, else 625)")
   ap.add_argument("--truncation", choices=("halos", "drop"), default="halos", help="as cfg.data.truncation")
-  ap.add_argument("--batch_size", type=int, default=16, help="sequences per scoring batch")
+  ap.add_argument("--batch_size", type=int, default=16, help="sequences per scoring batch (two per pair)")
   ap.add_argument("--plot", default=None, help="write reward histograms and reward vs length to this PNG")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                   help="compute dtype (default: the model's run's, else float32; float32 for exact checks)")

@@ -1,11 +1,18 @@
-"""Batched scoring of many token sequences with a loaded reward model (label and evaluate use it).
+"""Batched scoring with a loaded reward model: Scorer for single sequences (label uses it),
+PairScorer for preference pairs (evaluate uses it).
 
-Sequences are sorted by length and cut into batches of a fixed number of rows; each batch is
-padded to its longest sequence rounded up to a multiple of `length_multiple` (64), so jit compiles
-one program per length bucket, not one per batch. Rows are split over the data-parallel axes of a
-mesh (FSDP over all local devices by default, as training), and results come back in input order.
+Scorer: sequences are sorted by length and cut into batches of a fixed number of rows; each batch
+is padded to its longest sequence rounded up to a multiple of `length_multiple` (64), so jit
+compiles one program per length bucket, not one per batch.
 
-Shape legend: B rows in a batch, L tokens in a row, N sequences scored.
+PairScorer: pairs are sorted by size and laid out as training lays them out (shared_prompt by
+default: the prompt once, the two responses as branches), in rows whose length is bucketed as
+training buckets them; its forward is the training step's forward.
+
+Rows are split over the data-parallel axes of a mesh (FSDP over all local devices by default, as
+training), and results come back in input order.
+
+Shape legend: B rows in a batch, L tokens in a row, N sequences scored, P pairs.
 """
 
 from __future__ import annotations
@@ -129,11 +136,94 @@ class Scorer:
     bar.update(len(chunk))
 
 
+class PairScorer:
+  """Scores tokenized preference pairs: `scorer(tokenized_pairs) -> rewards_Px2` (chosen, rejected).
+
+  Each member's reward is what it gets scored alone (the layouts guarantee it; see
+  jbt.data.layouts), computed with the training step's forward in the training layout, so a pair
+  costs what it costs in the training step's forward pass.
+  """
+
+  def __init__(self, cfg: ModelConfig, params: Any, mesh: jax.sharding.Mesh, *, max_length: int,
+               rules: Sequence[tuple[str, Any]] = mesh_lib.DEFAULT_RULES, pairs_per_batch: int = 16,
+               layout: str = "shared_prompt"):
+    from jbt.data.layouts import LayoutSettings
+    from jbt.runtime import xla_options
+    from jbt.train.step import rewards
+
+    if pairs_per_batch <= 0:
+      raise JbtError(f"pairs_per_batch must be positive, got {pairs_per_batch}")
+    self.cfg, self.params, self.mesh = cfg, params, mesh
+    self.rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    self.dp = mesh_lib.data_parallel_size(mesh)
+    # Flash attention's cost follows the segments, not the row: one long row per device is as
+    # cheap as many short ones. Plain attention pays L x L per row: rows of at most one pair.
+    flash = cfg.attention == "flash"
+    pack_length = -(-pairs_per_batch // self.dp) * 2 * max_length if flash else None
+    self.settings = LayoutSettings(layout=layout, pairs_per_batch=pairs_per_batch, max_length=max_length,
+                                   length_multiple=64, pack_length=pack_length, row_bucket=1,
+                                   length_bucket="geometric", min_rows=self.dp)
+    self.row_sharding = NamedSharding(mesh, mesh_lib.batch_spec(mesh))
+    self.replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    max_segment = max_length if layout == "packed" else 0
+
+    def fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+      with nn.logical_axis_rules(self.rules):
+        return rewards(cfg, params, batch, max_segment)
+
+    self._rewards = jax.jit(fn, compiler_options=xla_options.compiler_options(cfg.dtype))
+
+  def _place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    from jbt.data import split_batch
+    from jbt.train.batches import pad_rows
+
+    dev, _ = split_batch(local)
+    rows = -(-dev["tokens"].shape[0] // self.dp) * self.dp
+    dev = pad_rows(dev, rows, self.cfg.pad_token_id)
+    return {k: jax.device_put(v, self.row_sharding if v.ndim == 2 else self.replicated) for k, v in dev.items()}
+
+  def __call__(self, tok: Any, *, progress: bool | None = None, desc: str = "scoring") -> np.ndarray:
+    """float32 [P, 2] rewards of the P pairs of `tok` (a jbt.data.TokenizedPairs), input order."""
+    from tqdm.auto import tqdm
+
+    from jbt.data.layouts import make_batch, pair_sizes
+
+    self.settings.check(tok)
+    P = self.settings.pairs_per_batch
+    rewards_Px2 = np.zeros((len(tok), 2), np.float32)
+    # Longest first: a batch too large for the device fails at once; similar sizes share a shape.
+    order = np.argsort(-pair_sizes(tok, np.arange(len(tok)), self.settings.layout), kind="stable")
+    bar = tqdm(total=len(tok), desc=desc, unit="pair", disable=None if progress is None else not progress,
+               dynamic_ncols=True)
+    pending = None
+    with jax.set_mesh(self.mesh):
+      for first in range(0, len(tok), P):
+        ids = order[first:first + P]
+        out = self._rewards(self.params, self._place(make_batch(tok, ids, self.settings)))
+        if pending is not None:  # fetch the previous batch after dispatching this one
+          self._collect(rewards_Px2, *pending, bar)
+        pending = (ids, out)
+      if pending is not None:
+        self._collect(rewards_Px2, *pending, bar)
+    bar.close()
+    return rewards_Px2
+
+  @staticmethod
+  def _collect(rewards_Px2: np.ndarray, ids: np.ndarray, out: tuple[jax.Array, jax.Array], bar: Any) -> None:
+    chosen_P, rejected_P = (np.asarray(a) for a in jax.device_get(out))
+    rewards_Px2[ids, 0] = chosen_P[:len(ids)]
+    rewards_Px2[ids, 1] = rejected_P[:len(ids)]
+    bar.update(len(ids))
+
+
 def load_scorer(path: str | Path, *, batch_size: int = 16, dtype: str = "float32",
-                mesh_shape: Sequence[int] = DEFAULT_MESH_SHAPE,
-                length_multiple: int = 64) -> tuple[Scorer, Any]:
+                mesh_shape: Sequence[int] = DEFAULT_MESH_SHAPE, length_multiple: int = 64,
+                pairs_max_length: int | None = None) -> tuple[Scorer | PairScorer, Any]:
   """(scorer, tokenizer) for an HF reward-model directory (such as a run's FINAL/) or a jbt checkpoint.
 
+  pairs_max_length: None gives a Scorer of single sequences, batch_size rows a batch; an int
+  gives a PairScorer of pairs whose members have at most that many tokens, batch_size // 2
+  pairs a batch.
   The tokenizer gets jbt's default chat template when it has none, as training formats text.
   Parameters are loaded straight into their shards on the mesh.
   """
@@ -156,6 +246,9 @@ def load_scorer(path: str | Path, *, batch_size: int = 16, dtype: str = "float32
   if tokenizer is None:
     raise JbtError(f"{path}: the checkpoint has no tokenizer/ directory")
   ensure_chat_template(tokenizer)
+  if pairs_max_length is not None:
+    return PairScorer(cfg, params, mesh, max_length=pairs_max_length, rules=rules,
+                      pairs_per_batch=max(batch_size // 2, 1)), tokenizer
   scorer = Scorer(cfg, params, mesh, rules=rules, batch_size=batch_size,
                   length_multiple=length_multiple)
   return scorer, tokenizer

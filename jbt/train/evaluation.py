@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
@@ -17,20 +16,7 @@ from jbt.model import ModelConfig
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
 from jbt.train.batches import Batches
-from jbt.train.step import make_eval_step
-
-
-def ruled(fn: Any, rules: tuple) -> Any:
-  """fn traced under the config's logical-axis rules, so the model's constraints meet the mesh."""
-  def wrapped(*args):
-    with nn.logical_axis_rules(rules):
-      return fn(*args)
-  return wrapped
-
-
-def max_segment(cfg: ConfigDict) -> int:
-  """Packed rows hold members of at most max_length tokens; attention skips keys further back."""
-  return cfg.data.max_length if cfg.data.layout == "packed" else 0
+from jbt.train.step import make_eval_step, max_segment, ruled
 
 
 class Evaluator:

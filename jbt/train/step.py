@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from ml_collections import ConfigDict
 
 from jbt.loss import bt_loss, bt_sums
 from jbt.model import ModelConfig, RewardModel
+from jbt.runtime import mesh as mesh_lib
+from jbt.runtime import xla_options
 from jbt.train.state import TrainState
+
+
+def ruled(fn: Any, rules: tuple) -> Any:
+  """fn traced under the config's logical-axis rules, so the model's constraints meet the mesh."""
+  def wrapped(*args):
+    with nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
+def max_segment(cfg: ConfigDict) -> int:
+  """Packed rows hold members of at most max_length tokens; attention skips keys further back."""
+  return cfg.data.max_length if cfg.data.layout == "packed" else 0
 
 
 def rewards(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array], max_segment: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -76,3 +93,15 @@ def make_eval_step(
     return bt_sums(chosen_P, rejected_P, batch["pair_mask"].astype(jnp.float32), margin=margin)
 
   return step
+
+
+def jit_train_step(cfg: ConfigDict, model_cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn: Callable,
+                   mesh: Any, rules: tuple, state_sh: TrainState, backend: str | None = None) -> Any:
+  """A run's train step, jitted with its shardings and the state donated: what jbt.train runs
+  and what jbt.plan compiles for other hardware (backend: the platform it compiles for)."""
+  step = make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
+                         grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
+                         max_segment=max_segment(cfg))
+  batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
+  return jax.jit(ruled(step, rules), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                 donate_argnums=0, compiler_options=xla_options.compiler_options(model_cfg.dtype, backend))

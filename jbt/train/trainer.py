@@ -28,16 +28,15 @@ from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, ru
 from jbt.data import ensure_chat_template
 from jbt.errors import Interrupted, JbtError
 from jbt.runtime import mesh as mesh_lib
-from jbt.runtime import xla_options
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
 from jbt.tools.convert import export_hf
 from jbt.train import optim, setup
 from jbt.train.batches import Batches
 from jbt.train.compiler import StepCompiler
-from jbt.train.evaluation import Evaluator, max_segment, ruled
+from jbt.train.evaluation import Evaluator
 from jbt.train.metrics import MetricsWriter
 from jbt.train.state import abstract_state, init_state
-from jbt.train.step import make_train_step
+from jbt.train.step import jit_train_step
 from jbt.train.stopping import StopRequests
 from jbt.train.throughput import Throughput
 
@@ -142,14 +141,8 @@ class Trainer:
   def _build_steps(self) -> None:
     cfg, mc = self.cfg, self.model_cfg
     self.batches = Batches(cfg, self.mesh, mc.pad_token_id, flash=mc.attention == "flash")
-    batch_sh = jax.sharding.NamedSharding(self.mesh, mesh_lib.batch_spec(self.mesh))
-    train_step = make_train_step(mc, self.tx, self.lr_fn, margin=cfg.loss.margin, center_coef=cfg.loss.center_coef,
-                                 grad_accum=self.accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
-                                 max_segment=max_segment(cfg))
-    options = xla_options.compiler_options(mc.dtype)
-    self.train_step = StepCompiler(
-        jax.jit(ruled(train_step, self.rules), in_shardings=(self.state_sh, batch_sh),
-                out_shardings=(self.state_sh, None), donate_argnums=0, compiler_options=options), self.mesh)
+    self.train_step = StepCompiler(jit_train_step(cfg, mc, self.tx, self.lr_fn, self.mesh, self.rules, self.state_sh),
+                                   self.mesh)
     self.evaluator = Evaluator(cfg, self.mesh, self.rules, mc, self.state_sh.params)
 
   # -- evaluation ------------------------------------------------------------------------------
