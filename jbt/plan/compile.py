@@ -10,6 +10,7 @@ analysis counts a scanned layer once.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import time
@@ -57,8 +58,11 @@ class Plan:
 
 
 def topology_devices(target: Target) -> list[Any]:
-  """Compile-only devices of a TPU target (libtpu; no TPU needed)."""
+  """Compile-only devices of the target (libtpu or the CUDA plugin; no TPU or GPU needed)."""
   from jax.experimental import topologies
+
+  if target.platform == "gpu":
+    return _gpu_devices(target)
 
   try:
     import libtpu  # noqa: F401  (the `plan` extra)
@@ -70,6 +74,22 @@ def topology_devices(target: Target) -> list[Any]:
   topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
                                       chip_config_name=target.chip_config, chips_per_host_bounds=(2, 2, 1),
                                       wrap=target.wrap, num_slices=target.num_slices)
+  return list(topo.devices)
+
+
+def _gpu_devices(target: Target) -> list[Any]:
+  from jax.experimental import topologies
+
+  from jbt.plan.targets import gpu_target_config
+
+  if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    raise JbtError("planning for GPUs needs the CUDA plugin (no CUDA libraries): pip install -e '.[plan]'")
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", topology=target.topology,
+                                        target_config=gpu_target_config(target.chip_config))
+  except (NotImplementedError, RuntimeError) as e:
+    raise JbtError(f"--target {target.name}: the CUDA plugin did not start ({str(e).splitlines()[0]}); "
+                   "on a machine without GPUs run with JAX_PLATFORMS=cpu") from None
   return list(topo.devices)
 
 
@@ -117,7 +137,7 @@ def abstract_batch(cfg: Any, model_cfg: Any, mesh: Any) -> dict[str, jax.ShapeDt
 
 def _oom_message(err: Exception) -> str | None:
   text = str(err)
-  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text and "out of memory" not in text.lower():
     return None
   line = next((x for x in text.splitlines() if "memory" in x.lower()), text.splitlines()[0])
   return re.sub(r"\s+", " ", line).strip()
@@ -132,8 +152,6 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   from jbt.train.step import jit_train_step
   from jbt.train.throughput import train_flops_per_token
 
-  if target.platform != "tpu":
-    raise JbtError(f"--target {target.name}: compiling for GPUs is not supported yet; TPU targets are")
   setup.validate(cfg)
   m = cfg.model
   runtime = dict(setup.runtime_fields(cfg), attention=attention.resolve(m.attention, target.platform),

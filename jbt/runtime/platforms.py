@@ -1,11 +1,11 @@
 """Which JAX backends a jbt process starts.
 
-With the libtpu wheel installed (the `plan` extra: jbt.plan compiles for TPUs on any machine),
-JAX tries to start a TPU backend in every process, and on a machine without TPU chips that try
-logs errors about TPU hosts and costs start-up time. Where JAX could only end up on the CPU
-anyway (libtpu present, no TPU chip, no NVIDIA or AMD GPU, and JAX_PLATFORMS not set) jbt sets
-JAX's platform list to "cpu" before any backend starts. Compiling for a TPU topology
-(jbt.plan) loads libtpu on its own and is not affected.
+With the libtpu wheel or JAX's CUDA plugin installed (the `plan` extra: jbt.plan compiles for
+TPUs and GPUs on any machine), JAX tries to start those backends in every process; on a machine
+without the chips the tries log errors (TPU hosts, CUDA libraries) and cost start-up time. Where
+JAX could only end up on the CPU anyway (no TPU chip, no NVIDIA or AMD GPU, JAX_PLATFORMS not
+set) jbt sets JAX's platform list to "cpu" before any backend starts. Compiling for a TPU or GPU
+topology (jbt.plan) loads the plugin on its own and is not affected.
 """
 
 from __future__ import annotations
@@ -14,11 +14,18 @@ import importlib.util
 import os
 
 
+PLUGINS = ("libtpu", "jax_cuda12_plugin")  # accelerator plugins that may sit on a CPU-only machine
+
+
+def _plugin_installed() -> bool:
+  return any(importlib.util.find_spec(name) is not None for name in PLUGINS)
+
+
 def cpu_only_machine() -> bool:
-  """libtpu is installed but this machine has no accelerator JAX could use."""
+  """An accelerator plugin is installed but this machine has no accelerator JAX could use."""
   if os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_FORCE_TPU_INIT"):
     return False
-  if importlib.util.find_spec("libtpu") is None or os.path.exists("/dev/kfd"):  # /dev/kfd: an AMD GPU
+  if not _plugin_installed() or os.path.exists("/dev/kfd"):  # /dev/kfd: an AMD GPU
     return False
   try:
     from jax._src import hardware_utils
@@ -32,7 +39,7 @@ def cpu_only_machine() -> bool:
 
 def skip_absent_tpu() -> None:
   """Start only the CPU backend where cpu_only_machine(); call before any backend starts."""
-  if importlib.util.find_spec("libtpu") is None:  # the common case costs no jax import
+  if not _plugin_installed():  # the common case costs no jax import
     return
   if cpu_only_machine():
     import jax

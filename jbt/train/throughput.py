@@ -14,13 +14,9 @@ from jbt.model import ModelConfig
 @functools.lru_cache(maxsize=None)
 def device_peak_flops() -> float | None:
   """Dense bf16 peak of one device, for MFU; None where unknown (CPU)."""
-  kind = jax.devices()[0].device_kind.lower()
-  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
-           "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12, "v4": 275e12, "v6": 918e12}
-  for k, v in table.items():
-    if k in kind:
-      return v
-  return None
+  from jbt.plan.targets import peak_flops
+
+  return peak_flops(jax.devices()[0].device_kind)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
