@@ -265,3 +265,27 @@ def test_blocked_attention_equals_dense(family, attention):
   c = cfg.replace(attention=attention, **{field: 4})
   short = model.RewardModel(c, 4).apply({"params": params}, ptokens, pseg, ppos, pidx)
   assert np.abs(np.asarray(short) - dense).max() > 1e-4
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_mlp_chunks_change_memory_not_results(remat):
+  """The MLP over chunks of a row (recomputed in the backward pass) gives the whole row's rewards
+  and gradients; a chunk that does not divide the row falls back to a divisor."""
+  from jbt.model.decoder import mlp_chunk
+
+  assert (mlp_chunk(256, 0), mlp_chunk(256, 128), mlp_chunk(192, 128), mlp_chunk(64, 128), mlp_chunk(320, 256)) == (
+      256, 128, 64, 64, 64)
+  m = tinymodels.make_model("llama")
+  cfg, params = _jbt(m, remat=remat)
+  seqs = _sequences(5) + _sequences(6)
+  ptokens, pseg, ppos, pidx = _packed(seqs, length=192)
+  ptokens, pseg, ppos = (np.concatenate([a, a[:, ::-1]]) for a in (ptokens, pseg, ppos))  # two rows
+
+  def loss(p, c):
+    return model.RewardModel(c).apply({"params": p}, ptokens, pseg, ppos, pidx).sum()
+
+  whole, g_whole = jax.value_and_grad(loss)(params, cfg)
+  chunked, g_chunked = jax.value_and_grad(loss)(params, cfg.replace(mlp_chunk=64))
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):
+    np.testing.assert_allclose(a, b, atol=1e-5)

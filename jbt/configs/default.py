@@ -23,6 +23,7 @@ def get_config() -> ConfigDict:
   c.model.dtype = "bfloat16"
   c.model.remat = "dots"  # none | full | attention | dots: what the backward pass keeps instead of recomputing (see docs/training.md)
   c.model.attention = "auto"  # auto (flash on CPU, xla elsewhere) | flash (block-sparse, cost follows the pairs) | xla
+  c.model.mlp_chunk = 0  # > 0: the MLP runs over chunks of this many tokens of a row, recomputed in the backward pass (less memory for long rows; 0: whole rows)
   c.model.scan_layers = True  # one compiled layer scanned over depth (compile time independent of depth)
   # Size fields, used only with init_from="random" (family: llama, mistral, qwen2, qwen3).
   c.model.random = ConfigDict(dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

@@ -1,7 +1,9 @@
 """Llama-3-8B-class reward model on a TPU v5p-32 / v4-32 pod slice (16 chips, 4 hosts).
 
 Hardware: a pod slice; the same command runs on every host (jax.distributed auto-detects the
-slice). FSDP over 16 chips; bfloat16 compute, remat of matmul outputs only.
+slice). FSDP over 16 chips; bfloat16 compute, full layer remat. Check the fit first:
+
+    python -m jbt.plan --config configs/tpu_llama3_8b.py --target tpu:v4-32
 
     gcloud compute tpus tpu-vm ssh $TPU --worker=all --command \
       "cd jbt && python -m jbt.train --config configs/tpu_llama3_8b.py \

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT = ("none", "full", "attention", "dots")
-RUNTIME_FIELDS = ("dtype", "remat", "attention", "matmul", "scan_layers")  # choices of the machine that runs it
+RUNTIME_FIELDS = ("dtype", "remat", "attention", "matmul", "scan_layers", "mlp_chunk")  # choices of the machine that runs it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,7 @@ class ModelConfig:
   matmul: str = "auto"  # a kind of jbt.model.matmul.KINDS, or "auto" (the backend's default)
   attn_block: int = 128  # "xla" query block (0: dense); changes speed and memory, not results
   flash_block: int = 64  # "flash" query and key block
+  mlp_chunk: int = 0  # tokens of a row the MLP computes at a time (0: all); memory, not results
   scan_layers: bool = True
 
   def __post_init__(self):

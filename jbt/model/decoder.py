@@ -138,19 +138,44 @@ class MLP(nn.Module):
     dt = cfg.compute_dtype
     init = nn.initializers.normal(cfg.initializer_range)
     B, L = x_BxLxD.shape[:2]
-    x_TxD = x_BxLxD.reshape(B * L, D)  # 2-D matmuls, as in Attention
-    gate_TxF = matmul(x_TxD, _param(self, "gate", (D, F), ("embed", "mlp"), init), dt, cfg.matmul)
-    up_TxF = matmul(x_TxD, _param(self, "up", (D, F), ("embed", "mlp"), init), dt, cfg.matmul)
-    if cfg.mlp_bias:
-      zeros = nn.initializers.zeros
-      gate_TxF += _param(self, "gate_bias", (F,), ("mlp",), zeros).astype(dt)
-      up_TxF += _param(self, "up_bias", (F,), ("mlp",), zeros).astype(dt)
-    h_BxLxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, L, F), ("batch", "length", "mlp"))
-    y_TxD = matmul(h_BxLxF.reshape(B * L, F), _param(self, "down", (F, D), ("mlp", "embed"), init), dt,
-                   cfg.matmul)
-    if cfg.mlp_bias:
-      y_TxD += _param(self, "down_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
-    return y_TxD.reshape(B, L, D)
+    w_gate = _param(self, "gate", (D, F), ("embed", "mlp"), init)
+    w_up = _param(self, "up", (D, F), ("embed", "mlp"), init)
+    w_down = _param(self, "down", (F, D), ("mlp", "embed"), init)
+    zeros = nn.initializers.zeros
+    b_gate = _param(self, "gate_bias", (F,), ("mlp",), zeros) if cfg.mlp_bias else None
+    b_up = _param(self, "up_bias", (F,), ("mlp",), zeros) if cfg.mlp_bias else None
+    b_down = _param(self, "down_bias", (D,), ("embed",), zeros) if cfg.mlp_bias else None
+
+    def mlp(x_BxCxD: Array) -> Array:
+      C = x_BxCxD.shape[1]
+      x_TxD = x_BxCxD.reshape(B * C, D)  # 2-D matmuls, as in Attention
+      gate_TxF = matmul(x_TxD, w_gate, dt, cfg.matmul)
+      up_TxF = matmul(x_TxD, w_up, dt, cfg.matmul)
+      if cfg.mlp_bias:
+        gate_TxF += b_gate.astype(dt)
+        up_TxF += b_up.astype(dt)
+      h_BxCxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, C, F), ("batch", "length", "mlp"))
+      y_TxD = matmul(h_BxCxF.reshape(B * C, F), w_down, dt, cfg.matmul)
+      if cfg.mlp_bias:
+        y_TxD += b_down.astype(dt)
+      return y_TxD.reshape(B, C, D)
+
+    C = mlp_chunk(L, cfg.mlp_chunk)
+    if C == L:
+      return mlp(x_BxLxD)
+    # Chunks of the rows, one at a time, each recomputed in the backward pass: the [tokens, F]
+    # intermediates (the largest activations of a long row) exist for one chunk only.
+    x_NxBxCxD = jnp.moveaxis(x_BxLxD.reshape(B, L // C, C, D), 1, 0)
+    y_NxBxCxD = jax.lax.map(jax.checkpoint(mlp), x_NxBxCxD)
+    return jnp.moveaxis(y_NxBxCxD, 0, 1).reshape(B, L, D)
+
+
+def mlp_chunk(L: int, chunk: int) -> int:
+  """Tokens of a row the MLP computes at a time: the largest divisor of L that is at most `chunk`
+  and a multiple of 64 (rows are), or L when chunk is 0 or L is not longer."""
+  if chunk <= 0 or L <= chunk:
+    return L
+  return next((c for c in range(chunk - chunk % 64, 63, -64) if L % c == 0), L)
 
 
 class DecoderLayer(nn.Module):

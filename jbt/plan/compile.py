@@ -27,6 +27,10 @@ from jbt.plan.targets import Target
 from jbt.runtime import mesh as mesh_lib
 
 GIB = 2**30
+# Without the device XLA cannot autotune its GPU matmuls, and its Triton tiling rules alone fail
+# on some shapes ("Couldn't find output tile sizes", a [10000, 4096] dot at max_length 1250):
+# plan GPU steps with cuBLAS matmuls, one of the kernels the real compile chooses from.
+PLAN_OPTIONS = {"gpu": {"xla_gpu_enable_triton_gemm": False}}
 
 
 @dataclasses.dataclass
@@ -181,7 +185,7 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   t0 = time.time()
   try:
     with jax.set_mesh(mesh):
-      compiled = step.lower(state, batch).compile()
+      compiled = step.lower(state, batch).compile(compiler_options=PLAN_OPTIONS.get(target.platform))
   except Exception as e:  # the compiler's out-of-memory error is a result, anything else a failure
     oom = _oom_message(e)
     if oom is None:

@@ -65,7 +65,8 @@ def check_mesh_batch(cfg: ConfigDict, mesh: Any) -> None:
 def runtime_fields(cfg: ConfigDict) -> dict[str, Any]:
   """cfg.model's choices that apply on top of whatever model is loaded."""
   m = cfg.model
-  return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
+  return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
+              mlp_chunk=m.get("mlp_chunk", 0))
 
 
 def model(cfg: ConfigDict, shardings_fn: Any) -> Loaded:
