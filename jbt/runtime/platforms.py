@@ -2,11 +2,11 @@
 
 With the libtpu wheel or JAX's CUDA plugin installed (the `plan` extra: jbt.plan compiles for
 TPUs and GPUs on any machine), JAX tries to start those backends in every process; on a machine
-without the chips the tries log errors (TPU hosts, CUDA libraries) and cost start-up time. Where
+without the chips the tries log errors (TPU hosts, CUDA libraries). Where
 JAX could only end up on the CPU anyway (no TPU chip, no NVIDIA or AMD GPU, JAX_PLATFORMS not
 set) jbt sets JAX's platform list to "cpu" before any backend starts. That silences libtpu. The
-CUDA plugin still loads (JAX imports every installed plugin: about 1 s) and logs that it found no
-CUDA driver, before anything can stop it: install it only where GPU plans are made, or into a
+CUDA plugin still loads (JAX imports every installed plugin) and logs that it found no CUDA
+driver, before anything can stop it: install it only where GPU plans are made, or into a
 directory of its own (docs/planning.md). Compiling for a TPU or GPU topology (jbt.plan) loads the
 plugin on its own and is not affected.
 """
