@@ -149,7 +149,7 @@ def _oom_message(err: Exception) -> str | None:
 
 def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   """Compiles cfg's train step for `target`; a Plan either way (error set when it does not fit)."""
-  from jbt.model import attention, matmul
+  from jbt.model import abstract_params, attention, matmul
   from jbt.plan import models
   from jbt.train import optim, setup
   from jbt.train.state import TrainState, state_shardings
@@ -165,10 +165,9 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
   setup.check_mesh_batch(cfg, mesh)
   rules = tuple(tuple(r) for r in cfg.mesh.rules)
+  # The schedule's length changes no shape: any positive step count compiles the same program.
   tx, lr_fn = optim.make_optimizer(cfg.opt, max(cfg.train.max_steps, 1000))
   state_sh = state_shardings(model_cfg, tx, mesh, rules)
-  from jbt.model import abstract_params
-
   params = abstract_params(model_cfg)
   shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, nn.unbox(jax.eval_shape(tx.init, params)))
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
