@@ -58,9 +58,10 @@ def _plan(*args):
 
 @needs_libtpu
 @needs_smollm2
-def test_tiny_config_fits_a_v5e_4_and_its_memory_adds_up():
+def test_tiny_config_fits_a_v5e_4_and_its_memory_adds_up(capsys):
   from jbt.configs import tiny
   from jbt.plan import compile as plan_compile
+  from jbt.plan.report import report
   from jbt.train import setup
 
   cfg = tiny.get_config()
@@ -75,6 +76,10 @@ def test_tiny_config_fits_a_v5e_4_and_its_memory_adds_up():
   # every member at max_length 128: 16 pairs, each alone in a shared-prompt row of 256 tokens
   assert (plan.rows, plan.row_length) == (16, 256)
   assert plan.flops_per_step > 6 * (n - cfg.model.random.hidden_size * 49152) * 16 * 256
+  # What the command prints (its refusal runs end to end in a test below)
+  report(cfg, plan, 0.4)
+  out = capsys.readouterr().out
+  assert "per chip: parameters" in out and "fits:" in out and "at 40% MFU" in out and "pairs/s" in out
 
 
 @needs_cuda_plugin
@@ -92,12 +97,11 @@ def test_tiny_config_compiles_for_8_h100s():
   plan = json.loads(r.stdout.strip().splitlines()[-1])
   assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and plan["fits"]
   assert plan["temp"] > 0 and plan["total"] >= plan["params"] + plan["opt"]
-  if importlib.util.find_spec("libtpu"):  # twice the chips of a v5e-4: half the parameters per chip
-    from jbt.configs import tiny
-    from jbt.plan import compile as plan_compile
+  from jbt.configs import tiny
+  from jbt.train import setup
 
-    tpu = plan_compile.compile_plan(tiny.get_config(), targets.parse("tpu:v5e-4"))
-    assert plan["params"] == pytest.approx(tpu.params_bytes / 2, rel=0.1)
+  n = setup.model(tiny.get_config(), None).cfg.num_params()
+  assert 4 * n / 8 <= plan["params"] <= 4 * n / 8 * 1.1  # float32, split over 8 GPUs
 
 
 def test_gpu_target_names():
@@ -125,14 +129,6 @@ def test_cpu_only_machine_starts_only_the_cpu_backend(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")
   monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: False)
   assert not platforms.cpu_only_machine()  # the user's choice stands
-
-
-@needs_libtpu
-@needs_smollm2
-def test_command_prints_the_plan():
-  r = _plan("--config", "tiny", "--target", "tpu:v5e-4")
-  assert r.returncode == 0, r.stderr
-  assert "per chip: parameters" in r.stdout and "fits:" in r.stdout and "pairs/s" in r.stdout
 
 
 @needs_libtpu
