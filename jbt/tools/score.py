@@ -44,6 +44,19 @@ def _rewards_B(params: Any, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, p
     return RewardModel(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, pool_index_B)
 
 
+def one_ahead(items: Sequence[Any], dispatch: Any, collect: Any) -> None:
+  """dispatch(item) for each item, and collect(item, result) of each, fetched only after the next
+  item is dispatched, so the device never idles on the host's copy."""
+  pending = None
+  for item in items:
+    out = dispatch(item)
+    if pending is not None:
+      collect(*pending)
+    pending = (item, out)
+  if pending is not None:
+    collect(*pending)
+
+
 def round_up(n: int, multiple: int) -> int:
   """n rounded up to a multiple of `multiple` (at least one multiple)."""
   return max(-(-n // multiple), 1) * multiple
@@ -115,18 +128,12 @@ class Scorer:
     chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
     bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=None if progress is None else not progress,
                dynamic_ncols=True)
-    pending: tuple[list[int], jax.Array] | None = None
+    def dispatch(chunk: list[int]) -> jax.Array:
+      arrays = jax.device_put(self._batch([seqs[i] for i in chunk]), self.row_sharding)
+      return _rewards_B(self.params, *arrays, cfg=self.cfg, rules=self.rules)
+
     with jax.set_mesh(self.mesh):
-      for chunk in chunks:
-        arrays = jax.device_put(self._batch([seqs[i] for i in chunk]), self.row_sharding)
-        out_B = _rewards_B(self.params, *arrays, cfg=self.cfg, rules=self.rules)
-        # Fetch the previous batch only after dispatching this one, so the device never idles on
-        # the host's copy.
-        if pending is not None:
-          self._collect(rewards_N, *pending, bar)
-        pending = (chunk, out_B)
-      if pending is not None:
-        self._collect(rewards_N, *pending, bar)
+      one_ahead(chunks, dispatch, lambda chunk, out_B: self._collect(rewards_N, chunk, out_B, bar))
     bar.close()
     return rewards_N
 
@@ -195,16 +202,10 @@ class PairScorer:
     order = np.argsort(-pair_sizes(tok, np.arange(len(tok)), self.settings.layout), kind="stable")
     bar = tqdm(total=len(tok), desc=desc, unit="pair", disable=None if progress is None else not progress,
                dynamic_ncols=True)
-    pending = None
     with jax.set_mesh(self.mesh):
-      for first in range(0, len(tok), P):
-        ids = order[first:first + P]
-        out = self._rewards(self.params, self._place(make_batch(tok, ids, self.settings)))
-        if pending is not None:  # fetch the previous batch after dispatching this one
-          self._collect(rewards_Px2, *pending, bar)
-        pending = (ids, out)
-      if pending is not None:
-        self._collect(rewards_Px2, *pending, bar)
+      one_ahead([order[i:i + P] for i in range(0, len(tok), P)],
+                lambda ids: self._rewards(self.params, self._place(make_batch(tok, ids, self.settings))),
+                lambda ids, out: self._collect(rewards_Px2, ids, out, bar))
     bar.close()
     return rewards_Px2
 
