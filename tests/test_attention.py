@@ -92,3 +92,65 @@ def test_remat_keeps_the_attention_forward_instead_of_rerunning_it():
   # beyond what no remat has; "full" recomputes the layer, attention forward loops included.
   none = _while_loops("none")
   assert _while_loops("attention") == _while_loops("dots") == none < _while_loops("full")
+
+
+@pytest.mark.parametrize("kind, branches, max_segment", [
+    ("splash", True, 0), ("splash", False, 40), ("splash", True, 40), ("pallas_gpu", True, 0), ("pallas_gpu", False, 0)])
+def test_fused_kernels_equal_dense_values_and_gradients_in_interpret_mode(kind, branches, max_segment):
+  """The TPU and GPU kernels (Pallas interpret mode here) on packed and shared-prompt rows whose
+  length is not a multiple of the block: values and gradients of every real token."""
+  from jbt.model.attention import KINDS, mask_info
+
+  rng = np.random.default_rng(7 + branches + max_segment)
+  B, L, K, G, H = 2, 150, 2, 2, 16
+  seg, br, pos = packed_rows(rng, B, L, branches)
+  q = jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  branch = jnp.asarray(br) if branches else None
+  mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, branch)
+  info = mask_info(kind, jnp.asarray(seg), jnp.asarray(pos), branch, None)
+  assert info.dense_BxLxS is None  # no [L, S] array on the fused path
+
+  def dense(q, k, v):
+    return (blocked_attention(q, k, v, mask, 0, 0) * real * w).sum()
+
+  def fused(q, k, v):
+    out = KINDS[kind].attend(q, k, v, info, sliding_window=None, block=32, max_segment=max_segment)
+    return (out * real * w).sum()
+
+  ref_val, ref_grads = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
+  val, grads = jax.value_and_grad(fused, argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-4)
+  for got, ref, name in zip(grads, ref_grads, "qkv"):
+    assert np.abs(np.asarray(ref)).max() > 0.1, "gradients too small to mean anything"
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=5e-5, err_msg=f"d{name}")
+
+
+def test_a_branch_call_is_what_lets_the_fused_kernels_see_branches():
+  """Without the per-branch calls the rejected branch would see the chosen one: the test can fail."""
+  from jbt.model.attention import fused
+
+  rng = np.random.default_rng(3)
+  seg, br, pos = packed_rows(rng, 1, 128, True)
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 128, 1, 1, 16), (1, 128, 1, 16), (1, 128, 1, 16)))
+  call = lambda q, k, v, s: fused.splash_call(q, k, v, s, block=32, max_segment=0)  # noqa: E731
+  ref = blocked_attention(q, k, v, dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, jnp.asarray(br)), 0, 0)
+  rejected = np.asarray(br) == 2
+  one_call = np.asarray(call(q, k, v, jnp.asarray(seg)))
+  assert np.abs(one_call - np.asarray(ref))[rejected].max() > 1e-2
+  both = fused.branch_calls(call, q, k, v, model.attention.MaskInfo(jnp.asarray(seg), jnp.asarray(br), None))
+  np.testing.assert_allclose(np.asarray(both)[np.asarray(seg) > 0], np.asarray(ref)[np.asarray(seg) > 0], atol=1e-5)
+
+
+def test_auto_falls_back_visibly_from_a_fused_kernel_for_a_sliding_window(caplog):
+  from jbt.model.attention import resolve
+
+  with caplog.at_level("WARNING", logger="jbt"):
+    assert resolve("auto", "tpu", sliding_window=4096) == "xla"
+  assert "splash does not take the model's sliding window (4096)" in caplog.text
+  assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", sliding_window=8) == "flash"
+  with pytest.raises(ValueError, match="'pallas_gpu' does not take sliding windows"):
+    resolve("pallas_gpu", "gpu", sliding_window=8)

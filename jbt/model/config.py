@@ -45,7 +45,7 @@ class ModelConfig:
   remat: str = "none"  # "none" | "full" | "attention" (save attention results) | "dots" (and matmul outputs)
   attention: str = "auto"  # a kind of jbt.model.attention.KINDS, or "auto" (the backend's default)
   matmul: str = "auto"  # a kind of jbt.model.matmul.KINDS, or "auto" (the backend's default)
-  attn_block: int = 128  # "xla" query block (0: dense); changes speed and memory, not results
+  attn_block: int = 128  # "xla" query block (0: dense), fused kernels' block; speed and memory, not results
   flash_block: int = 64  # "flash" query and key block
   mlp_chunk: int = 0  # tokens of a row the MLP computes at a time (0: all); memory, not results
   scan_layers: bool = True
@@ -60,7 +60,7 @@ class ModelConfig:
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
     # Decided once, here, for the backend this process computes on.
-    object.__setattr__(self, "attention", attention.resolve(self.attention))
+    object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.sliding_window))
     object.__setattr__(self, "matmul", matmul.resolve(self.matmul))
 
   @property

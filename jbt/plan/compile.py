@@ -150,6 +150,7 @@ def _oom_message(err: Exception) -> str | None:
 def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   """Compiles cfg's train step for `target`; a Plan either way (error set when it does not fit)."""
   from jbt.model import abstract_params, attention, matmul
+  from jbt.model.attention import fused
   from jbt.plan import models
   from jbt.train import optim, setup
   from jbt.train.state import TrainState, state_shardings
@@ -183,7 +184,7 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
               batch_pairs=cfg.train.batch_size)
   t0 = time.time()
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), fused.compile_for(target.platform):
       compiled = step.lower(state, batch).compile(compiler_options=PLAN_OPTIONS.get(target.platform))
   except Exception as e:  # the compiler's out-of-memory error is a result, anything else a failure
     oom = _oom_message(e)

@@ -5,8 +5,14 @@ dense reference).
 
 - "flash": block-sparse online softmax with its own backward pass (flash.py); cost follows the
   real attention pairs of packed and shared-prompt rows. The CPU default.
-- "xla": softmax over each query block's causal keys from a dense mask (xla.py). The default
-  elsewhere, until fused GPU/TPU kernels land.
+- "xla": softmax over each query block's causal keys from a dense mask (xla.py). Any backend,
+  any mask (sliding windows included); its dense [B, L, S] mask grows with the row squared.
+- "splash": Pallas splash attention (fused.py), segment ids plus a static band, one call per
+  shared-prompt branch. The TPU default.
+- "pallas_gpu": jax's Pallas (Triton) flash attention with segment ids (fused.py), one call per
+  branch. The GPU default.
+
+The fused kernels do not take sliding windows: "auto" picks "xla" for such a model, with a warning.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import logging
+
 import jax
 
-from jbt.model.attention import flash, xla
+from jbt.model.attention import flash, fused, xla
 from jbt.model.attention.mask import MaskInfo, dense_mask
 
 
@@ -31,17 +39,31 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "flash": Kind(flash.attend, dense_mask=False, block_field="flash_block", saved_names=(flash.OUT_NAME, flash.LSE_NAME)),
     "xla": Kind(xla.attend, dense_mask=True, block_field="attn_block", saved_names=(xla.OUT_NAME,)),
+    "splash": Kind(fused.splash_attend, dense_mask=False, block_field="attn_block", saved_names=(fused.OUT_NAME,)),
+    "pallas_gpu": Kind(fused.gpu_attend, dense_mask=False, block_field="attn_block", saved_names=(fused.OUT_NAME,)),
 }
-DEFAULT_BY_BACKEND = {"cpu": "flash"}  # others: "xla"
+DEFAULT_BY_BACKEND = {"cpu": "flash", "tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}  # others: "xla"
+FUSED = ("splash", "pallas_gpu")  # kinds that cannot apply a sliding window
 SAVED_NAMES = tuple(n for k in KINDS.values() for n in k.saved_names)
 
 
-def resolve(kind: str, backend: str | None = None) -> str:
-  """A name of KINDS; "auto" becomes the default of `backend` (JAX's default backend if None)."""
+def resolve(kind: str, backend: str | None = None, sliding_window: int | None = None) -> str:
+  """A name of KINDS; "auto" becomes the default of `backend` (JAX's default backend if None),
+  or "xla" where that default is a fused kernel and the model has a sliding window."""
   if kind == "auto":
-    return DEFAULT_BY_BACKEND.get(backend or jax.default_backend(), "xla")
+    backend = backend or jax.default_backend()
+    kind = DEFAULT_BY_BACKEND.get(backend, "xla")
+    if kind in FUSED and sliding_window is not None:
+      logging.getLogger("jbt").warning(
+          "attention: %s does not take the model's sliding window (%d); using xla attention on %s",
+          kind, sliding_window, backend)
+      kind = "xla"
+    return kind
   if kind not in KINDS:
     raise ValueError(f"attention must be auto or one of {', '.join(KINDS)}, got {kind!r}")
+  if kind in FUSED and sliding_window is not None:
+    raise ValueError(f"attention {kind!r} does not take sliding windows (the model's is {sliding_window}); "
+                     "use attention='xla' or 'auto'")
   return kind
 
 
