@@ -73,6 +73,8 @@ def test_tiny_config_fits_a_v5e_4_and_its_memory_adds_up(capsys):
   assert plan.opt_bytes == pytest.approx(2 * plan.params_bytes, rel=0.05)
   assert plan.temp_bytes > 0 and plan.total_bytes >= plan.params_bytes + plan.opt_bytes
   assert plan.fits and not plan.error
+  # splash attention's Mosaic kernel, one per branch, in the forward and the backward pass
+  assert plan.attention == "splash" and plan.kernel_calls >= 4
   # every member at max_length 128: 16 pairs, each alone in a shared-prompt row of 256 tokens
   assert (plan.rows, plan.row_length) == (16, 256)
   assert plan.flops_per_step > 6 * (n - cfg.model.random.hidden_size * 49152) * 16 * 256
@@ -91,12 +93,13 @@ def test_tiny_config_compiles_for_8_h100s():
   code = ("import json; from jbt.configs import tiny; from jbt.plan import compile as c, targets as t; "
           "p = c.compile_plan(tiny.get_config(), t.parse('gpu:h100x8')); "
           "print(json.dumps(dict(mesh=p.mesh, fits=p.fits, params=p.params_bytes, opt=p.opt_bytes, "
-          "temp=p.temp_bytes, total=p.total_bytes)))")
+          "temp=p.temp_bytes, total=p.total_bytes, attention=p.attention, kernels=p.kernel_calls)))")
   r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr
   plan = json.loads(r.stdout.strip().splitlines()[-1])
   assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and plan["fits"]
   assert plan["temp"] > 0 and plan["total"] >= plan["params"] + plan["opt"]
+  assert plan["attention"] == "pallas_gpu" and plan["kernels"] >= 4  # Triton flash attention
   from jbt.configs import tiny
   from jbt.train import setup
 

@@ -33,6 +33,9 @@ GIB = 2**30
 PLAN_OPTIONS = {"gpu": {"xla_gpu_enable_triton_gemm": False}}
 
 
+KERNEL_CALL = r'custom_call_target="(?:tpu_custom_call|__gpu\$xla\.gpu\.triton)"'
+
+
 @dataclasses.dataclass
 class Plan:
   """What one compile found, per chip unless named otherwise."""
@@ -52,6 +55,8 @@ class Plan:
   flops_per_step: float  # all chips, model FLOPs (no recomputation)
   batch_pairs: int
   error: str = ""  # the compiler's out-of-memory message
+  attention: str = ""  # the attention kind compiled (jbt.model.attention.KINDS)
+  kernel_calls: int = 0  # fused kernels (Mosaic / Triton custom calls) in the compiled program
 
   @property
   def fits(self) -> bool:
@@ -181,7 +186,7 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
               opt_bytes=per_chip_bytes(state.opt_state), batch_bytes=per_chip_bytes(batch), temp_bytes=None,
               total_bytes=None, compile_s=0.0,
               flops_per_step=train_flops_per_token(model_cfg, cfg.data.max_length) * tokens,
-              batch_pairs=cfg.train.batch_size)
+              batch_pairs=cfg.train.batch_size, attention=model_cfg.attention)
   t0 = time.time()
   try:
     with jax.set_mesh(mesh), fused.compile_for(target.platform):
@@ -193,6 +198,7 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
     plan.error, plan.compile_s = oom, time.time() - t0
     return plan
   plan.compile_s = time.time() - t0
+  plan.kernel_calls = len(re.findall(KERNEL_CALL, compiled.as_text()))
   mem = compiled.memory_analysis()
   plan.temp_bytes = float(mem.temp_size_in_bytes)
   plan.total_bytes = float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

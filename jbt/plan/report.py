@@ -31,7 +31,8 @@ def report(cfg: Any, plan: Any, mfu: float) -> None:
 
   t = plan.target
   m = cfg.model
-  print(f"model: {plan.model_source}, {plan.params / 1e6:,.1f}M parameters, {m.dtype} compute, remat {m.remat}")
+  print(f"model: {plan.model_source}, {plan.params / 1e6:,.1f}M parameters, {m.dtype} compute, remat {m.remat}, "
+        f"{plan.attention} attention")
   print(f"target: {t.name}: {t.chips} x {t.chip.kind} ({t.chip.memory_gib:g} GiB, {t.chip.peak_tflops:g} TFLOP/s "
         f"bf16 each{f', {t.num_slices} slices' if t.num_slices > 1 else ''}), mesh {plan.mesh}")
   print(f"batch: {plan.batch_pairs} pairs a step (grad_accum {cfg.opt.grad_accum}), {cfg.data.layout} layout: "
