@@ -50,7 +50,6 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
 
 def prepare(work: Path, data: Path, max_length: int, n_pairs: int) -> dict:
   """The shared starting point: an HF model directory and a pairs file both trainers read."""
-  from jbt import data as jdata
   from jbt.checkpoint.load import resolve_model_path
   from jbt.tools import convert
 
@@ -58,7 +57,15 @@ def prepare(work: Path, data: Path, max_length: int, n_pairs: int) -> dict:
   if not hf_dir.exists():
     convert.hf_to_jbt(resolve_model_path("smollm2"), work / "ckpt", num_labels=1, seed=0, overwrite=True)
     convert.jbt_to_hf(work / "ckpt", hf_dir, overwrite=True)
+  return prepare_pairs(work, hf_dir, data, max_length, n_pairs)
+
+
+def prepare_pairs(work: Path, hf_dir: Path, data: Path, max_length: int, n_pairs: int) -> dict:
+  """The first n_pairs pairs of `data` whose members fit max_length whole (chat-templated by
+  hf_dir's tokenizer), as a pairs file both trainers read."""
   import transformers
+
+  from jbt import data as jdata
 
   tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
   pairs, _ = jdata.load_pairs([str(data)])
@@ -137,7 +144,8 @@ def worker_trl(a: argparse.Namespace, spec: dict) -> dict:
                       learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                       max_grad_norm=1.0, max_length=a.max_length, gradient_checkpointing=a.gradient_checkpointing,
                       bf16=a.bf16,
-                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=1,
+                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                      seed=1,
                       dataloader_num_workers=0)
   trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
   start = time.perf_counter()

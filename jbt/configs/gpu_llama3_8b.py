@@ -23,6 +23,9 @@ def get_config():
   c.model.init_from = "/models/Meta-Llama-3-8B-Instruct"
   c.model.dtype = "bfloat16"
   c.model.remat = "full"  # "dots" needs 110.6 GiB per GPU at max_length 4096 (docs/planning.md)
+  # The MLP over 8192-token chunks of a row (recomputed in the backward pass): rows up to 8192
+  # tokens are unchanged; long-context rows (max_length 32768 on a v5p-128) then fit.
+  c.model.mlp_chunk = 8192
   c.data.train = ("ultrabin",)
   c.train.batch_size = 32
   c.train.eval_batch_size = 32

@@ -169,7 +169,7 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   model_cfg, source = models.model_config(cfg, shape, **runtime)
   devices = topology_devices(target)
   mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes, devices=devices)
-  setup.check_mesh_batch(cfg, mesh)
+  setup.check_mesh_batch(cfg, mesh, eval_batch=False)
   rules = tuple(tuple(r) for r in cfg.mesh.rules)
   # The schedule's length changes no shape: any positive step count compiles the same program.
   tx, lr_fn = optim.make_optimizer(cfg.opt, max(cfg.train.max_steps, 1000))

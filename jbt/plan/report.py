@@ -45,6 +45,10 @@ def report(cfg: Any, plan: Any, mfu: float) -> None:
   step_s = plan.step_seconds(mfu)
   print(f"step: {plan.flops_per_step:.3g} FLOPs (model FLOPs, largest batch): {step_s:.2f} s at {mfu:.0%} MFU, "
         f"{plan.batch_pairs / step_s:.1f} pairs/s")
+  dp = plan.mesh.get("data", 1) * plan.mesh.get("fsdp", 1)
+  if cfg.train.eval_batch_size % dp:
+    print(f"note: train.eval_batch_size ({cfg.train.eval_batch_size}) does not divide over the {dp} data-parallel "
+          f"chips; the run needs a multiple of {dp} (--config.train.eval_batch_size={-(-cfg.train.eval_batch_size // dp) * dp})")
   if plan.fits:
     spare = t.memory_bytes - plan.total_bytes
     print(f"fits: {gib(spare)} ({spare / t.memory_bytes:.0%}) to spare per chip")

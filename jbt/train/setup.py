@@ -50,14 +50,15 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError(f"opt.lr must be positive, got {o.lr}")
 
 
-def check_mesh_batch(cfg: ConfigDict, mesh: Any) -> None:
-  """The micro-batch's pairs (and padded rows) are split over the data-parallel devices."""
+def check_mesh_batch(cfg: ConfigDict, mesh: Any, eval_batch: bool = True) -> None:
+  """The micro-batch's pairs (and padded rows) are split over the data-parallel devices; the eval
+  batch's too unless eval_batch is False (jbt.plan compiles the train step only and warns)."""
   dp = data_parallel_size(mesh)
   micro = cfg.train.batch_size // cfg.opt.grad_accum
   if micro % dp:
     raise JbtError(f"train.batch_size / opt.grad_accum = {micro} pairs does not divide over the {dp} "
                    f"data-parallel devices of mesh {dict(mesh.shape)}")
-  if cfg.train.eval_batch_size % dp:
+  if eval_batch and cfg.train.eval_batch_size % dp:
     raise JbtError(f"train.eval_batch_size ({cfg.train.eval_batch_size}) does not divide over the {dp} "
                    "data-parallel devices")
 
