@@ -50,7 +50,7 @@ import bench  # noqa: E402  (scripts/bench.py: the jbt and TRL workers)
 DEFAULT_DATA = bench.DEFAULT_DATA
 # Missing from the lent machine's image (Python 3.12, jax/flax/optax/orbax/transformers/torch,
 # pyarrow, accelerate, xxhash there); jbt needs grain, ml_collections, datasets; TRL needs trl.
-WHEELS = ("grain", "ml_collections", "datasets", "dill", "multiprocess", "trl", "array_record")
+WHEELS = ("grain", "ml_collections", "datasets", "dill", "multiprocess", "trl", "array_record", "portpicker")
 LLAMA_1B = dict(family="llama", hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                 num_kv_heads=8, head_dim=64, rope_theta=500000.0, initializer_range=0.02)
 TOY = dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
