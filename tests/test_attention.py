@@ -154,3 +154,38 @@ def test_auto_falls_back_visibly_from_a_fused_kernel_for_a_sliding_window(caplog
   assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", sliding_window=8) == "flash"
   with pytest.raises(ValueError, match="'pallas_gpu' does not take sliding windows"):
     resolve("pallas_gpu", "gpu", sliding_window=8)
+
+
+@pytest.mark.parametrize("kind", ["splash", "pallas_gpu"])
+def test_fused_kernels_run_per_shard_under_a_mesh(kind):
+  """Rows over the data axes and kv heads over "tensor": each device runs the kernel on its shard
+  (shard_map), with the dense reference's values and gradients."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from jbt.model.attention import KINDS, mask_info
+  from jbt.runtime.mesh import make_mesh
+
+  mesh = make_mesh((2, 2, 2), devices=jax.devices()[:8])
+  rng = np.random.default_rng(11)
+  B, L, K, G, H = 4, 100, 2, 2, 16
+  seg, br, pos = packed_rows(rng, B, L, True)
+  q = jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, jnp.asarray(br))
+  ref, ref_dq = jax.value_and_grad(lambda q: (blocked_attention(q, k, v, mask, 0, 0) * real).sum())(q)
+
+  def loss(q, k, v, seg, br):
+    info = mask_info(kind, seg, None, br, None)
+    return (KINDS[kind].attend(q, k, v, info, sliding_window=None, block=32, max_segment=0) * real).sum()
+
+  with jax.set_mesh(mesh):
+    shard = lambda x, *rest: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, *rest)))  # noqa: E731
+    args = (shard(q, "tensor", None, None), shard(k, "tensor", None), shard(v, "tensor", None),
+            shard(jnp.asarray(seg)), shard(jnp.asarray(br)))
+    fn = jax.jit(jax.value_and_grad(loss))
+    assert "shard_map" in str(jax.make_jaxpr(fn)(*args))
+    val, dq = fn(*args)
+  np.testing.assert_allclose(val, ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dq), np.asarray(ref_dq), atol=5e-5)

@@ -102,8 +102,8 @@ def _sharded(fn: Callable[[Array, Array, Array, Array], Array], q: Array, k: Arr
 # --- TPU: splash attention ---------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, length: int, band: int, block: int, interpret: bool):
+  """Built per trace (it holds arrays; a cached one would leak one trace's arrays into the next)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
