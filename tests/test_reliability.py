@@ -120,7 +120,7 @@ def test_soak_reduced_kills_at_random_moments(tmp_path):
   import soak
 
   lines: list[str] = []
-  survived, tried = soak.soak(tmp_path / "soak", kills=2, seed=1, max_delay=12.0, epochs=2,
+  survived, tried = soak.soak(tmp_path / "soak", kills=2, seed=1, max_delay=8.0, epochs=1,
                               log=lines.append, xla_cache=Path(XLA_CACHE))
   assert tried >= 1 and survived == tried, lines
 

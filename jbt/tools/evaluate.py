@@ -1,9 +1,16 @@
 """Pairwise accuracy of a reward model on preference data.
 
     python -m jbt.evaluate --run RUN_DIR       # a run's final model on exactly the run's eval pairs
+    python -m jbt.evaluate --model PATH --rewardbench DIR   # RewardBench 1 or 2 from local files
+        (jbt.tools.rewardbench: its schemas and scoring rules); the last stdout line is JSON
     python -m jbt.evaluate --model PATH --data SPEC [--data SPEC ...] [--split auto|test|train|all]
         [--max_length 1250] [--max_prompt_length 625] [--truncation halos|drop] [--batch_size 16]
         [--plot out.png] [--dtype float32|bfloat16] [--mesh 1,-1,1] [--on_error skip|raise]
+        [--backend jax|torch] [--trust_remote_code]
+
+--backend torch scores with transformers directly: any AutoModelForSequenceClassification
+directory (GPT-2, OPT, ... and, with --trust_remote_code, custom heads such as ArmoRM's), on the
+same tokenized inputs, so a jbt model and an external one are compared on the same files.
 
 PATH is an HF reward-model directory (such as a run's FINAL/) or a jbt checkpoint; a SPEC is any
 data spec training takes (hub name, file, directory, glob). Pairs are formatted and truncated
@@ -103,11 +110,13 @@ def run_config(model: str | Path) -> dict[str, Any] | None:
 def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", max_length: int | None = None,
              max_prompt_length: int | None = None, truncation: str = "halos", batch_size: int = 16,
              dtype: str | None = None, mesh_shape: Sequence[int] = (1, -1, 1), on_error: str = "skip",
-             plot: str | Path | None = None) -> dict[str, Any]:
-  """Scores every pair of every spec; returns the result dict (see the module docstring)."""
+             plot: str | Path | None = None, backend: str = "jax", trust_remote_code: bool = False,
+             keep_rewards: bool = False) -> dict[str, Any]:
+  """Scores every pair of every spec; returns the result dict (see the module docstring).
+  keep_rewards adds "rewards": {spec: [[chosen, rejected], ...]} in each spec's pair order."""
   from jbt import data
   from jbt.data.sources import resolve_spec
-  from jbt.tools import plots, score
+  from jbt.tools import plots
 
   if split not in SPLIT_CHOICES:
     raise JbtError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
@@ -127,8 +136,8 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   max_prompt_length = max_prompt_length or run_data.get("max_prompt_length") or min(625, max_length // 2)
   dtype = dtype or (run or {}).get("model", {}).get("dtype") or "float32"
 
-  scorer, tokenizer = score.load_scorer(model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape,
-                                       pairs_max_length=max_length)
+  scorer, tokenizer = load_backend(backend, model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape,
+                                   pairs_max_length=max_length, trust_remote_code=trust_remote_code)
   datasets = []
   for spec in specs:
     pairs, load_report, used = load_split(spec, split, on_error)
@@ -145,13 +154,14 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
     datasets.append((spec, used, tok, load_report.n_skipped + tok_report.n_skipped))
 
   result: dict[str, Any] = {}
-  per_dataset, all_rewards, all_lengths = {}, [], []
+  per_dataset, all_rewards, all_lengths, kept = {}, [], [], {}
   for spec, used, tok, n_skipped in datasets:
     rewards_Px2 = scorer(tok, desc=f"evaluating {spec}" if len(datasets) > 1 else "evaluating")
     # Response tokens: what follows the prefix both members share (prompt and template header).
     lengths_Px2 = tok.lengths - tok.shared_prefix[:, None]
     all_rewards.append(rewards_Px2)
     all_lengths.append(lengths_Px2)
+    kept[spec] = rewards_Px2.tolist()
     m = pair_metrics(rewards_Px2[:, 0], rewards_Px2[:, 1])
     m["reward_length_corr"] = plots.length_correlation(rewards_Px2.ravel(), lengths_Px2.ravel())
     per_dataset[spec] = _finite({**m, "split": used, "n_skipped": n_skipped})
@@ -162,11 +172,34 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   result["model"] = str(model)
   result["max_length"], result["max_prompt_length"], result["dtype"] = max_length, max_prompt_length, dtype
   result["per_dataset"] = per_dataset
+  result["backend"] = backend
+  if keep_rewards:
+    result["rewards"] = kept
   if plot is not None:
     title = f"{Path(model).name}: accuracy {result['accuracy']:.3f} on {result['n_pairs']} pairs"
     plots.plot_rewards(rewards_Px2[:, 0], rewards_Px2[:, 1], lengths_Px2[:, 0], lengths_Px2[:, 1], plot, title=title)
     print(f"wrote {plot}", file=sys.stderr)
   return result
+
+
+BACKENDS = ("jax", "torch")
+
+
+def load_backend(backend: str, model: str | Path, *, batch_size: int, dtype: str, mesh_shape: Sequence[int],
+                 pairs_max_length: int | None, trust_remote_code: bool = False) -> tuple[Any, Any]:
+  """(scorer, tokenizer): jbt's own forward pass ("jax"), or transformers' ("torch", any
+  sequence-classification model). pairs_max_length None gives a scorer of single sequences."""
+  from jbt.tools import score, torch_backend
+
+  if backend == "torch":
+    return torch_backend.load_torch_scorer(model, batch_size=batch_size, dtype=dtype,
+                                           pairs=pairs_max_length is not None, trust_remote_code=trust_remote_code)
+  if backend != "jax":
+    raise JbtError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+  if trust_remote_code:
+    raise JbtError("--trust_remote_code runs a model's own code: it goes with --backend torch")
+  return score.load_scorer(model, batch_size=batch_size, dtype=dtype, mesh_shape=mesh_shape,
+                           pairs_max_length=pairs_max_length)
 
 
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
@@ -211,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
   ap = ArgParser(prog="python -m jbt.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", default=None, help="a training run directory: its final model on exactly its eval pairs, "
                   "lengths and dtype (the other options are then the run's)")
+  ap.add_argument("--rewardbench", default=None,
+                  help="RewardBench 1 or 2 in their published schemas (a .jsonl/.json/.parquet file or a directory): "
+                       "per-subset, section and overall scores as the benchmarks compute them")
   ap.add_argument("--model", help="HF reward-model directory (e.g. a run's FINAL/) or jbt checkpoint")
   ap.add_argument("--data", action="append", help="data spec (repeatable): hub name, file, dir, glob")
   ap.add_argument("--split", choices=SPLIT_CHOICES, default="auto", help="which pairs to score (see above)")
@@ -225,18 +261,36 @@ def main(argv: list[str] | None = None) -> None:
                   help="compute dtype (default: the model's run's, else float32; float32 for exact checks)")
   ap.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) sizes over the local devices")
   ap.add_argument("--on_error", choices=("skip", "raise"), default="skip", help="bad records: count or stop")
+  ap.add_argument("--backend", choices=BACKENDS, default="jax",
+                  help="jax: jbt's forward pass (jbt families); torch: transformers' (any sequence-classification model)")
+  ap.add_argument("--trust_remote_code", action="store_true",
+                  help="--backend torch: run the model directory's own code (custom heads such as ArmoRM's)")
   args = ap.parse_args(argv)
   if args.run is not None:
     if args.model or args.data:
       raise JbtError("--run evaluates the run's own model on its own eval pairs: give it without --model / --data")
     print(json.dumps(_finite(evaluate_run(args.run))), flush=True)
     return
+  if args.rewardbench is not None:
+    from jbt.tools import rewardbench
+
+    if not args.model or args.data:
+      raise JbtError("--rewardbench scores --model on the benchmark's files: give --model and no --data")
+    if not Path(args.model).exists():
+      raise JbtError(f"--model {args.model}: no such directory")
+    res = rewardbench.evaluate(args.model, args.rewardbench, backend=args.backend, batch_size=args.batch_size,
+                               dtype=args.dtype or "float32", mesh_shape=parse_mesh(args.mesh),
+                               max_length=args.max_length, trust_remote_code=args.trust_remote_code, plot=args.plot)
+    print(rewardbench.report(res))
+    print(json.dumps(_finite(res)), flush=True)
+    return
   if not args.model or not args.data:
-    raise JbtError("give --model and --data, or --run RUN_DIR")
+    raise JbtError("give --model and --data, --run RUN_DIR, or --model and --rewardbench PATH")
   result = evaluate(args.model, args.data, split=args.split, max_length=args.max_length,
                     max_prompt_length=args.max_prompt_length, truncation=args.truncation,
                     batch_size=args.batch_size, dtype=args.dtype, mesh_shape=parse_mesh(args.mesh),
-                    on_error=args.on_error, plot=args.plot)
+                    on_error=args.on_error, plot=args.plot, backend=args.backend,
+                    trust_remote_code=args.trust_remote_code)
   print(json.dumps(result), flush=True)
 
 

@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="accepted for HALOs command lines; its reward-model path does not use it either")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
   ap.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) sizes over the local devices")
+  ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
+                  help="jax: jbt's forward pass (jbt families); torch: transformers' (any sequence-classification model)")
+  ap.add_argument("--trust_remote_code", action="store_true",
+                  help="--backend torch: run the model directory's own code (custom heads such as ArmoRM's)")
   ap.add_argument("--api_type", help=argparse.SUPPRESS)
   return ap
 
@@ -255,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Scores the samples and writes the feedback; returns the records written."""
   from jbt.tools import score as scoring
+  from jbt.tools.evaluate import load_backend
 
   if args.api_type:
     raise JbtError("API labeling is not offered by jbt.label; use HALOs' train.label for it")
@@ -277,8 +282,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   samples = read_samples(samples_path, need_prompt_id=feedback_type != "scalar")
   make_parent(out)  # before the model loads: a bad output path fails at once
 
-  scorer, tokenizer = scoring.load_scorer(model_path, batch_size=args.batch_size, dtype=args.dtype,
-                                          mesh_shape=mesh_shape)
+  scorer, tokenizer = load_backend(args.backend, model_path, batch_size=args.batch_size, dtype=args.dtype,
+                                   mesh_shape=mesh_shape, pairs_max_length=None,
+                                   trust_remote_code=args.trust_remote_code)
   print(f"scoring {len(samples)} samples from {samples_path} with {model_path}", file=sys.stderr)
   ids = tokenize_samples(samples, tokenizer, str(samples_path))
   if args.max_length is not None:
