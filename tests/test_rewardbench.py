@@ -39,6 +39,13 @@ def test_rewardbench_1_scores_equal_a_hand_count():
   assert res["outside_sections"] == ["my-own-subset"]
 
 
+def test_accuracy_by_length_groups():
+  got = rewardbench.accuracy_by_length(np.array([1.0, 0, 2, 3]), np.array([0.0, 1, 1, 4]), np.array([20, 10, 10, 5]),
+                                       np.array([10, 10, 10, 10]))
+  assert got["chosen longer"] == {"pairs": 1, "accuracy": 1.0}
+  assert got["about as long"] == {"pairs": 2, "accuracy": 0.5} and got["chosen shorter"] == {"pairs": 1, "accuracy": 0.0}
+
+
 def test_rewardbench_2_best_of_n_and_ties_equal_a_hand_count(tmp_path):
   # the same records from parquet: the published files are parquet
   import pyarrow as pa
@@ -130,10 +137,13 @@ def test_rewardbench_command_with_both_backends_on_one_jbt_model(gpt2, tmp_path,
   and on a jbt-family model the jax and torch backends agree within 1e-4."""
   model_dir, model = gpt2
   tok = tinymodels.make_tokenizer()
-  evaluate.main(["--model", str(model_dir), "--rewardbench", str(FIXTURES / "v2.jsonl"), "--backend", "torch"])
+  evaluate.main(["--model", str(model_dir), "--rewardbench", str(FIXTURES / "v2.jsonl"), "--backend", "torch",
+                 "--plot", str(tmp_path / "rb.png")])
+  assert (tmp_path / "rb.png").read_bytes().startswith(b"\x89PNG")
   lines = capsys.readouterr().out.strip().splitlines()
   res = json.loads(lines[-1])
-  assert "| Ties | 4 |" in "\n".join(lines) and lines[-2].startswith("overall (RewardBench 2): ")
+  text = "\n".join(lines)
+  assert "| Ties | 4 |" in text and "overall (RewardBench 2): " in text and "| chosen longer |" in text
   _, items = rewardbench.read(FIXTURES / "v2.jsonl")
   ref = [np.array([_reward(model, tok, [{"role": "user", "content": it["prompt"]}, {"role": "assistant", "content": t}])
                    for t in it["chosen"] + it["rejected"]]) for it in items]
@@ -141,6 +151,7 @@ def test_rewardbench_command_with_both_backends_on_one_jbt_model(gpt2, tmp_path,
   for name, v in want["subsets"].items():  # float32 rewards batched or alone: the margin terms differ in 1e-10s
     assert res["subsets"][name]["n"] == v["n"] and res["subsets"][name]["score"] == pytest.approx(v["score"], abs=1e-6)
   assert res["overall"] == pytest.approx(want["overall"], abs=1e-6)
+  assert sum(v["pairs"] for v in res["by_length"].values()) == sum(len(it["rejected"]) for it in items)
 
   qwen = tinymodels.save_model(tinymodels.make_model("qwen2", seed=4), tmp_path / "qwen2")
   both = {b: rewardbench.evaluate(qwen, FIXTURES / "v1.jsonl", backend=b, batch_size=4) for b in ("jax", "torch")}

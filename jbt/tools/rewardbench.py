@@ -179,6 +179,17 @@ def scores(version: str, items: Sequence[dict[str, Any]], rewards: Sequence[np.n
   return out
 
 
+def accuracy_by_length(chosen: np.ndarray, rejected: np.ndarray, len_chosen: np.ndarray,
+                       len_rejected: np.ndarray) -> dict[str, dict[str, float]]:
+  """Pairwise accuracy (chosen > rejected) where the chosen response is longer, about as long
+  (within 10%), or shorter than the rejected one: a reward model that likes length shows it here."""
+  ratio = len_chosen / np.maximum(len_rejected, 1)
+  groups = {"chosen longer": ratio > 1.1, "about as long": (ratio >= 1 / 1.1) & (ratio <= 1.1),
+            "chosen shorter": ratio < 1 / 1.1}
+  return {name: {"pairs": int(m.sum()), "accuracy": float(np.mean(chosen[m] > rejected[m])) if m.any() else float("nan")}
+          for name, m in groups.items()}
+
+
 def evaluate(model: str | Path, path: str | Path, *, backend: str = "jax", batch_size: int = 16,
              dtype: str = "float32", mesh_shape: Sequence[int] = (1, -1, 1), max_length: int | None = None,
              trust_remote_code: bool = False, plot: str | Path | None = None) -> dict[str, Any]:
@@ -213,12 +224,13 @@ def evaluate(model: str | Path, path: str | Path, *, backend: str = "jax", batch
     start += n
   out = scores(version, items, rewards)
   out.update(model=str(model), backend=backend, data=str(path), n_prompts=len(items), n_responses=len(seqs))
+  # pairs of each prompt's first chosen response against each rejected one
+  c = np.array([r[0] for r, it in zip(rewards, items) for _ in it["rejected"]])
+  rj = np.array([r[len(it["chosen"]) + j] for r, it in zip(rewards, items) for j in range(len(it["rejected"]))])
+  lc = np.array([ln[0] for ln, it in zip(lengths, items) for _ in it["rejected"]])
+  lr = np.array([ln[len(it["chosen"]) + j] for ln, it in zip(lengths, items) for j in range(len(it["rejected"]))])
+  out["by_length"] = accuracy_by_length(c, rj, lc, lr)
   if plot is not None:
-    # pairs of each prompt's first chosen response against each rejected one
-    c = np.array([r[0] for r, it in zip(rewards, items) for _ in it["rejected"]])
-    rj = np.array([r[len(it["chosen"]) + j] for r, it in zip(rewards, items) for j in range(len(it["rejected"]))])
-    lc = np.array([ln[0] for ln, it in zip(lengths, items) for _ in it["rejected"]])
-    lr = np.array([ln[len(it["chosen"]) + j] for ln, it in zip(lengths, items) for j in range(len(it["rejected"]))])
     plots.plot_rewards(c, rj, lc, lr, plot, title=f"{Path(model).name}: RewardBench {version} {out['overall']:.3f}")
     print(f"wrote {plot}", file=sys.stderr)
   return out
@@ -234,6 +246,10 @@ def report(res: dict[str, Any]) -> str:
   overall = res["overall"]
   lines += ["", f"overall (RewardBench {res['version']}): {100 * overall:.2f}" if math.isfinite(overall) else
             f"overall (RewardBench {res['version']}): no subset of the benchmark's sections"]
+  if res.get("by_length"):
+    lines += ["", "| chosen vs rejected length (tokens) | pairs | accuracy |", "|---|---|---|"]
+    lines += [f"| {name} | {v['pairs']} | {100 * v['accuracy']:.2f} |" if v["pairs"] else f"| {name} | 0 | - |"
+              for name, v in res["by_length"].items()]
   if res.get("outside_sections"):
     lines.append(f"subsets outside the benchmark's sections (not in the overall score): {', '.join(res['outside_sections'])}")
   return "\n".join(lines)
