@@ -40,6 +40,7 @@ def test_rewardbench_1_scores_equal_a_hand_count():
 
 
 def test_accuracy_by_length_groups():
+  assert rewardbench.response_lengths([[5, 6, 7, 8], [5, 6, 9], [5, 6, 7, 1, 2]]) == [2, 1, 3]
   got = rewardbench.accuracy_by_length(np.array([1.0, 0, 2, 3]), np.array([0.0, 1, 1, 4]), np.array([20, 10, 10, 5]),
                                        np.array([10, 10, 10, 10]))
   assert got["chosen longer"] == {"pairs": 1, "accuracy": 1.0}

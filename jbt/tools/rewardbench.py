@@ -179,6 +179,14 @@ def scores(version: str, items: Sequence[dict[str, Any]], rewards: Sequence[np.n
   return out
 
 
+def response_lengths(seqs: Sequence[Sequence[int]]) -> list[int]:
+  """Tokens after the prefix every response of a prompt shares (the templated prompt)."""
+  prefix = min(len(x) for x in seqs)
+  for a in seqs[1:]:
+    prefix = next((i for i, (x, y) in enumerate(zip(seqs[0][:prefix], a[:prefix])) if x != y), prefix)
+  return [len(x) - prefix for x in seqs]
+
+
 def accuracy_by_length(chosen: np.ndarray, rejected: np.ndarray, len_chosen: np.ndarray,
                        len_rejected: np.ndarray) -> dict[str, dict[str, float]]:
   """Pairwise accuracy (chosen > rejected) where the chosen response is longer, about as long
@@ -220,7 +228,7 @@ def evaluate(model: str | Path, path: str | Path, *, backend: str = "jax", batch
   for item in items:
     n = len(item["chosen"]) + len(item["rejected"])
     rewards.append(np.asarray(flat[start:start + n], float))
-    lengths.append([len(s) for s in seqs[start:start + n]])
+    lengths.append(response_lengths(seqs[start:start + n]))
     start += n
   out = scores(version, items, rewards)
   out.update(model=str(model), backend=backend, data=str(path), n_prompts=len(items), n_responses=len(seqs))
