@@ -163,3 +163,35 @@ def test_bad_input_is_one_error_line(case, setup, tmp_path, capsys):
   err = out.err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and out.out == ""
   assert {"model": "missing", "data": "nothing.jsonl", "plot_dir": "directory", "split": "dev"}[case] in err[0]
+
+
+def test_calibrated_statistics_normalise_labels_to_mean_0_and_std_1(setup, tmp_path, capsys):
+  import shutil
+
+  from jbt.tools import label, normalization
+
+  hf_dir, root, ref_trl, _ = setup
+  model_dir = shutil.copytree(hf_dir, tmp_path / "model")
+  assert normalization.read(model_dir) is None
+  res = evaluate.evaluate(model_dir, [str(root / "trl.jsonl")], batch_size=8, calibrate=True)
+  st = normalization.read(model_dir)
+  assert st["responses"] == 24 and res["normalization"] == st
+  assert (st["mean"], st["std"]) == pytest.approx((ref_trl.mean(), ref_trl.std()), abs=1e-4)
+  assert res["normalized"]["mean_margin"] == pytest.approx((ref_trl[:, 0] - ref_trl[:, 1]).mean() / st["std"], abs=1e-4)
+  # transformers still scores the raw reward: the logits are untouched
+  raw = evaluate.evaluate(model_dir, [str(root / "trl.jsonl")], batch_size=8, keep_rewards=True)
+  np.testing.assert_allclose(np.array(raw["rewards"][str(root / "trl.jsonl")]), ref_trl, atol=1e-4)
+
+  # jbt.label --normalize on the calibration set's responses: mean ~0, std ~1
+  trl = [json.loads(x) for x in (root / "trl.jsonl").read_text().splitlines()]
+  samples = [{"prompt_id": i, "prompt": r["prompt"], "output": r[k][0]["content"]} for i, r in enumerate(trl)
+             for k in ("chosen", "rejected")]
+  (tmp_path / "samples.json").write_text(json.dumps(samples))
+  label.main([str(tmp_path / "samples.json"), str(tmp_path / "out.json"), "--reward_model_path", str(model_dir),
+              "--normalize"])
+  got = np.array([r["reward"] for r in json.loads((tmp_path / "out.json").read_text())])
+  assert abs(got.mean()) < 1e-3 and abs(got.std() - 1) < 1e-3
+  with pytest.raises(SystemExit):  # a model without statistics: one error line
+    label.main([str(tmp_path / "samples.json"), str(tmp_path / "out2.json"), "--reward_model_path", str(hf_dir),
+                "--normalize"])
+  assert "stores no reward statistics" in capsys.readouterr().err

@@ -81,6 +81,13 @@ def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path, capsys):
   err = capsys.readouterr().err
   assert f"warning: --data {cfg.data.train[0]} is what {run_dir} trained on" in err and "--run" in err
   assert (res["max_length"], res["max_prompt_length"], res["dtype"], res["n_pairs"]) == (128, 64, "float32", 480)
+  # The final model's reward statistics on the eval pairs, in FINAL's config and final/'s meta.
+  from jbt.tools import normalization
+
+  st = normalization.read(run_dir / "FINAL")
+  assert st == normalization.read(run_dir / "final") and st["responses"] == 2 * 88 and st["std"] > 0
+  assert (st["mean"], st["std"]) == pytest.approx((out["rewards_eval/mean"], out["rewards_eval/std"]))
+  assert res["normalization"] == st and "mean_chosen" in res["normalized"]
   # FINAL is a transformers model whose logit 1 is jbt's reward.
   hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(run_dir / "FINAL"),
                                                                            dtype=torch.float32).eval()

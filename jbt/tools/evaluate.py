@@ -111,12 +111,14 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
              max_prompt_length: int | None = None, truncation: str = "halos", batch_size: int = 16,
              dtype: str | None = None, mesh_shape: Sequence[int] = (1, -1, 1), on_error: str = "skip",
              plot: str | Path | None = None, backend: str = "jax", trust_remote_code: bool = False,
-             keep_rewards: bool = False) -> dict[str, Any]:
+             keep_rewards: bool = False, calibrate: bool = False) -> dict[str, Any]:
   """Scores every pair of every spec; returns the result dict (see the module docstring).
-  keep_rewards adds "rewards": {spec: [[chosen, rejected], ...]} in each spec's pair order."""
+  keep_rewards adds "rewards": {spec: [[chosen, rejected], ...]} in each spec's pair order.
+  calibrate stores the mean and std of every scored response's reward in the model's config
+  (jbt.tools.normalization); a model with such statistics also gets "normalized" means."""
   from jbt import data
   from jbt.data.sources import resolve_spec
-  from jbt.tools import plots
+  from jbt.tools import normalization, plots
 
   if split not in SPLIT_CHOICES:
     raise JbtError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
@@ -173,6 +175,18 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   result["max_length"], result["max_prompt_length"], result["dtype"] = max_length, max_prompt_length, dtype
   result["per_dataset"] = per_dataset
   result["backend"] = backend
+  if calibrate:
+    st = normalization.stats(rewards_Px2, source=f"jbt.evaluate --calibrate on {', '.join(specs)}")
+    written = normalization.write(model, st)
+    print(f"calibrated: reward mean {st['mean']:.4f}, std {st['std']:.4f} over {st['responses']} responses, "
+          f"stored in {written}", file=sys.stderr)
+  st = normalization.read(model)
+  if st is not None:
+    norm_Px2 = normalization.apply(rewards_Px2, st)
+    result["normalization"] = st
+    result["normalized"] = _finite({"mean_chosen": float(norm_Px2[:, 0].mean()),
+                                    "mean_rejected": float(norm_Px2[:, 1].mean()),
+                                    "mean_margin": float((norm_Px2[:, 0] - norm_Px2[:, 1]).mean())})
   if keep_rewards:
     result["rewards"] = kept
   if plot is not None:
@@ -261,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
                   help="compute dtype (default: the model's run's, else float32; float32 for exact checks)")
   ap.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) sizes over the local devices")
   ap.add_argument("--on_error", choices=("skip", "raise"), default="skip", help="bad records: count or stop")
+  ap.add_argument("--calibrate", action="store_true",
+                  help="store the mean and std of the scored rewards in the model's config (jbt.label --normalize "
+                       "uses them; the model's raw scores are unchanged)")
   ap.add_argument("--backend", choices=BACKENDS, default="jax",
                   help="jax: jbt's forward pass (jbt families); torch: transformers' (any sequence-classification model)")
   ap.add_argument("--trust_remote_code", action="store_true",
@@ -290,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_prompt_length=args.max_prompt_length, truncation=args.truncation,
                     batch_size=args.batch_size, dtype=args.dtype, mesh_shape=parse_mesh(args.mesh),
                     on_error=args.on_error, plot=args.plot, backend=args.backend,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, calibrate=args.calibrate)
   print(json.dumps(result), flush=True)
 
 

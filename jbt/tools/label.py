@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="accepted for HALOs command lines; its reward-model path does not use it either")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
   ap.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) sizes over the local devices")
+  ap.add_argument("--normalize", action="store_true",
+                  help="write (reward - mean) / std with the model's stored statistics (set at the end of "
+                       "training, or by jbt.evaluate --calibrate)")
   ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
                   help="jax: jbt's forward pass (jbt families); torch: transformers' (any sequence-classification model)")
   ap.add_argument("--trust_remote_code", action="store_true",
@@ -259,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Scores the samples and writes the feedback; returns the records written."""
   from jbt.tools import score as scoring
+  from jbt.tools import normalization
   from jbt.tools.evaluate import load_backend
 
   if args.api_type:
@@ -281,6 +285,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   samples_path = Path(args.samples_path)
   samples = read_samples(samples_path, need_prompt_id=feedback_type != "scalar")
   make_parent(out)  # before the model loads: a bad output path fails at once
+  norm = None
+  if args.normalize:
+    norm = normalization.read(model_path)
+    if norm is None:
+      raise JbtError(f"--normalize: {model_path} stores no reward statistics; a jbt run's FINAL/ has them when the "
+                     "run evaluated, or run `python -m jbt.evaluate --calibrate --model MODEL --data PAIRS` first")
 
   scorer, tokenizer = load_backend(args.backend, model_path, batch_size=args.batch_size, dtype=args.dtype,
                                    mesh_shape=mesh_shape, pairs_max_length=None,
@@ -292,7 +302,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ids = [x[:args.max_length] for x in ids]
     if n_cut:
       print(f"{n_cut} samples cut to --max_length {args.max_length} tokens", file=sys.stderr)
-  processed = with_rewards(samples, scorer(ids, desc="labeling").tolist())
+  rewards = scorer(ids, desc="labeling")
+  if norm is not None:
+    rewards = normalization.apply(rewards, norm)
+  processed = with_rewards(samples, rewards.tolist())
 
   if feedback_type == "binary":
     feedback = binary_feedback(processed, threshold)

@@ -6,6 +6,7 @@ so both give the same numbers for the same parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -31,8 +32,9 @@ class Evaluator:
                         compiler_options=xla_options.compiler_options(model_cfg.dtype))
 
   def __call__(self, params: Any, tok: Any) -> dict[str, float]:
-    """rewards_eval/{chosen,rejected,margins,accuracies}, loss/eval and eval_pairs over `tok`."""
-    totals = dict.fromkeys((*SUM_KEYS, "n"), 0.0)
+    """rewards_eval/{chosen,rejected,margins,accuracies}, loss/eval and eval_pairs over `tok`, and
+    rewards_eval/{mean,std} over every response of those pairs."""
+    totals = dict.fromkeys((*SUM_KEYS, "n", "reward_sum", "reward_sq_sum"), 0.0)
     it = self.batches.iterator(tok, batch_size=self.cfg.train.eval_batch_size, epochs=1, seed=self.cfg.train.seed)
     with jax.set_mesh(self.mesh):
       for local in it:
@@ -43,4 +45,9 @@ class Evaluator:
     out = {f"rewards_eval/{k}": v for k, v in means.items() if k != "loss"}
     out["loss/eval"] = means["loss"]
     out["eval_pairs"] = totals["n"]
+    # every eval response's reward: their mean and population std (normalisation statistics)
+    k = max(2 * totals["n"], 1.0)
+    mean = totals["reward_sum"] / k
+    out["rewards_eval/mean"] = mean
+    out["rewards_eval/std"] = math.sqrt(max(totals["reward_sq_sum"] / k - mean * mean, 0.0))
     return out

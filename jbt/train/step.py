@@ -86,11 +86,18 @@ def make_train_step(
 def make_eval_step(
     cfg: ModelConfig, margin: float = 0.0, max_segment: int = 0
 ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
-  """bt_sums of a batch (sums, not means), so the host can add batches and divide once."""
+  """bt_sums of a batch (sums, not means), so the host can add batches and divide once, and the
+  sum and sum of squares of every real response's reward."""
 
   def step(params: Any, batch: dict[str, jax.Array]):
     chosen_P, rejected_P = rewards(cfg, params, batch, max_segment)
-    return bt_sums(chosen_P, rejected_P, batch["pair_mask"].astype(jnp.float32), margin=margin)
+    mask_P = batch["pair_mask"].astype(jnp.float32)
+    sums = bt_sums(chosen_P, rejected_P, mask_P, margin=margin)
+    # moments of every real response's reward: the normalisation statistics (jbt.tools.normalization)
+    c, r = chosen_P.astype(jnp.float32), rejected_P.astype(jnp.float32)
+    sums["reward_sum"] = jnp.sum((c + r) * mask_P)
+    sums["reward_sq_sum"] = jnp.sum((c * c + r * r) * mask_P)
+    return sums
 
   return step
 

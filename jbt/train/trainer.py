@@ -29,6 +29,7 @@ from jbt.data import ensure_chat_template
 from jbt.errors import Interrupted, JbtError
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
+from jbt.tools import normalization
 from jbt.tools.convert import export_hf
 from jbt.train import optim, setup
 from jbt.train.batches import Batches
@@ -295,19 +296,26 @@ class Trainer:
   def _save_final(self) -> None:
     """{run}/final: jbt checkpoint; {run}/FINAL: HF directory. Both appear only when complete."""
     params, mc = self.state.params, self.model_cfg
+    hf_cfg = dict(self.hf_cfg or {})
+    hf_cfg.pop(normalization.NORM_KEY, None)  # an imported model's statistics do not hold for this one
+    e = self.eval_last
+    if e and e.get("eval_pairs") and "rewards_eval/std" in e:  # the final model's rewards on the eval pairs
+      hf_cfg[normalization.NORM_KEY] = {
+          "mean": float(e["rewards_eval/mean"]), "std": float(e["rewards_eval/std"]),
+          "responses": int(2 * e["eval_pairs"]), "source": f"eval pairs of {self.run_dir.name} at step {self.updates}"}
     final = self.run_dir / "final"
     if jax.process_count() == 1:
       with atomic_dir(final, overwrite=True) as tmp:
-        model_dir.write_model_meta(tmp, mc, self.hf_cfg, self.tokenizer)
+        model_dir.write_model_meta(tmp, mc, hf_cfg, self.tokenizer)
         model_dir.save_params(tmp / "params", params)
     else:  # every process writes its shards; orbax renames the params into place when complete
       from jax.experimental import multihost_utils
 
       if is_primary():
         shutil.rmtree(final, ignore_errors=True)
-        model_dir.write_model_meta(final, mc, self.hf_cfg, self.tokenizer)
+        model_dir.write_model_meta(final, mc, hf_cfg, self.tokenizer)
       multihost_utils.sync_global_devices("jbt_final_meta")
       model_dir.save_params(final / "params", params)
       params = multihost_utils.process_allgather(params, tiled=True)
     if is_primary() and self.cfg.ckpt.export_final:
-      export_hf(mc, params, self.run_dir / "FINAL", hf_config=self.hf_cfg, tokenizer=self.tokenizer, overwrite=True)
+      export_hf(mc, params, self.run_dir / "FINAL", hf_config=hf_cfg, tokenizer=self.tokenizer, overwrite=True)
