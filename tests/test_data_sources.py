@@ -319,3 +319,24 @@ def test_malformed_json_names_the_column_where_it_breaks(tmp_path, line, where):
   with pytest.raises(JbtError) as e:
     load_pairs([str(path)], on_error="raise")
   assert str(e.value) == f"{path}:1: malformed JSON: {where}"
+
+
+def test_a_record_s_preference_strength_becomes_the_pair_s_margin(tmp_path):
+  from jbt.data import tokenize_pairs
+
+  recs = [{"prompt": "p1", "chosen": "a", "rejected": "b", "margin": 1.5},
+          {"prompt": "p2", "chosen": "a", "rejected": "b", "score_chosen": 8.0, "score_rejected": 5.5},
+          {"prompt": "p3", "chosen": "a", "rejected": "b"},
+          {"prompt": "p4", "chosen": "a", "rejected": "b", "margin": "big"}]
+  pairs, report = load_pairs([write_jsonl(tmp_path / "trl.jsonl", recs)])
+  assert [p.margin for p in pairs] == [1.5, 2.5, None]
+  assert report.n_skipped == 1 and "wrong_type 1" in report.summary()
+  # HALOs' reward_difference, either label: its size (the label says which side is preferred)
+  halos = [halos_record("q", "x", "y", 1), halos_record("r", "x", "y", 0, reward_difference=-0.4)]
+  hp, _ = load_pairs([write_jsonl(tmp_path / "halos.jsonl", halos)])
+  assert [p.margin for p in hp] == [0.4, 0.4]
+  import tinymodels
+
+  tok, _ = tokenize_pairs(pairs, tinymodels.make_tokenizer(), max_length=64, max_prompt_length=32)
+  np = pytest.importorskip("numpy")
+  np.testing.assert_array_equal(tok.margins, np.array([1.5, 2.5, np.nan], np.float32))

@@ -333,3 +333,29 @@ def test_the_data_line_counts_what_loading_and_tokenizing_skipped_once(tmp_path)
   clean.write_text("".join(json.dumps(r) + "\n" for r in good))
   cfg = tiny(tmp_path, **{"data.train": (str(clean),), **sizes})
   assert setup.datasets(cfg, tinymodels.make_tokenizer()).messages == ["data: 6 train pairs (skipped 0)"]
+
+
+def test_per_pair_margins_change_the_loss_as_the_formula_says():
+  from jbt.loss.bradley_terry import bt_sums
+
+  c, r = np.array([1.0, 0.2, -0.5]), np.array([0.0, 0.4, -0.5])
+  m, mask = np.array([0.5, 2.0, -1.0]), np.array([1.0, 1.0, 0.0])
+  got = bt_sums(c, r, mask, margin=m)
+  assert got["loss"] == pytest.approx(np.log1p(np.exp(-(1.0 - 0.5))) + np.log1p(np.exp(-(-0.2 - 2.0))))
+  assert got["accuracies"] == 1.0 and got["n"] == 2.0  # the margin moves the loss only
+
+
+@needs_smollm2
+def test_margins_from_data_train_end_to_end_as_the_same_margin_given_in_the_config(tmp_path, capsys):
+  """Every record carrying margin 0.5 with loss.margin_from_data trains exactly as loss.margin=0.5."""
+  recs = [json.loads(x) for x in Path(tiny(tmp_path).data.train[0]).read_text().splitlines()]
+  margins = tmp_path / "margins.jsonl"
+  margins.write_text("".join(json.dumps({**r, "margin": 0.5}) + "\n" for r in recs))
+  base = {"train.max_steps": 2, "train.eval_every": -1, "ckpt.export_final": False}
+  run(tiny(tmp_path / "a", **base, **{"data.train": (str(margins),), "loss.margin_from_data": True}))
+  said = capsys.readouterr().out
+  assert "margins from data: 392 of 392 train pairs carry one" in said, said
+  run(tiny(tmp_path / "b", **base, **{"loss.margin": 0.5}))
+  a, b = losses(tmp_path / "a" / "runs" / "tiny"), losses(tmp_path / "b" / "runs" / "tiny")
+  assert sorted(a) == [1, 2] and a == pytest.approx(b, abs=1e-6)
+  assert a[1] > 0.9  # softplus(0.5) at a near-zero start; without the margin it would be about log 2

@@ -59,6 +59,9 @@ def get_config() -> ConfigDict:
 
   c.loss = ConfigDict()
   c.loss.margin = 0.0  # -log_sigmoid(r_c - r_r - margin)
+  # True: each pair's own margin from its record (`margin`, HALOs' `reward_difference`, or
+  # score_chosen - score_rejected) is added to loss.margin; pairs without one get 0
+  c.loss.margin_from_data = False
   c.loss.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef * mean((r_c + r_r)^2)
 
   c.opt = ConfigDict()

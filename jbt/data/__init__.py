@@ -29,6 +29,8 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
                                 Indices are local to this process's [R, L] batch.
   pair_mask       float32 [P]   1.0 for real pairs, 0.0 for filler slots (the short last batch of
                                 an epoch); fillers point at index 0 and the loss must ignore them.
+  pair_margin     float32 [P]   each pair's preference strength from its record (0 where none:
+                                fillers, records without one); read when loss.margin_from_data.
 
   Host-side statistics ride in the same dict (STAT_KEYS; keep them off the device, e.g. with
   split_batch): n_pairs (int64 scalar, real pairs), n_tokens (int64 scalar, real tokens; the

@@ -17,6 +17,7 @@ Formats (detected per file from its first record, see `detect_format`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -48,6 +49,8 @@ class Pair:
     source: where the pair came from ("file:line", "hub:hh:train:17"), for messages.
     split: the record's own split ("train", "test", ...) or None when it has none.
     group: key that ties pairs sharing a prompt, so a held-out split never separates them.
+    margin: how strongly chosen is preferred (a record's `margin`, HALOs' `reward_difference`,
+      or `score_chosen - score_rejected`), or None; loss.margin_from_data trains on it.
   """
 
   prompt: list[Turn]
@@ -56,6 +59,7 @@ class Pair:
   source: str = ""
   split: str | None = None
   group: str = ""
+  margin: float | None = None
 
 
 def remove_extra_spaces(text: str) -> str:
@@ -72,8 +76,26 @@ def prompt_key(turns: list[Turn]) -> str:
   return "\x1e".join(f"{t['role']}\x1f{t['content']}" for t in turns)
 
 
+def record_margin(record: dict) -> float | None:
+  """A record's preference strength: `margin` (TRL), `reward_difference` (HALOs; its size, since
+  the label already says which side wins) or `score_chosen - score_rejected` (UltraFeedback)."""
+  def number(name: str) -> float:
+    v = record[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise BadRecord("wrong_type", f"field {name!r} must be a finite number, got {v!r}")
+    return float(v)
+
+  if record.get("margin") is not None:
+    return number("margin")
+  if record.get("reward_difference") is not None:
+    return abs(number("reward_difference"))
+  if record.get("score_chosen") is not None and record.get("score_rejected") is not None:
+    return number("score_chosen") - number("score_rejected")
+  return None
+
+
 def make_pair(prompt: list[Turn], chosen: list[Turn], rejected: list[Turn], *, source: str,
-              split: str | None = None, group: str | None = None) -> Pair:
+              split: str | None = None, group: str | None = None, margin: float | None = None) -> Pair:
   """Builds a Pair after the checks every format shares (BadRecord when one fails)."""
   if not prompt:
     raise BadRecord("empty_prompt", "the prompt has no turns")
@@ -84,7 +106,7 @@ def make_pair(prompt: list[Turn], chosen: list[Turn], rejected: list[Turn], *, s
   if split is not None and not isinstance(split, str):
     raise BadRecord("wrong_type", f"field 'split' must be a string, got {type(split).__name__}")
   return Pair(prompt, chosen, rejected, source, split,
-              group if group is not None else prompt_key(prompt))
+              group if group is not None else prompt_key(prompt), margin)
 
 
 def _check_response(response: list[Turn], field: str) -> None:
@@ -205,7 +227,7 @@ def convert_halos(record: dict, source: str) -> Pair:
   prompt_id = record.get("prompt_id")
   group = None if prompt_id is None else f"prompt_id:{prompt_id}"
   return make_pair(prompt, chosen, rejected, source=source, split=_optional_split(record),
-                   group=group)
+                   group=group, margin=record_margin(record))
 
 
 def _strip_prefix(turns: list[Turn], prefix: list[Turn]) -> list[Turn]:
@@ -236,7 +258,8 @@ def convert_trl(record: dict, source: str) -> Pair:
     if shared == 0:
       raise BadRecord("empty_prompt", "chosen and rejected share no leading message (the prompt)")
     prompt, chosen, rejected = chosen_all[:shared], chosen_all[shared:], rejected_all[shared:]
-  return make_pair(prompt, chosen, rejected, source=source, split=_optional_split(record))
+  return make_pair(prompt, chosen, rejected, source=source, split=_optional_split(record),
+                   margin=record_margin(record))
 
 
 CONVERTERS = {"halos": convert_halos, "hh": convert_hh, "trl": convert_trl}

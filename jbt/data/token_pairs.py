@@ -32,6 +32,7 @@ class TokenizedPairs:
     shared_prefix: int32 [N]: how many leading tokens chosen and rejected share (the prompt and
       the template's assistant header), for layouts that store the prompt once.
     pad_token_id: the id that fills padding.
+    margins: float32 [N]: each pair's preference strength from its record (NaN: none), or None.
   """
 
   tokens: np.ndarray
@@ -39,6 +40,7 @@ class TokenizedPairs:
   lengths: np.ndarray
   shared_prefix: np.ndarray
   pad_token_id: int
+  margins: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -53,8 +55,9 @@ class TokenizedPairs:
     return int(self.lengths.sum())
 
   @classmethod
-  def from_pairs(cls, pairs: Sequence[TokenizedPair], pad_token_id: int) -> TokenizedPairs:
-    """Packs TokenizedPair objects into flat arrays."""
+  def from_pairs(cls, pairs: Sequence[TokenizedPair], pad_token_id: int,
+                 margins: Sequence[float | None] | None = None) -> TokenizedPairs:
+    """Packs TokenizedPair objects into flat arrays (margins: one per pair, None for none)."""
     lengths = np.array([[len(p.chosen), len(p.rejected)] for p in pairs],
                        dtype=np.int32).reshape(-1, 2)
     ends = np.cumsum(lengths.reshape(-1), dtype=np.int64)
@@ -62,7 +65,10 @@ class TokenizedPairs:
     members = [m for p in pairs for m in (p.chosen, p.rejected)]
     tokens = np.concatenate(members).astype(np.int32) if members else np.zeros(0, np.int32)
     prefix = np.array([_common_prefix(p.chosen, p.rejected) for p in pairs], dtype=np.int32)
-    return cls(tokens, starts, lengths, prefix, pad_token_id)
+    m = None
+    if margins is not None and any(x is not None for x in margins):
+      m = np.array([np.nan if x is None else x for x in margins], dtype=np.float32)
+    return cls(tokens, starts, lengths, prefix, pad_token_id, m)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -128,11 +134,12 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, max_length: int = 1
   pair_tokenizer = PairTokenizer(tokenizer, max_length=max_length,
                                  max_prompt_length=max_prompt_length, truncation=truncation)
   report = DataReport()
-  kept = []
+  kept, margins = [], []
   for pair, result in zip(pairs, _results(pairs, pair_tokenizer, num_workers)):
     if isinstance(result, BadRecord):
       report.handle(result, pair.source, on_error)
       continue
     report.altered.update(result.altered)
     kept.append(result)
-  return TokenizedPairs.from_pairs(kept, pair_tokenizer.pad_token_id), report
+    margins.append(pair.margin)
+  return TokenizedPairs.from_pairs(kept, pair_tokenizer.pad_token_id, margins), report

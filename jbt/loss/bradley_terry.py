@@ -17,8 +17,10 @@ Array = Any  # jax.Array or np.ndarray
 SUM_KEYS = ("loss", "chosen", "rejected", "margins", "accuracies")
 
 
-def bt_sums(chosen_P: Array, rejected_P: Array, mask_P: Array | None = None, *, margin: float = 0.0) -> dict[str, Array]:
-  """Sums over real pairs (mask 1) of: loss -log sigmoid(r_c - r_r - margin), chosen and rejected
+def bt_sums(chosen_P: Array, rejected_P: Array, mask_P: Array | None = None, *,
+            margin: float | Array = 0.0) -> dict[str, Array]:
+  """Sums over real pairs (mask 1) of: loss -log sigmoid(r_c - r_r - margin) (margin: one number,
+  or one per pair: loss.margin_from_data), chosen and rejected
   rewards, margins r_c - r_r, accuracies (r_c > r_r strictly, a tie is wrong, as HALOs counts);
   and n, the number of real pairs."""
   xp = np if isinstance(chosen_P, np.ndarray) and isinstance(rejected_P, np.ndarray) else jnp

@@ -143,6 +143,11 @@ def datasets(cfg: ConfigDict, tokenizer: Any) -> Data:
   train_pairs, report = _load(cfg, list(cfg.data.train), "train")
   train_tok, msg = _tokenize(cfg, train_pairs, report, "train", tokenizer)
   messages = [f"data: {msg}"]
+  if cfg.loss.get("margin_from_data", False):
+    n = 0 if train_tok.margins is None else int(np.sum(~np.isnan(train_tok.margins)))
+    messages.append(f"margins from data: {n} of {len(train_tok)} train pairs carry one"
+                    + ("" if n == len(train_tok) else f"; the other {len(train_tok) - n} train with loss.margin "
+                       f"({cfg.loss.margin}) alone"))
   eval_tok = None
   if cfg.train.eval_every >= 0:
     try:
