@@ -340,3 +340,19 @@ def test_a_record_s_preference_strength_becomes_the_pair_s_margin(tmp_path):
   tok, _ = tokenize_pairs(pairs, tinymodels.make_tokenizer(), max_length=64, max_prompt_length=32)
   np = pytest.importorskip("numpy")
   np.testing.assert_array_equal(tok.margins, np.array([1.5, 2.5, np.nan], np.float32))
+
+
+def test_ties_are_dropped_and_counted_or_kept_for_the_tie_loss(tmp_path):
+  halos = [halos_record("q", "x", "y", 1), halos_record("r", "x", "y", 0.5), halos_record("s", "x", "y", 0)]
+  trl = [{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 3, "score_rejected": 3},
+         {"prompt": "p2", "chosen": "a", "rejected": "b", "score_chosen": 4, "score_rejected": 3}]
+  files = [write_jsonl(tmp_path / "h.jsonl", halos), write_jsonl(tmp_path / "t.jsonl", trl)]
+  pairs, report = load_pairs(files)  # default: drop
+  assert len(pairs) == 3 and report.excluded["tie"] == 2 and "excluded: tie 2" in report.summary()
+  kept, report = load_pairs(files, ties="tie_loss")
+  assert [p.tie for p in kept] == [False, True, False, True, False] and report.altered["tie"] == 2
+  assert kept[1].margin is None and kept[3].margin is None  # a tie has no preference strength
+  with pytest.raises(JbtError, match="data.ties must be one of drop, tie_loss"):
+    load_pairs(files, ties="keep")
+  bad, report = load_pairs([write_jsonl(tmp_path / "b.jsonl", [halos_record("u", "x", "y", 0.7)])] + files)
+  assert report.skipped["wrong_type"] == 1

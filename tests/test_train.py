@@ -359,3 +359,49 @@ def test_margins_from_data_train_end_to_end_as_the_same_margin_given_in_the_conf
   a, b = losses(tmp_path / "a" / "runs" / "tiny"), losses(tmp_path / "b" / "runs" / "tiny")
   assert sorted(a) == [1, 2] and a == pytest.approx(b, abs=1e-6)
   assert a[1] > 0.9  # softplus(0.5) at a near-zero start; without the margin it would be about log 2
+
+
+def test_davidson_tie_loss_reduces_to_bradley_terry_and_prefers_zero_gaps_for_ties():
+  from jbt.loss.bradley_terry import bt_loss, davidson_nll
+
+  d = np.linspace(-6, 6, 25)
+  no_tie = np.zeros_like(d)
+  np.testing.assert_allclose(davidson_nll(d, no_tie, 0.0), np.log1p(np.exp(-d)), atol=1e-6)
+  # a win at nu = 1: 1 - log P = log(e^(d/2) + e^(-d/2) + 1) - d/2
+  np.testing.assert_allclose(davidson_nll(d, no_tie, 1.0), np.log(np.exp(d / 2) + np.exp(-d / 2) + 1) - d / 2, atol=1e-6)
+  tie = davidson_nll(d, np.ones_like(d), 1.0)
+  assert np.argmin(tie) == 12 and tie[12] == pytest.approx(np.log(3.0))  # most likely at a zero gap
+  c, r, mask = (jax.numpy.asarray(x, jax.numpy.float32) for x in ([1.0, -0.5], [0.2, 0.3], [1.0, 1.0]))
+  plain, _ = bt_loss(c, r, mask)
+  no_ties, _ = bt_loss(c, r, mask, tie_P=jax.numpy.zeros(2), tie_nu=1e-9)
+  assert float(no_ties) == pytest.approx(float(plain), abs=1e-6)
+
+
+@needs_smollm2
+def test_planted_ties_train_to_near_zero_reward_gaps(tmp_path, capsys):
+  """Tied pairs whose first response always carries one extra sentence: counted as wins, the model
+  would learn that sentence; with data.ties=tie_loss their reward gaps go to about zero while the
+  preferred pairs' gaps grow."""
+  from jbt.tools import evaluate
+
+  def tied(n, seed):
+    a, b = synthetic.make_pairs(n, seed=seed), synthetic.make_pairs(n, seed=seed + 100)
+    return [{"prompt": x["prompt"], "chosen": x["chosen"] + " Hope this helps, friend!", "rejected": y["chosen"]}
+            for x, y in zip(a, b)]
+
+  train = tmp_path / "train.jsonl"
+  train.write_text("".join(json.dumps(r) + "\n" for r in synthetic.make_pairs(320, seed=0))
+                   + "".join(json.dumps({**r, "score_chosen": 4, "score_rejected": 4}) + "\n" for r in tied(160, 1)))
+  cfg = tiny(tmp_path, **{"data.train": (str(train),), "data.ties": "tie_loss", "train.eval_every": -1,
+                          "data.eval_fraction": 0.0, "train.epochs": 2})
+  run(cfg)
+  assert "altered: tie 160" in capsys.readouterr().out
+  for name, records in (("ties", tied(48, 7)), ("wins", synthetic.make_pairs(48, seed=9))):
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  gaps = {}
+  for name in ("ties", "wins"):
+    res = evaluate.evaluate(tmp_path / "runs" / "tiny" / "FINAL", [str(tmp_path / f"{name}.jsonl")], keep_rewards=True)
+    r = np.array(res["rewards"][str(tmp_path / f"{name}.jsonl")])
+    gaps[name] = r[:, 0] - r[:, 1]
+  assert gaps["wins"].mean() > 1.0  # the preferred responses are learned
+  assert np.abs(gaps["ties"]).mean() < 0.2 * gaps["wins"].mean(), (np.abs(gaps["ties"]).mean(), gaps["wins"].mean())

@@ -38,6 +38,7 @@ def get_config() -> ConfigDict:
   c.data.max_length = 1250
   c.data.max_prompt_length = 625
   c.data.truncation = "halos"  # halos: cut prompt then response (HALOs' rule) | drop: skip pairs that do not fit
+  c.data.ties = "drop"  # pairs marked as ties (HALOs' label 0.5, equal scores): drop (counted) | tie_loss
   c.data.layout = "shared_prompt"  # shared_prompt (prompt once, 2 branches; fastest) | packed (pairs side by side) | padded (HALOs)
   c.data.pack_length = 0  # packed / shared_prompt longest row; 0: 2 * max_length, or the whole batch with flash attention
   c.data.row_bucket = 2  # packed / shared_prompt rows per batch are rounded up to a multiple of this
@@ -62,6 +63,10 @@ def get_config() -> ConfigDict:
   # True: each pair's own margin from its record (`margin`, HALOs' `reward_difference`, or
   # score_chosen - score_rejected) is added to loss.margin; pairs without one get 0
   c.loss.margin_from_data = False
+  # data.ties=tie_loss: Davidson's Bradley-Terry with ties, tie parameter nu (> 0): a win has
+  # probability e^(d/2) / (e^(d/2) + e^(-d/2) + nu), a tie nu / (same), d = r_chosen - r_rejected;
+  # nu -> 0 is plain Bradley-Terry
+  c.loss.tie_nu = 1.0
   c.loss.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef * mean((r_c + r_r)^2)
 
   c.opt = ConfigDict()

@@ -31,6 +31,7 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
                                 an epoch); fillers point at index 0 and the loss must ignore them.
   pair_margin     float32 [P]   each pair's preference strength from its record (0 where none:
                                 fillers, records without one); read when loss.margin_from_data.
+  pair_tie        float32 [P]   1.0 for a pair marked as a tie (data.ties=tie_loss keeps them).
 
   Host-side statistics ride in the same dict (STAT_KEYS; keep them off the device, e.g. with
   split_batch): n_pairs (int64 scalar, real pairs), n_tokens (int64 scalar, real tokens; the

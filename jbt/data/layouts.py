@@ -19,7 +19,8 @@ LAYOUTS = ("padded", "packed", "shared_prompt")
 
 # Arrays the model and loss consume in every layout; the rest of a batch dict is host-side
 # statistics, except branch_ids, which only shared_prompt batches carry (see device_keys).
-DEVICE_KEYS = ("tokens", "segment_ids", "positions", "chosen_index", "rejected_index", "pair_mask", "pair_margin")
+DEVICE_KEYS = ("tokens", "segment_ids", "positions", "chosen_index", "rejected_index", "pair_mask", "pair_margin",
+               "pair_tie")
 BRANCH_KEY = "branch_ids"
 # n_pairs: real pairs in the batch; n_tokens: real (non-padding) tokens; pair_ids: index of each
 # pair slot into the tokenized data, -1 for filler slots.
@@ -182,6 +183,7 @@ def _empty(n_rows: int, length: int, pad: int, n_pairs: int) -> dict[str, np.nda
       "rejected_index": np.zeros(n_pairs, dtype=np.int32),
       "pair_mask": np.zeros(n_pairs, dtype=np.float32),
       "pair_margin": np.zeros(n_pairs, dtype=np.float32),
+      "pair_tie": np.zeros(n_pairs, dtype=np.float32),
   }
 
 
@@ -200,6 +202,8 @@ def _stats(batch: dict[str, np.ndarray], data: TokenizedPairs, pair_ids: np.ndar
   batch["pair_mask"][: len(pair_ids)] = 1.0
   if data.margins is not None:  # a pair without one: 0, plain Bradley-Terry
     batch["pair_margin"][: len(pair_ids)] = np.nan_to_num(data.margins[pair_ids], nan=0.0)
+  if data.ties is not None:
+    batch["pair_tie"][: len(pair_ids)] = data.ties[pair_ids]
   batch["n_pairs"] = np.int64(len(pair_ids))
   batch["n_tokens"] = np.int64(n_tokens)
   ids = np.full(n_slots, -1, dtype=np.int64)

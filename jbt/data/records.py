@@ -49,6 +49,8 @@ class Pair:
     source: where the pair came from ("file:line", "hub:hh:train:17"), for messages.
     split: the record's own split ("train", "test", ...) or None when it has none.
     group: key that ties pairs sharing a prompt, so a held-out split never separates them.
+    tie: neither response is preferred (HALOs' label 0.5, equal scores); chosen / rejected is
+      then only the records' order. data.ties decides whether such pairs train.
     margin: how strongly chosen is preferred (a record's `margin`, HALOs' `reward_difference`,
       or `score_chosen - score_rejected`), or None; loss.margin_from_data trains on it.
   """
@@ -60,6 +62,7 @@ class Pair:
   split: str | None = None
   group: str = ""
   margin: float | None = None
+  tie: bool = False
 
 
 def remove_extra_spaces(text: str) -> str:
@@ -95,7 +98,8 @@ def record_margin(record: dict) -> float | None:
 
 
 def make_pair(prompt: list[Turn], chosen: list[Turn], rejected: list[Turn], *, source: str,
-              split: str | None = None, group: str | None = None, margin: float | None = None) -> Pair:
+              split: str | None = None, group: str | None = None, margin: float | None = None,
+              tie: bool = False) -> Pair:
   """Builds a Pair after the checks every format shares (BadRecord when one fails)."""
   if not prompt:
     raise BadRecord("empty_prompt", "the prompt has no turns")
@@ -106,7 +110,7 @@ def make_pair(prompt: list[Turn], chosen: list[Turn], rejected: list[Turn], *, s
   if split is not None and not isinstance(split, str):
     raise BadRecord("wrong_type", f"field 'split' must be a string, got {type(split).__name__}")
   return Pair(prompt, chosen, rejected, source, split,
-              group if group is not None else prompt_key(prompt), margin)
+              group if group is not None else prompt_key(prompt), None if tie else margin, tie)
 
 
 def _check_response(response: list[Turn], field: str) -> None:
@@ -219,15 +223,15 @@ def convert_halos(record: dict, source: str) -> Pair:
   output_b = to_turns(_field(record, "output_B"), "output_B", "assistant")
   label = _field(record, "label")
   # bool is an int subclass; 1.0/0.0 come out of some JSON writers, so accept equal numbers.
-  if not isinstance(label, (int, float)) or label not in (0, 1):
-    raise BadRecord("wrong_type", f"field 'label' must be 1 (output_A preferred) or 0, got {label!r}")
+  if not isinstance(label, (int, float)) or label not in (0, 1, 0.5):
+    raise BadRecord("wrong_type", f"field 'label' must be 1 (output_A preferred), 0, or 0.5 (a tie), got {label!r}")
   _check_response(output_a, "output_A")
   _check_response(output_b, "output_B")
   chosen, rejected = (output_a, output_b) if label == 1 else (output_b, output_a)
   prompt_id = record.get("prompt_id")
   group = None if prompt_id is None else f"prompt_id:{prompt_id}"
   return make_pair(prompt, chosen, rejected, source=source, split=_optional_split(record),
-                   group=group, margin=record_margin(record))
+                   group=group, margin=record_margin(record), tie=label == 0.5)
 
 
 def _strip_prefix(turns: list[Turn], prefix: list[Turn]) -> list[Turn]:
@@ -258,8 +262,10 @@ def convert_trl(record: dict, source: str) -> Pair:
     if shared == 0:
       raise BadRecord("empty_prompt", "chosen and rejected share no leading message (the prompt)")
     prompt, chosen, rejected = chosen_all[:shared], chosen_all[shared:], rejected_all[shared:]
+  margin = record_margin(record)
+  tie = record.get("score_chosen") is not None and record.get("score_chosen") == record.get("score_rejected")
   return make_pair(prompt, chosen, rejected, source=source, split=_optional_split(record),
-                   margin=record_margin(record))
+                   margin=margin, tie=tie)
 
 
 CONVERTERS = {"halos": convert_halos, "hh": convert_hh, "trl": convert_trl}

@@ -109,8 +109,11 @@ def _held_out_groups(pairs: Sequence[Pair], eval_fraction: float, seed: int) -> 
   return {groups[i] for i in order[:n_test]}
 
 
+TIES = ("drop", "tie_loss")
+
+
 def load_pairs(specs: Sequence[str], *, split: str = "train", on_error: str = "skip",
-               eval_fraction: float = 0.0, seed: int = 1) -> tuple[list[Pair], DataReport]:
+               eval_fraction: float = 0.0, seed: int = 1, ties: str = "drop") -> tuple[list[Pair], DataReport]:
   """Loads the pairs of one split from several data specs.
 
   Args:
@@ -120,11 +123,16 @@ def load_pairs(specs: Sequence[str], *, split: str = "train", on_error: str = "s
       naming file, line and field.
     eval_fraction: when > 0, the fraction of prompts without their own split held out as "test".
     seed: seed of the held-out draw (use the same for the train and the test call).
+    ties: what to do with pairs marked as ties (HALOs' label 0.5, equal scores): "drop" leaves
+      them out ("excluded: tie N" in the report), "tie_loss" keeps them ("altered: tie N") for a
+      tie-aware loss.
 
   Returns:
     The pairs in spec, file and record order, and the report of what was skipped or left out.
   """
   check_on_error(on_error)
+  if ties not in TIES:
+    raise JbtError(f"data.ties must be one of {', '.join(TIES)}, got {ties!r}")
   if split not in SPLITS:
     raise JbtError(f"split must be one of {SPLITS}, got {split!r}")
   if not 0.0 <= eval_fraction < 1.0:
@@ -151,10 +159,13 @@ def load_pairs(specs: Sequence[str], *, split: str = "train", on_error: str = "s
   for pair, own in loaded:
     if own is None and eval_fraction > 0:
       own = "test" if pair.group in test_groups else "train"
-    if own is None or own == split:
-      pairs.append(pair)
-    else:
+    if own is not None and own != split:
       report.excluded["other_split"] += 1
+    elif pair.tie and ties == "drop":
+      report.excluded["tie"] += 1
+    else:
+      report.altered.update(["tie"] if pair.tie else [])
+      pairs.append(pair)
   if not pairs:
     raise JbtError(f"no {split} pairs in {', '.join(specs)}; {report.summary()}")
   return pairs, report

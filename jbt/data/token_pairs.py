@@ -33,6 +33,7 @@ class TokenizedPairs:
       the template's assistant header), for layouts that store the prompt once.
     pad_token_id: the id that fills padding.
     margins: float32 [N]: each pair's preference strength from its record (NaN: none), or None.
+    ties: bool [N]: pairs marked as ties (data.ties=tie_loss keeps them), or None.
   """
 
   tokens: np.ndarray
@@ -41,6 +42,7 @@ class TokenizedPairs:
   shared_prefix: np.ndarray
   pad_token_id: int
   margins: np.ndarray | None = None
+  ties: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -56,8 +58,9 @@ class TokenizedPairs:
 
   @classmethod
   def from_pairs(cls, pairs: Sequence[TokenizedPair], pad_token_id: int,
-                 margins: Sequence[float | None] | None = None) -> TokenizedPairs:
-    """Packs TokenizedPair objects into flat arrays (margins: one per pair, None for none)."""
+                 margins: Sequence[float | None] | None = None, ties: Sequence[bool] | None = None) -> TokenizedPairs:
+    """Packs TokenizedPair objects into flat arrays (margins: one per pair, None for none; ties:
+    one flag per pair)."""
     lengths = np.array([[len(p.chosen), len(p.rejected)] for p in pairs],
                        dtype=np.int32).reshape(-1, 2)
     ends = np.cumsum(lengths.reshape(-1), dtype=np.int64)
@@ -68,7 +71,8 @@ class TokenizedPairs:
     m = None
     if margins is not None and any(x is not None for x in margins):
       m = np.array([np.nan if x is None else x for x in margins], dtype=np.float32)
-    return cls(tokens, starts, lengths, prefix, pad_token_id, m)
+    t = np.asarray(ties, dtype=bool) if ties is not None and any(ties) else None
+    return cls(tokens, starts, lengths, prefix, pad_token_id, m, t)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -134,7 +138,7 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, max_length: int = 1
   pair_tokenizer = PairTokenizer(tokenizer, max_length=max_length,
                                  max_prompt_length=max_prompt_length, truncation=truncation)
   report = DataReport()
-  kept, margins = [], []
+  kept, margins, ties = [], [], []
   for pair, result in zip(pairs, _results(pairs, pair_tokenizer, num_workers)):
     if isinstance(result, BadRecord):
       report.handle(result, pair.source, on_error)
@@ -142,4 +146,5 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, max_length: int = 1
     report.altered.update(result.altered)
     kept.append(result)
     margins.append(pair.margin)
-  return TokenizedPairs.from_pairs(kept, pair_tokenizer.pad_token_id, margins), report
+    ties.append(pair.tie)
+  return TokenizedPairs.from_pairs(kept, pair_tokenizer.pad_token_id, margins, ties), report

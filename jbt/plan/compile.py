@@ -135,7 +135,7 @@ def abstract_batch(cfg: Any, model_cfg: Any, mesh: Any) -> dict[str, jax.ShapeDt
   sh = NamedSharding(mesh, mesh_lib.batch_spec(mesh))
   out = {}
   for k in data.device_keys(cfg.data.layout):
-    if k in ("pair_mask", "pair_margin"):
+    if k in ("pair_mask", "pair_margin", "pair_tie"):
       out[k] = jax.ShapeDtypeStruct((pairs,), jnp.float32, sharding=sh)
     elif k in ("chosen_index", "rejected_index"):
       out[k] = jax.ShapeDtypeStruct((pairs,), jnp.int32, sharding=sh)

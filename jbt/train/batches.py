@@ -19,7 +19,7 @@ from jbt import data
 from jbt.runtime.mesh import batch_spec, data_parallel_size
 
 ROW_KEYS = ("tokens", "segment_ids", "positions", "branch_ids")  # [R, L]; branch_ids only in shared-prompt rows
-PAIR_KEYS = ("chosen_index", "rejected_index", "pair_mask", "pair_margin")  # [P]
+PAIR_KEYS = ("chosen_index", "rejected_index", "pair_mask", "pair_margin", "pair_tie")  # [P]
 
 
 def length_bucket(value: str) -> int | str | None:

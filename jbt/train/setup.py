@@ -31,6 +31,10 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError(f"data.truncation must be one of {', '.join(data.TRUNCATIONS)}, got {d.truncation!r}")
   if d.on_error not in ("skip", "raise"):
     raise JbtError(f"data.on_error must be skip or raise, got {d.on_error!r}")
+  if d.get("ties", "drop") not in ("drop", "tie_loss"):
+    raise JbtError(f"data.ties must be drop or tie_loss, got {d.ties!r}")
+  if d.get("ties", "drop") == "tie_loss" and not cfg.loss.get("tie_nu", 1.0) > 0:
+    raise JbtError(f"data.ties=tie_loss needs loss.tie_nu > 0 (Davidson's tie parameter), got {cfg.loss.tie_nu}")
   if t.batch_size <= 0 or o.grad_accum <= 0 or t.batch_size % o.grad_accum:
     raise JbtError(f"train.batch_size ({t.batch_size}) must be a positive multiple of opt.grad_accum ({o.grad_accum})")
   if m.num_labels not in (1, 2):
@@ -100,9 +104,11 @@ class Data:
 
 
 def _load(cfg: ConfigDict, specs: list[str], split: str) -> tuple[list[Any], Any]:
+  """The pairs of one split; ties train with data.ties=tie_loss, and are never evaluated (an
+  accuracy has no right answer for them)."""
   d = cfg.data
   return data.load_pairs(list(specs), split=split, on_error=d.on_error, eval_fraction=d.eval_fraction,
-                         seed=cfg.train.seed)
+                         seed=cfg.train.seed, ties=d.get("ties", "drop") if split == "train" else "drop")
 
 
 def _tokenize(cfg: ConfigDict, pairs: list[Any], load_report: Any, split: str, tokenizer: Any) -> tuple[Any, str]:

@@ -50,6 +50,7 @@ def make_train_step(
     *,
     margin: float = 0.0,
     margin_from_data: bool = False,
+    tie_nu: float | None = None,
     center_coef: float = 0.0,
     grad_accum: int = 1,
     nan_at_step: int = -1,
@@ -68,7 +69,8 @@ def make_train_step(
     if nan_at_step >= 0:
       chosen_P = jnp.where(step == nan_at_step, jnp.nan, chosen_P)
     m = margin + batch["pair_margin"] if margin_from_data else margin  # per pair: -log sigmoid(r_c - r_r - m_i)
-    return bt_loss(chosen_P, rejected_P, batch["pair_mask"], margin=m, center_coef=center_coef)
+    ties = dict(tie_P=batch["pair_tie"], tie_nu=tie_nu) if tie_nu is not None else {}  # data.ties=tie_loss
+    return bt_loss(chosen_P, rejected_P, batch["pair_mask"], margin=m, center_coef=center_coef, **ties)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.step)
@@ -109,7 +111,9 @@ def jit_train_step(cfg: ConfigDict, model_cfg: ModelConfig, tx: optax.GradientTr
   """A run's train step, jitted with its shardings and the state donated: what jbt.train runs
   and what jbt.plan compiles for other hardware (backend: the platform it compiles for)."""
   step = make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin,
-                         margin_from_data=cfg.loss.get("margin_from_data", False), center_coef=cfg.loss.center_coef,
+                         margin_from_data=cfg.loss.get("margin_from_data", False),
+                         tie_nu=cfg.loss.get("tie_nu", 1.0) if cfg.data.get("ties", "drop") == "tie_loss" else None,
+                         center_coef=cfg.loss.center_coef,
                          grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
                          max_segment=max_segment(cfg))
   batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
