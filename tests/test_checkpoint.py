@@ -59,3 +59,15 @@ def test_atomic_writes_leave_nothing_on_failure_and_name_a_blocked_parent(tmp_pa
   with pytest.raises(JbtError, match="is a file, not a directory"):
     with atomic_file(tmp_path / "file" / "sub" / "a.json"):
       pass
+
+
+def test_a_field_newer_than_the_run_record_is_unchanged_at_its_default():
+  from jbt.checkpoint.run import _differences
+
+  defaults = {"loss.margin": 0.0, "loss.tie_nu": 1.0, "data.ties": "drop"}
+  old = {"loss.margin": 0.0}  # written before loss.tie_nu and data.ties existed
+  assert _differences(old, {"loss.margin": 0.0, "loss.tie_nu": 1.0, "data.ties": "drop"}, defaults) == {}
+  assert _differences(old, {"loss.margin": 0.0, "loss.tie_nu": 1.0, "data.ties": "tie_loss"}, defaults) == {
+      "data.ties": [None, "tie_loss"]}
+  assert _differences({"loss.margin": 0.0, "data.ties": "drop"}, {"loss.margin": 0.5}, defaults) == {
+      "data.ties": ["drop", None], "loss.margin": [0.0, 0.5]}

@@ -139,7 +139,7 @@ class RunCheckpoints:
 IDENTITY_FIELDS = (
     "model.init_from", "model.tokenizer", "model.num_labels", "model.dtype", "model.random",
     "data.train", "data.eval", "data.eval_fraction", "data.max_length", "data.max_prompt_length", "data.truncation",
-    "data.layout", "data.pack_length", "data.row_bucket", "data.length_bucket", "data.length_multiple",
+    "data.layout", "data.ties", "data.pack_length", "data.row_bucket", "data.length_bucket", "data.length_multiple",
     "train.batch_size", "train.epochs", "train.max_steps", "train.seed", "loss", "opt",
 )
 RESUME_MODES = ("auto", "never", "force")
@@ -169,8 +169,11 @@ def run_identity(cfg: Any) -> dict[str, Any]:
   return json.loads(json.dumps(out, default=str))
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+def _differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> dict[str, list[Any]]:
+  """Fields whose values differ. A field the old record lacks (it predates the field) counts as
+  unchanged while the new value is the field's default: what the older jbt did."""
+  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k))}
 
 
 def reconcile(cfg: Any, run_dir: Any, mode: str) -> str:
@@ -200,7 +203,9 @@ def reconcile(cfg: Any, run_dir: Any, mode: str) -> str:
       run_dir.mkdir(parents=True, exist_ok=True)
       record_path.write_text(json.dumps({"identity": new, "history": [{"started": now, "resume": mode}]}, indent=2))
     return state
-  changed = _differences(record["identity"], new)
+  from jbt.configs import default
+
+  changed = _differences(record["identity"], new, run_identity(default.get_config()))
   if changed and mode == "auto":
     fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, v in changed.items() for a, b in [v])
     raise JbtError(f"{run_dir} holds a run with other settings ({fields}). Use another ckpt.exp_name, or "
