@@ -9,7 +9,9 @@ constant, weight decay 0, clip 1.0; bfloat16 compute over float32 weights (both 
 defaults) unless a variant says fp32. Each variant runs in its own process, variants alternate
 within a round, and the table gives medians over rounds: pairs/s and real tokens/s over the timed
 steps (after --warmup steps), peak resident memory of the process, and the mean train loss over
-the timed steps. Each jbt variant first runs once, outside the medians, into a fresh persistent
+the timed steps. It names the CPU (model, cores, the features that decide bf16 matmul speed),
+measures the bf16 dot rate XLA reaches on it, and gives each variant's matmul FLOP rate (6 x
+non-embedding parameters x real tokens / s) and its share of that rate. Each jbt variant first runs once, outside the medians, into a fresh persistent
 compilation cache: that run gives the "first-run" columns (compiling every batch shape included)
 and the compile time; the rounds after it load the compiled steps. Needs `pip install trl`
 (bench only).
@@ -84,6 +86,14 @@ def prepare_pairs(work: Path, hf_dir: Path, data: Path, max_length: int, n_pairs
   pairs_file = work / "pairs.jsonl"
   pairs_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
   return {"model": str(hf_dir), "pairs": str(pairs_file), "tokens_per_pair": n_tokens / len(kept)}
+
+
+def non_embedding_params(hf_dir: Path) -> int:
+  """The model's parameters without the embedding (a gather): what the matmuls multiply by."""
+  from jbt.hf.config import model_config_from_hf
+
+  cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+  return cfg.num_params() - cfg.vocab_size * cfg.hidden_size
 
 
 def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
@@ -209,6 +219,12 @@ def main() -> None:
   work = Path(a.work).absolute()
   work.mkdir(parents=True, exist_ok=True)
   spec = prepare(work, Path(a.data), a.max_length, (a.steps + a.warmup) * a.batch)
+  from jbt.runtime import cpu
+
+  print(cpu.describe(), flush=True)
+  dot_gflops = cpu.dot_rate()
+  print(f"XLA bf16 dot [2048, 576] x [576, 1536] (jbt's CPU options): {dot_gflops:,.0f} GFLOP/s", flush=True)
+  matmul_flops_per_token = 6 * non_embedding_params(Path(spec["model"]))
   print(f"case: SmolLM2-135M, {Path(a.data).name}, max_length {a.max_length}, {a.batch} pairs/step, "
         f"{a.warmup} warm-up + {a.steps} timed steps, {a.rounds} round(s); "
         f"{spec['tokens_per_pair']:.0f} real tokens per pair", flush=True)
@@ -237,13 +253,14 @@ def main() -> None:
     return first[n]["pairs_per_s"] if n in first else med(n, "pairs_per_s")
 
   bases = [b for b in ("trl", "trl-no-gc") if b in results]
-  print("\n| variant | pairs/s | first-run pairs/s | real tokens/s | peak RSS GiB | first-run compile s (shapes) "
-        "| mean loss |" + "".join(f" x {b} (first run) |" for b in bases))
-  print("|---|---|---|---|---|---|---|" + "---|" * len(bases))
+  print("\n| variant | pairs/s | first-run pairs/s | real tokens/s | matmul GFLOP/s (of the dot rate) | peak RSS GiB "
+        "| first-run compile s (shapes) | mean loss |" + "".join(f" x {b} (first run) |" for b in bases))
+  print("|---|---|---|---|---|---|---|---|" + "---|" * len(bases))
   for n in names:
     compiled = f"{first[n]['compile_s']:.1f} ({first[n]['shapes']})" if n in first else "-"
+    rate = matmul_flops_per_token * med(n, "tokens_per_s") / 1e9  # 6 x non-embedding params x real tokens
     row = (f"| {n} | {med(n, 'pairs_per_s'):.3f} | {first_run(n):.3f} | {med(n, 'tokens_per_s'):.0f} | "
-           f"{med(n, 'peak_rss_gib'):.2f} | {compiled} | {med(n, 'loss'):.4f} |")
+           f"{rate:,.0f} ({rate / dot_gflops:.0%}) | {med(n, 'peak_rss_gib'):.2f} | {compiled} | {med(n, 'loss'):.4f} |")
     for b in bases:
       row += f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} ({first_run(n) / first_run(b):.2f}) |"
     print(row)

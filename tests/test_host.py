@@ -1,4 +1,4 @@
-"""jbt.runtime.hugepages: the restart under glibc's huge-page tunable."""
+"""jbt.runtime.hugepages (the restart under glibc's huge-page tunable) and jbt.runtime.cpu."""
 
 from __future__ import annotations
 
@@ -38,3 +38,18 @@ def test_restart_runs_the_same_command_once_under_the_tunable(tmp_path):
   out = subprocess.run([sys.executable, "-c", code.replace("os.environ['GLIBC_TUNABLES']", "'none'"), str(marker),
                         "arg"], capture_output=True, text=True, env=env, check=True).stdout
   assert out.split() == ["none", "arg"] and marker.read_text() == "run\nrun\nrun\n"
+
+
+def test_cpu_info_names_the_model_and_the_matmul_features():
+  from jbt.runtime import cpu
+
+  text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+          "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+          "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\nflags\t\t: fpu\n")
+  info = cpu.cpu_info(text)
+  assert info == {"model": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "cores": 2,
+                  "features": ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]}
+  assert cpu.describe(info) == ("CPU: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (2 cores; avx2 avx512f "
+                                "avx512_bf16 amx_tile amx_bf16 amx_int8)")
+  assert cpu.cpu_info("")["model"] == "unknown"
+  assert cpu.dot_rate(64, 32, 48, seconds=0.05) > 0
