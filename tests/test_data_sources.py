@@ -356,3 +356,20 @@ def test_ties_are_dropped_and_counted_or_kept_for_the_tie_loss(tmp_path):
     load_pairs(files, ties="keep")
   bad, report = load_pairs([write_jsonl(tmp_path / "b.jsonl", [halos_record("u", "x", "y", 0.7)])] + files)
   assert report.skipped["wrong_type"] == 1
+
+
+def test_ranked_records_become_every_ordered_pair_with_score_gaps_and_ties(tmp_path):
+  recs = [{"prompt": "pick", "responses": ["a", "b", "c", "d"], "scores": [3, 1, 2, 2]},
+          {"prompt": "two", "responses": ["x", [A("y")]], "scores": [0.5, 1.5], "split": "test"},
+          {"prompt": "bad", "responses": ["x", "y"], "scores": [1]}]
+  path = write_jsonl(tmp_path / "ranked.jsonl", recs)
+  pairs, report = load_pairs([path], ties="tie_loss", split="train")
+  got = [(p.chosen[0]["content"], p.rejected[0]["content"], p.margin, p.tie) for p in pairs]
+  assert got == [("a", "b", 2.0, False), ("a", "c", 1.0, False), ("a", "d", 1.0, False), ("c", "b", 1.0, False),
+                 ("c", "d", None, True), ("d", "b", 1.0, False)]
+  assert len({p.group for p in pairs}) == 1 and len({p.source for p in pairs}) == 6
+  assert report.skipped["wrong_type"] == 1 and report.excluded["other_split"] == 1
+  # k = 2 is one pair, exactly the pairwise record it stands for
+  test, _ = load_pairs([path], split="test")  # records without a split belong to both
+  two = [p for p in test if p.prompt == [U("two")]]
+  assert triples(two) == [([U("two")], [A("y")], [A("x")])] and two[0].margin == 1.0

@@ -156,6 +156,8 @@ def detect_format(record: Any) -> str | None:
     return None
   if "output_A" in record or "output_B" in record or record.get("type") == "pairwise_feedback":
     return "halos"
+  if "responses" in record and "scores" in record:
+    return "ranked"
   if "chosen" in record and "rejected" in record:
     if "prompt" not in record and isinstance(record["chosen"], str):
       return "hh"
@@ -268,4 +270,30 @@ def convert_trl(record: dict, source: str) -> Pair:
                    margin=margin, tie=tie)
 
 
-CONVERTERS = {"halos": convert_halos, "hh": convert_hh, "trl": convert_trl}
+def convert_ranked(record: dict, source: str) -> list[Pair]:
+  """k scored responses to one prompt, {"prompt", "responses": [k], "scores": [k]} (higher is
+  better): every ordered pair (i, j) with score_i > score_j, as InstructGPT trained on all K
+  choose 2 comparisons, with margin score_i - score_j; equal scores make tie pairs (data.ties).
+  The pairs share the record's prompt group, so a held-out split keeps them together."""
+  prompt = to_turns(_field(record, "prompt"), "prompt", "user")
+  responses_value, scores = _field(record, "responses"), _field(record, "scores")
+  if not isinstance(responses_value, list) or len(responses_value) < 2:
+    raise BadRecord("wrong_type", "field 'responses' must be a list of at least two responses")
+  if not isinstance(scores, list) or len(scores) != len(responses_value):
+    raise BadRecord("wrong_type", f"field 'scores' must be a list of {len(responses_value)} numbers, one per response")
+  for k, v in enumerate(scores):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise BadRecord("wrong_type", f"field 'scores' item {k} must be a finite number, got {v!r}")
+  responses = [to_turns(r, f"responses[{k}]", "assistant") for k, r in enumerate(responses_value)]
+  split = _optional_split(record)
+  out = []
+  for i in range(len(responses)):
+    for j in range(len(responses)):
+      tie = scores[i] == scores[j]
+      if scores[i] > scores[j] or (tie and i < j):
+        out.append(make_pair(prompt, responses[i], responses[j], source=f"{source} ({i} vs {j})", split=split,
+                             margin=float(scores[i] - scores[j]), tie=tie))
+  return out
+
+
+CONVERTERS = {"halos": convert_halos, "hh": convert_hh, "trl": convert_trl, "ranked": convert_ranked}

@@ -85,8 +85,10 @@ def load_file(path: str, report: DataReport, on_error: str) -> list[Pair]:
           raise BadRecord("unknown_format",
                           f"cannot tell the format from a record with keys {sorted(record)[:8]}; "
                           "expected HALOs pairwise feedback (prompt, output_A, output_B, label), "
-                          "HH transcripts (chosen, rejected) or TRL (prompt, chosen, rejected)")
-      pairs.append(CONVERTERS[fmt](record, location))
+                          "HH transcripts (chosen, rejected), TRL (prompt, chosen, rejected) or ranked "
+                          "(prompt, responses, scores)")
+      got = CONVERTERS[fmt](record, location)
+      pairs.extend(got if isinstance(got, list) else [got])
     except BadRecord as e:
       report.handle(e, location, on_error)
   if n_records == 0:
