@@ -33,6 +33,22 @@ def packed_rows(rng, B, L, branches: bool):
   return seg, br, pos
 
 
+def random_qkvw(rng, B, L, K, G, H):
+  """Random queries, keys, values and output weights (the loss is sum(out * w))."""
+  return (jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32), jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32),
+          jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32), jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32))
+
+
+def assert_same_values_and_gradients(dense, other, q, k, v, atol, jit=False):
+  ref_val, ref_grads = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
+  got_fn = jax.value_and_grad(other, argnums=(0, 1, 2))
+  val, grads = (jax.jit(got_fn) if jit else got_fn)(q, k, v)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-4)
+  for got, ref, name in zip(grads, ref_grads, "qkv"):
+    assert np.abs(np.asarray(ref)).max() > 0.1, "gradients too small to mean anything"
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=atol, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("branches, window, block, max_segment, L", [
     (True, None, 16, 0, 150), (False, 6, 16, 0, 150), (True, None, 7, 40, 150), (False, None, 64, 0, 150),
     (True, None, 256, 0, 150)])
@@ -40,10 +56,7 @@ def test_flash_equals_dense_values_and_gradients(branches, window, block, max_se
   rng = np.random.default_rng(block + L)
   B, K, G, H = 2, 2, 3, 8
   seg, br, pos = packed_rows(rng, B, L, branches)
-  q = jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
   real = jnp.asarray(seg > 0)[:, :, None, None, None]  # padding outputs are never read
   branch = jnp.asarray(br) if branches else None
   mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), window, branch)
@@ -56,12 +69,7 @@ def test_flash_equals_dense_values_and_gradients(branches, window, block, max_se
                           block=block, max_segment=max_segment)
     return (out * real * w).sum()
 
-  ref_val, ref_grads = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
-  val, grads = jax.jit(jax.value_and_grad(flash, argnums=(0, 1, 2)))(q, k, v)
-  np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-4)
-  for got, ref, name in zip(grads, ref_grads, "qkv"):
-    assert np.abs(np.asarray(ref)).max() > 0.1, "gradients too small to mean anything"
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, err_msg=f"d{name}")
+  assert_same_values_and_gradients(dense, flash, q, k, v, atol=2e-5, jit=True)
 
 
 def test_flash_sees_a_segment_cut_by_a_wrong_bound_and_bf16_stays_close():
@@ -104,10 +112,7 @@ def test_fused_kernels_equal_dense_values_and_gradients_in_interpret_mode(kind, 
   rng = np.random.default_rng(7 + branches + max_segment)
   B, L, K, G, H = 2, 150, 2, 2, 16
   seg, br, pos = packed_rows(rng, B, L, branches)
-  q = jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
   real = jnp.asarray(seg > 0)[:, :, None, None, None]
   branch = jnp.asarray(br) if branches else None
   mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, branch)
@@ -121,12 +126,7 @@ def test_fused_kernels_equal_dense_values_and_gradients_in_interpret_mode(kind, 
     out = KINDS[kind].attend(q, k, v, info, sliding_window=None, block=32, max_segment=max_segment)
     return (out * real * w).sum()
 
-  ref_val, ref_grads = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
-  val, grads = jax.value_and_grad(fused, argnums=(0, 1, 2))(q, k, v)
-  np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-4)
-  for got, ref, name in zip(grads, ref_grads, "qkv"):
-    assert np.abs(np.asarray(ref)).max() > 0.1, "gradients too small to mean anything"
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=5e-5, err_msg=f"d{name}")
+  assert_same_values_and_gradients(dense, fused, q, k, v, atol=5e-5)
 
 
 def test_a_branch_call_is_what_lets_the_fused_kernels_see_branches():
