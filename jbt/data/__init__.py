@@ -77,7 +77,7 @@ from jbt.data.layouts import (BRANCH_KEY, DEVICE_KEYS, LAYOUTS, STAT_KEYS, Layou
                               bucket_rows, device_keys)
 from jbt.data.records import Pair
 from jbt.data.report import BadRecord, DataReport
-from jbt.data.sources import load_pairs, resolve_spec
+from jbt.data.sources import TIES, load_pairs, resolve_spec
 from jbt.data.token_pairs import TokenizedPairs, tokenize_pairs
 
 
@@ -92,7 +92,7 @@ def split_batch(batch: dict) -> tuple[dict, dict]:
 
 __all__ = [
     "BRANCH_KEY", "BadRecord", "DataReport", "DEFAULT_CHAT_TEMPLATE", "DEVICE_KEYS", "LAYOUTS",
-    "LayoutSettings", "Pair", "PairTokenizer", "STAT_KEYS", "TRUNCATIONS", "TokenizedPair",
+    "LayoutSettings", "Pair", "PairTokenizer", "STAT_KEYS", "TIES", "TRUNCATIONS", "TokenizedPair",
     "TokenizedPairs", "batches_per_epoch", "bucket_rows", "device_keys", "ensure_chat_template",
     "load_pairs", "make_batch_iterator", "resolve_spec", "pool_position", "resolve_pad_token_id", "split_batch",
     "tokenize_pair", "tokenize_pairs",

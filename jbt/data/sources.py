@@ -166,7 +166,8 @@ def load_pairs(specs: Sequence[str], *, split: str = "train", on_error: str = "s
     elif pair.tie and ties == "drop":
       report.excluded["tie"] += 1
     else:
-      report.altered.update(["tie"] if pair.tie else [])
+      if pair.tie:
+        report.altered["tie"] += 1
       pairs.append(pair)
   if not pairs:
     raise JbtError(f"no {split} pairs in {', '.join(specs)}; {report.summary()}")

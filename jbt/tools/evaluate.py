@@ -199,6 +199,14 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
 BACKENDS = ("jax", "torch")
 
 
+def add_backend_args(ap: argparse.ArgumentParser) -> None:
+  """--backend and --trust_remote_code, as jbt.evaluate and jbt.label take them."""
+  ap.add_argument("--backend", choices=BACKENDS, default="jax",
+                  help="jax: jbt's forward pass (jbt families); torch: transformers' (any sequence-classification model)")
+  ap.add_argument("--trust_remote_code", action="store_true",
+                  help="--backend torch: run the model directory's own code (custom heads such as ArmoRM's)")
+
+
 def load_backend(backend: str, model: str | Path, *, batch_size: int, dtype: str, mesh_shape: Sequence[int],
                  pairs_max_length: int | None, trust_remote_code: bool = False) -> tuple[Any, Any]:
   """(scorer, tokenizer): jbt's own forward pass ("jax"), or transformers' ("torch", any
@@ -278,10 +286,7 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--calibrate", action="store_true",
                   help="store the mean and std of the scored rewards in the model's config (jbt.label --normalize "
                        "uses them; the model's raw scores are unchanged)")
-  ap.add_argument("--backend", choices=BACKENDS, default="jax",
-                  help="jax: jbt's forward pass (jbt families); torch: transformers' (any sequence-classification model)")
-  ap.add_argument("--trust_remote_code", action="store_true",
-                  help="--backend torch: run the model directory's own code (custom heads such as ArmoRM's)")
+  add_backend_args(ap)
   args = ap.parse_args(argv)
   if args.run is not None:
     if args.model or args.data:

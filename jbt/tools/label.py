@@ -32,6 +32,7 @@ import numpy as np
 
 from jbt.atomic import atomic_file, make_parent
 from jbt.errors import ArgParser, JbtError, cli_main
+from jbt.tools.evaluate import add_backend_args, load_backend
 
 FEEDBACK_TYPES = ("binary", "pairwise", "scalar")
 FEEDBACK_MODES = ("max", "random", "min")
@@ -251,10 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--normalize", action="store_true",
                   help="write (reward - mean) / std with the model's stored statistics (set at the end of "
                        "training, or by jbt.evaluate --calibrate)")
-  ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
-                  help="jax: jbt's forward pass (jbt families); torch: transformers' (any sequence-classification model)")
-  ap.add_argument("--trust_remote_code", action="store_true",
-                  help="--backend torch: run the model directory's own code (custom heads such as ArmoRM's)")
+  add_backend_args(ap)
   ap.add_argument("--api_type", help=argparse.SUPPRESS)
   return ap
 
@@ -263,7 +261,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Scores the samples and writes the feedback; returns the records written."""
   from jbt.tools import score as scoring
   from jbt.tools import normalization
-  from jbt.tools.evaluate import load_backend
 
   if args.api_type:
     raise JbtError("API labeling is not offered by jbt.label; use HALOs' train.label for it")

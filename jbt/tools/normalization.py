@@ -28,12 +28,17 @@ from jbt.errors import JbtError
 NORM_KEY = "jbt_reward_normalization"
 
 
+def record(mean: float, std: float, responses: int, source: str) -> dict[str, Any]:
+  """The stored statistics (NORM_KEY's value)."""
+  return {"mean": float(mean), "std": float(std), "responses": int(responses), "source": source}
+
+
 def stats(rewards: Any, source: str) -> dict[str, Any]:
   """mean, population std and count of a set of rewards."""
   r = np.asarray(rewards, np.float64).ravel()
   if r.size == 0:
     raise JbtError("no rewards to compute normalisation statistics from")
-  return {"mean": float(r.mean()), "std": float(r.std()), "responses": int(r.size), "source": source}
+  return record(r.mean(), r.std(), r.size, source)
 
 
 def _config_file(model: Path) -> tuple[Path, bool]:

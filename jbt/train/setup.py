@@ -31,8 +31,8 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError(f"data.truncation must be one of {', '.join(data.TRUNCATIONS)}, got {d.truncation!r}")
   if d.on_error not in ("skip", "raise"):
     raise JbtError(f"data.on_error must be skip or raise, got {d.on_error!r}")
-  if d.get("ties", "drop") not in ("drop", "tie_loss"):
-    raise JbtError(f"data.ties must be drop or tie_loss, got {d.ties!r}")
+  if d.get("ties", "drop") not in data.TIES:
+    raise JbtError(f"data.ties must be one of {', '.join(data.TIES)}, got {d.ties!r}")
   if d.get("ties", "drop") == "tie_loss" and not cfg.loss.get("tie_nu", 1.0) > 0:
     raise JbtError(f"data.ties=tie_loss needs loss.tie_nu > 0 (Davidson's tie parameter), got {cfg.loss.tie_nu}")
   if t.batch_size <= 0 or o.grad_accum <= 0 or t.batch_size % o.grad_accum:

@@ -300,9 +300,9 @@ class Trainer:
     hf_cfg.pop(normalization.NORM_KEY, None)  # an imported model's statistics do not hold for this one
     e = self.eval_last
     if e and e.get("eval_pairs") and "rewards_eval/std" in e:  # the final model's rewards on the eval pairs
-      hf_cfg[normalization.NORM_KEY] = {
-          "mean": float(e["rewards_eval/mean"]), "std": float(e["rewards_eval/std"]),
-          "responses": int(2 * e["eval_pairs"]), "source": f"eval pairs of {self.run_dir.name} at step {self.updates}"}
+      hf_cfg[normalization.NORM_KEY] = normalization.record(
+          e["rewards_eval/mean"], e["rewards_eval/std"], 2 * e["eval_pairs"],
+          f"eval pairs of {self.run_dir.name} at step {self.updates}")
     final = self.run_dir / "final"
     if jax.process_count() == 1:
       with atomic_dir(final, overwrite=True) as tmp:

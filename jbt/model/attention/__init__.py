@@ -18,9 +18,8 @@ The fused kernels do not take sliding windows: "auto" picks "xla" for such a mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import logging
+from typing import Callable
 
 import jax
 

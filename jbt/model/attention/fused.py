@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from jbt.model.attention.flash import _pad_tokens
 from jbt.model.attention.mask import MaskInfo
 
 Array = jax.Array
@@ -77,9 +78,8 @@ def branch_calls(call: Callable[[Array, Array, Array, Array], Array], q_BxLxKxGx
   return out
 
 
-def _pad_to_block(x: Array, block: int, value) -> Array:
-  n = -x.shape[1] % block
-  return x if n == 0 else jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+def _pad_to_block(x: Array, block: int, value: int) -> Array:
+  return _pad_tokens(x, -x.shape[1] % block, value)
 
 
 def _sharded(fn: Callable[[Array, Array, Array, Array], Array], q: Array, k: Array, v: Array, seg: Array) -> Array:
@@ -168,8 +168,7 @@ def _attend(call, q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: 
   if sliding_window is not None:
     raise ValueError("the fused attention kernels do not support sliding windows; use attention='xla'")
   kernel = functools.partial(call, block=block, max_segment=max_segment)
-  fn = lambda q, k, v, seg: kernel(q, k, v, seg)  # noqa: E731
-  out = branch_calls(lambda q, k, v, seg: _sharded(fn, q, k, v, seg), q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info)
+  out = branch_calls(functools.partial(_sharded, kernel), q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info)
   return checkpoint_name(out, OUT_NAME)
 
 
