@@ -68,6 +68,10 @@ def get_config() -> ConfigDict:
   # nu -> 0 is plain Bradley-Terry
   c.loss.tie_nu = 1.0
   c.loss.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef * mean((r_c + r_r)^2)
+  # ranked records (k scored responses a prompt): all_pairs = Bradley-Terry averaged over every
+  # ordered pair (InstructGPT); plackett_luce = the likelihood of the whole ranking (no margins,
+  # no tie term: tied responses do not compete)
+  c.loss.ranking = "all_pairs"
 
   c.opt = ConfigDict()
   c.opt.lr = 5e-6

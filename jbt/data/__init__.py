@@ -32,6 +32,12 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
   pair_margin     float32 [P]   each pair's preference strength from its record (0 where none:
                                 fillers, records without one); read when loss.margin_from_data.
   pair_tie        float32 [P]   1.0 for a pair marked as a tie (data.ties=tie_loss keeps them).
+  chosen_response int32 [P]     which response of the batch each member is: the same number for
+  rejected_response             the same sequence within a unit (a ranked record's pairs share
+                                their responses), distinct otherwise; below 2P.
+  pair_unit       int32 [P]     which unit of the batch each pair belongs to; below P. Fillers
+                                get responses and units of their own. Plackett-Luce, best-of-k
+                                and the reward statistics read these three.
 
   Host-side statistics ride in the same dict (STAT_KEYS; keep them off the device, e.g. with
   split_batch): n_pairs (int64 scalar, real pairs), n_tokens (int64 scalar, real tokens; the
@@ -60,6 +66,10 @@ Batch contract. A batch is a dict of numpy arrays; P = batch_size / process_coun
   and chosen_index / rejected_index point at the branch's last token, or at the trunk's last
   token when a member is a prefix of the other (its branch is empty): where transformers pools
   it scored alone, as in every layout. n_tokens counts the tokens stored, shared ones once.
+  A ranked record (a unit of pairs, TokenizedPairs.units) is one segment the same way: the
+  tokens all its responses share, then each distinct response's rest once, branches 1..k; its
+  pairs' indices point into those branches, so k responses cost one prompt and k remainders.
+  Batches hold whole units (batch_size counts units), so every pair of a record is in one batch.
   Only this layout emits branch_ids (device_keys(layout)): the trainer compiles on the keys of
   the dict, and padded and packed batches stay free of an all-zero array.
 
@@ -74,7 +84,7 @@ from jbt.data.chat import (DEFAULT_CHAT_TEMPLATE, TRUNCATIONS, PairTokenizer, To
                                  ensure_chat_template, pool_position, resolve_pad_token_id,
                                  tokenize_pair)
 from jbt.data.layouts import (BRANCH_KEY, DEVICE_KEYS, LAYOUTS, STAT_KEYS, LayoutSettings,
-                              bucket_rows, device_keys)
+                              bucket_rows, device_keys, max_responses)
 from jbt.data.records import Pair
 from jbt.data.report import BadRecord, DataReport
 from jbt.data.sources import TIES, load_pairs, resolve_spec
@@ -94,6 +104,6 @@ __all__ = [
     "BRANCH_KEY", "BadRecord", "DataReport", "DEFAULT_CHAT_TEMPLATE", "DEVICE_KEYS", "LAYOUTS",
     "LayoutSettings", "Pair", "PairTokenizer", "STAT_KEYS", "TIES", "TRUNCATIONS", "TokenizedPair",
     "TokenizedPairs", "batches_per_epoch", "bucket_rows", "device_keys", "ensure_chat_template",
-    "load_pairs", "make_batch_iterator", "resolve_spec", "pool_position", "resolve_pad_token_id", "split_batch",
+    "load_pairs", "make_batch_iterator", "max_responses", "resolve_spec", "pool_position", "resolve_pad_token_id", "split_batch",
     "tokenize_pair", "tokenize_pairs",
 ]

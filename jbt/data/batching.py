@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from jbt.data.layouts import LayoutSettings, make_batch
+from jbt.data.layouts import LayoutSettings, make_batch, max_responses
 from jbt.data.records import Pair
 from jbt.data.token_pairs import TokenizedPairs, tokenize_pairs
 from jbt.errors import JbtError
@@ -36,11 +36,16 @@ def batches_per_epoch(n_pairs: int, batch_size: int, drop_remainder: bool = Fals
 
 
 class _EpochSlots:
-  """Global batch index -> the pair indices this process reads (picklable grain transform)."""
+  """Global batch index -> the pair indices this process reads (picklable grain transform).
 
-  def __init__(self, n_pairs: int, batch_size: int, per_process: int, process_index: int,
+  The shuffle is over units (jbt.data.TokenizedPairs.units: a ranked record's pairs; one pair
+  each otherwise), and a batch holds batch_size units with all their pairs.
+  """
+
+  def __init__(self, unit_starts: np.ndarray, batch_size: int, per_process: int, process_index: int,
                per_epoch: int, seed: int):
-    self.n_pairs = n_pairs
+    self.unit_starts = unit_starts
+    self.n_pairs = len(unit_starts) - 1  # units
     self.batch_size = batch_size
     self.per_process = per_process
     self.process_index = process_index
@@ -53,8 +58,11 @@ class _EpochSlots:
     slots = range(first, min(first + self.per_process, self.n_pairs))
     # Same per-epoch seeds as grain's MapDataset.shuffle; 4 rounds is its default too.
     seed = (self.seed + epoch) % 2**32
-    return np.array([grain.experimental.index_shuffle(s, max_index=self.n_pairs - 1, seed=seed,
-                                                      rounds=4) for s in slots], dtype=np.int64)
+    units = [grain.experimental.index_shuffle(s, max_index=self.n_pairs - 1, seed=seed, rounds=4) for s in slots]
+    if len(self.unit_starts) - 1 == self.unit_starts[-1]:  # one pair a unit
+      return np.array(units, dtype=np.int64)
+    starts = self.unit_starts
+    return np.array([i for u in units for i in range(starts[u], starts[u + 1])], dtype=np.int64)
 
 
 class _Layout:
@@ -99,7 +107,9 @@ def make_batch_iterator(
     tokenizer: a transformers tokenizer; only needed when data is pairs.
     layout: "padded", "packed" or "shared_prompt" (cfg.data.layout); see jbt.data's docstring.
     batch_size: pairs per step across all processes (cfg.train.batch_size); each batch holds
-      P = batch_size / process_count pair slots.
+      P = batch_size / process_count pair slots. With ranked records (units of several pairs,
+      TokenizedPairs.units) it counts units (prompts), each bringing all its pairs, and P is
+      batch_size / process_count times the pairs of the largest unit.
     max_length, max_prompt_length, truncation, on_error: cfg.data fields (tokenizing only).
     seed: shuffle seed; epoch e uses seed + e.
     epochs: passes over the data; None repeats forever (the trainer stops at max_steps).
@@ -130,16 +140,16 @@ def make_batch_iterator(
                    f"{process_count}")
   if epochs is not None and epochs <= 0:
     raise JbtError(f"epochs must be positive or None, got {epochs}")
-  per_epoch = batches_per_epoch(len(data), batch_size, drop_remainder)
+  per_epoch = batches_per_epoch(data.n_units, batch_size, drop_remainder)
   if per_epoch == 0:
-    raise JbtError(f"{len(data)} pairs make no batch of {batch_size} with drop_remainder")
+    raise JbtError(f"{data.n_units} pairs make no batch of {batch_size} with drop_remainder")
   per_process = batch_size // process_count
-  settings = LayoutSettings(layout, per_process, max_length, length_multiple, pack_length,
-                            row_bucket, length_bucket, min_rows)
+  settings = LayoutSettings(layout, per_process * data.max_unit_pairs, max_length, length_multiple, pack_length,
+                            row_bucket, length_bucket, min_rows, max_responses(data) if layout == "shared_prompt" else 2)
   settings.check(data)
 
   ds = grain.MapDataset.range(per_epoch).repeat(epochs)
-  ds = ds.map_with_index(_EpochSlots(len(data), batch_size, per_process, process_index,
+  ds = ds.map_with_index(_EpochSlots(data.unit_starts, batch_size, per_process, process_index,
                                      per_epoch, seed))
   ds = ds.map(_Layout(data, settings))
   # Threads overlap batch building with the device step; a few suffice for numpy copies.

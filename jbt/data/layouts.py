@@ -20,7 +20,7 @@ LAYOUTS = ("padded", "packed", "shared_prompt")
 # Arrays the model and loss consume in every layout; the rest of a batch dict is host-side
 # statistics, except branch_ids, which only shared_prompt batches carry (see device_keys).
 DEVICE_KEYS = ("tokens", "segment_ids", "positions", "chosen_index", "rejected_index", "pair_mask", "pair_margin",
-               "pair_tie")
+               "pair_tie", "chosen_response", "rejected_response", "pair_unit")
 BRANCH_KEY = "branch_ids"
 # n_pairs: real pairs in the batch; n_tokens: real (non-padding) tokens; pair_ids: index of each
 # pair slot into the tokenized data, -1 for filler slots.
@@ -68,6 +68,8 @@ class LayoutSettings:
       several short ones and padding is the only waste.
     min_rows: with length_bucket, the fewest rows a batch has (the trainer passes this process's
       data-parallel devices, so no device gets an empty row).
+    members: shared_prompt layout: the most distinct responses a unit has (max_responses; 2
+      without ranked records); pack_length's default is members * max_length.
   """
 
   layout: str
@@ -78,11 +80,12 @@ class LayoutSettings:
   row_bucket: int | str = 4
   length_bucket: int | str | None = None
   min_rows: int = 1
+  members: int = 2
 
   @property
   def row_length(self) -> int:
     if self.layout in ("packed", "shared_prompt"):
-      return self.pack_length or 2 * self.max_length
+      return self.pack_length or (self.members if self.layout == "shared_prompt" else 2) * self.max_length
     return self.max_length
 
   def check(self, data: TokenizedPairs) -> None:
@@ -105,6 +108,13 @@ class LayoutSettings:
                      f"max_length {self.max_length}; tokenize with the same max_length")
     if self.layout == "padded" or not len(data):
       return
+    if self.layout == "shared_prompt" and data.units is not None:
+      sizes = np.array([unit_size(r) for r in unit_responses(data, np.arange(len(data)))[3]], dtype=np.int64)
+      longest = int(sizes.argmax())
+      if sizes[longest] > self.row_length:
+        raise JbtError(f"pack_length {self.row_length} cannot hold ranked record {longest} of {int(sizes[longest])} "
+                       "tokens (shared prefix + every response's remainder); raise pack_length or leave it unset")
+      return
     sizes = pair_sizes(data, np.arange(len(data)), self.layout)
     longest = int(sizes.argmax())
     if sizes[longest] > self.row_length:
@@ -120,6 +130,60 @@ def pair_sizes(data: TokenizedPairs, pair_ids: np.ndarray, layout: str) -> np.nd
   if layout == "shared_prompt":
     sizes -= data.shared_prefix[pair_ids]
   return sizes
+
+
+def _common_prefix_all(members: list[np.ndarray]) -> int:
+  """Leading tokens all members share."""
+  first, n = members[0], min(len(m) for m in members)
+  for m in members[1:]:
+    differ = np.flatnonzero(m[:n] != first[:n])
+    n = int(differ[0]) if differ.size else n
+  return n
+
+
+def unit_responses(data: TokenizedPairs, pair_ids: np.ndarray):
+  """The responses of the units the given pairs belong to, each distinct sequence once.
+
+  Pairs of one unit are consecutive in pair_ids (batches hold whole units); a pair without a
+  unit is a unit of its own. Returns (chosen_response [n], rejected_response [n]: the batch-wide
+  number of each pair's members; pair_unit [n]: the unit slot of each pair; units: per unit slot
+  (trunk, members), trunk being the tokens all its members share).
+  """
+  n = len(pair_ids)
+  chosen, rejected, unit_slot = (np.zeros(n, np.int32) for _ in range(3))
+  units: list[tuple[int, list[np.ndarray]]] = []
+  seen: dict[bytes, int] = {}
+  keys = data.units[pair_ids] if data.units is not None else np.arange(n)
+  response = 0
+  for k, i in enumerate(pair_ids):
+    if k == 0 or keys[k] != keys[k - 1]:
+      units.append((0, []))
+      seen = {}
+    for j, out in ((0, chosen), (1, rejected)):
+      member = data.member(i, j)
+      key = member.tobytes()
+      if key not in seen:
+        seen[key] = response
+        response += 1
+        units[-1][1].append(member)
+      out[k] = seen[key]
+    unit_slot[k] = len(units) - 1
+  units = [(_common_prefix_all(members), members) for _, members in units]
+  return chosen, rejected, unit_slot, units
+
+
+def unit_size(unit: tuple[int, list[np.ndarray]]) -> int:
+  """Tokens a unit occupies in a shared_prompt row: its trunk once, then each member's rest."""
+  trunk, members = unit
+  return trunk + sum(len(m) - trunk for m in members)
+
+
+def max_responses(data: TokenizedPairs) -> int:
+  """The most distinct responses one unit has: the branches a shared_prompt row may hold per
+  segment (2 without ranked records)."""
+  if data.units is None or not len(data):
+    return 2
+  return max(len(members) for _, members in unit_responses(data, np.arange(len(data)))[3])
 
 
 def bucket_rows(n_rows: int, rule: int | str) -> int:
@@ -184,6 +248,9 @@ def _empty(n_rows: int, length: int, pad: int, n_pairs: int) -> dict[str, np.nda
       "pair_mask": np.zeros(n_pairs, dtype=np.float32),
       "pair_margin": np.zeros(n_pairs, dtype=np.float32),
       "pair_tie": np.zeros(n_pairs, dtype=np.float32),
+      "chosen_response": np.zeros(n_pairs, dtype=np.int32),
+      "rejected_response": np.zeros(n_pairs, dtype=np.int32),
+      "pair_unit": np.zeros(n_pairs, dtype=np.int32),
   }
 
 
@@ -198,8 +265,17 @@ def _put(batch: dict[str, np.ndarray], row: int, start: int, seq: np.ndarray, se
 
 
 def _stats(batch: dict[str, np.ndarray], data: TokenizedPairs, pair_ids: np.ndarray,
-           n_slots: int, n_tokens: int) -> dict[str, np.ndarray]:
-  batch["pair_mask"][: len(pair_ids)] = 1.0
+           n_slots: int, n_tokens: int, responses: tuple | None = None) -> dict[str, np.ndarray]:
+  n = len(pair_ids)
+  batch["pair_mask"][:n] = 1.0
+  # Which response each member is, and which unit each pair belongs to (Plackett-Luce, best-of-k,
+  # reward statistics). Fillers get units and responses of their own past the real ones.
+  chosen, rejected, unit, _ = responses or unit_responses(data, pair_ids)
+  first_free = int(max(chosen.max(initial=-1), rejected.max(initial=-1))) + 1
+  fill = np.arange(n_slots - n, dtype=np.int32)
+  batch["chosen_response"][:] = np.concatenate([chosen, first_free + 2 * fill])
+  batch["rejected_response"][:] = np.concatenate([rejected, first_free + 2 * fill + 1])
+  batch["pair_unit"][:] = np.concatenate([unit, int(unit.max(initial=-1)) + 1 + fill])
   if data.margins is not None:  # a pair without one: 0, plain Bradley-Terry
     batch["pair_margin"][: len(pair_ids)] = np.nan_to_num(data.margins[pair_ids], nan=0.0)
   if data.ties is not None:
@@ -297,35 +373,36 @@ def _branch_index(member: np.ndarray, prefix: int, trunk_flat: int, branch_flat:
 
 def shared_prompt_batch(data: TokenizedPairs, pair_ids: np.ndarray,
                         settings: LayoutSettings) -> dict[str, np.ndarray]:
-  """Packs pairs with their shared prefix stored once, into rows as packed_batch does.
+  """Packs units (a pair, or a ranked record's pairs) with their shared prefix stored once, into
+  rows as packed_batch does.
 
-  Pair q of a row is one segment (q + 1): the tokens both members share (TokenizedPairs.
-  shared_prefix: the prompt, the template's assistant header, and any common start of the
-  responses), then the rest of chosen, then the rest of rejected. branch_ids mark them 0, 1, 2;
-  positions run 0..p-1 over the trunk and restart at p in each branch, so that each branch sees
-  exactly its member's tokens at its member's positions under the model's branch mask.
+  Unit q of a row is one segment (q + 1): the tokens all its members share (the prompt, the
+  template's assistant header, and any common start of the responses: the trunk), then the rest
+  of each distinct member, once however many pairs it is in. branch_ids mark the trunk 0 and the
+  members 1, 2, ... (for a pair: chosen 1, rejected 2); positions run 0..p-1 over the trunk and
+  restart at p in each branch, so that each branch sees exactly its member's tokens at its
+  member's positions under the model's branch mask.
   """
-  sizes = pair_sizes(data, pair_ids, "shared_prompt")
+  responses = unit_responses(data, pair_ids)
+  chosen_r, rejected_r, unit_slot, units = responses
+  sizes = np.array([unit_size(u) for u in units], dtype=np.int64)
   placement, n_rows, length = _pack(sizes, settings)
   batch = _empty(n_rows, length, data.pad_token_id, settings.pairs_per_batch)
   batch[BRANCH_KEY] = np.full((n_rows, length), TRUNK, dtype=np.int32)
-  for k, row, start, q in _in_row_order(placement, length):
-    i = pair_ids[k]
-    prefix = int(data.shared_prefix[i])
-    chosen, rejected = data.member(i, 0), data.member(i, 1)
-    chosen_start = start + prefix
-    rejected_start = chosen_start + len(chosen) - prefix
-    _put(batch, row, start, chosen[:prefix], q + 1)
-    _put(batch, row, chosen_start, chosen[prefix:], q + 1, first_position=prefix)
-    _put(batch, row, rejected_start, rejected[prefix:], q + 1, first_position=prefix)
-    batch[BRANCH_KEY][row, chosen_start:rejected_start] = CHOSEN_BRANCH
-    batch[BRANCH_KEY][row, rejected_start:start + sizes[k]] = REJECTED_BRANCH
-    flat = row * length
-    batch["chosen_index"][k] = _branch_index(chosen, prefix, flat + start, flat + chosen_start,
-                                             data.pad_token_id)
-    batch["rejected_index"][k] = _branch_index(rejected, prefix, flat + start,
-                                               flat + rejected_start, data.pad_token_id)
-  return _stats(batch, data, pair_ids, settings.pairs_per_batch, int(sizes.sum()))
+  first = np.cumsum([0] + [len(members) for _, members in units])  # unit u's first response number
+  pool = np.zeros(first[-1], dtype=np.int64)  # response number -> flat index of its reward
+  for u, row, start, q in _in_row_order(placement, length):
+    trunk, members = units[u]
+    _put(batch, row, start, members[0][:trunk], q + 1)
+    at, flat = start + trunk, row * length
+    for b, member in enumerate(members):
+      _put(batch, row, at, member[trunk:], q + 1, first_position=trunk)
+      batch[BRANCH_KEY][row, at:at + len(member) - trunk] = b + 1
+      pool[first[u] + b] = _branch_index(member, trunk, flat + start, flat + at, data.pad_token_id)
+      at += len(member) - trunk
+  batch["chosen_index"][: len(pair_ids)] = pool[chosen_r]
+  batch["rejected_index"][: len(pair_ids)] = pool[rejected_r]
+  return _stats(batch, data, pair_ids, settings.pairs_per_batch, int(sizes.sum()), responses)
 
 
 _BUILDERS = {"padded": padded_batch, "packed": packed_batch, "shared_prompt": shared_prompt_batch}

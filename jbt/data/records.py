@@ -53,6 +53,8 @@ class Pair:
       then only the records' order. data.ties decides whether such pairs train.
     margin: how strongly chosen is preferred (a record's `margin`, HALOs' `reward_difference`,
       or `score_chosen - score_rejected`), or None; loss.margin_from_data trains on it.
+    unit: "" for a pair of its own; the pairs of one ranked record (k responses) share its source
+      here, and are then batched together, each response computed once (jbt.data.layouts).
   """
 
   prompt: list[Turn]
@@ -63,6 +65,7 @@ class Pair:
   group: str = ""
   margin: float | None = None
   tie: bool = False
+  unit: str = ""
 
 
 def remove_extra_spaces(text: str) -> str:
@@ -99,7 +102,7 @@ def record_margin(record: dict) -> float | None:
 
 def make_pair(prompt: list[Turn], chosen: list[Turn], rejected: list[Turn], *, source: str,
               split: str | None = None, group: str | None = None, margin: float | None = None,
-              tie: bool = False) -> Pair:
+              tie: bool = False, unit: str = "") -> Pair:
   """Builds a Pair after the checks every format shares (BadRecord when one fails)."""
   if not prompt:
     raise BadRecord("empty_prompt", "the prompt has no turns")
@@ -110,7 +113,7 @@ def make_pair(prompt: list[Turn], chosen: list[Turn], rejected: list[Turn], *, s
   if split is not None and not isinstance(split, str):
     raise BadRecord("wrong_type", f"field 'split' must be a string, got {type(split).__name__}")
   return Pair(prompt, chosen, rejected, source, split,
-              group if group is not None else prompt_key(prompt), None if tie else margin, tie)
+              group if group is not None else prompt_key(prompt), None if tie else margin, tie, unit)
 
 
 def _check_response(response: list[Turn], field: str) -> None:
@@ -274,7 +277,8 @@ def convert_ranked(record: dict, source: str) -> list[Pair]:
   """k scored responses to one prompt, {"prompt", "responses": [k], "scores": [k]} (higher is
   better): every ordered pair (i, j) with score_i > score_j, as InstructGPT trained on all K
   choose 2 comparisons, with margin score_i - score_j; equal scores make tie pairs (data.ties).
-  The pairs share the record's prompt group, so a held-out split keeps them together."""
+  The pairs share the record's prompt group, so a held-out split keeps them together, and its
+  unit (the record's source), so a batch holds all of them and computes each response once."""
   prompt = to_turns(_field(record, "prompt"), "prompt", "user")
   responses_value, scores = _field(record, "responses"), _field(record, "scores")
   if not isinstance(responses_value, list) or len(responses_value) < 2:
@@ -292,7 +296,7 @@ def convert_ranked(record: dict, source: str) -> list[Pair]:
       tie = scores[i] == scores[j]
       if scores[i] > scores[j] or (tie and i < j):
         out.append(make_pair(prompt, responses[i], responses[j], source=f"{source} ({i} vs {j})", split=split,
-                             margin=float(scores[i] - scores[j]), tie=tie))
+                             margin=float(scores[i] - scores[j]), tie=tie, unit=source))
   return out
 
 

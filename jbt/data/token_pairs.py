@@ -34,6 +34,9 @@ class TokenizedPairs:
     pad_token_id: the id that fills padding.
     margins: float32 [N]: each pair's preference strength from its record (NaN: none), or None.
     ties: bool [N]: pairs marked as ties (data.ties=tie_loss keeps them), or None.
+    units: int64 [N]: which unit each pair belongs to, or None when every pair is its own. A unit
+      is the pairs of one ranked record (Pair.unit), consecutive here; batches are made of whole
+      units, and the shared_prompt layout computes each distinct response of a unit once.
   """
 
   tokens: np.ndarray
@@ -43,9 +46,35 @@ class TokenizedPairs:
   pad_token_id: int
   margins: np.ndarray | None = None
   ties: np.ndarray | None = None
+  units: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.lengths)
+
+  @property
+  def unit_starts(self) -> np.ndarray:
+    """int64 [U + 1]: unit u is pairs unit_starts[u] .. unit_starts[u + 1] - 1."""
+    n = len(self)
+    if self.units is None:
+      return np.arange(n + 1, dtype=np.int64)
+    change = np.flatnonzero(np.diff(self.units)) + 1
+    return np.concatenate([[0], change, [n]]).astype(np.int64) if n else np.zeros(1, np.int64)
+
+  @property
+  def n_units(self) -> int:
+    return len(self.unit_starts) - 1
+
+  @property
+  def max_unit_pairs(self) -> int:
+    """Pairs in the largest unit (1 when every pair is its own)."""
+    return int(np.diff(self.unit_starts).max(initial=1))
+
+  def unit_pair_ids(self, unit_ids: np.ndarray) -> np.ndarray:
+    """The pair indices of the given units, unit after unit."""
+    starts = self.unit_starts
+    if self.units is None:
+      return np.asarray(unit_ids, dtype=np.int64)
+    return np.concatenate([np.arange(starts[u], starts[u + 1]) for u in unit_ids] or [np.zeros(0)]).astype(np.int64)
 
   def member(self, i: int, j: int) -> np.ndarray:
     """Ids of member j (0 chosen, 1 rejected) of pair i."""
@@ -58,9 +87,11 @@ class TokenizedPairs:
 
   @classmethod
   def from_pairs(cls, pairs: Sequence[TokenizedPair], pad_token_id: int,
-                 margins: Sequence[float | None] | None = None, ties: Sequence[bool] | None = None) -> TokenizedPairs:
+                 margins: Sequence[float | None] | None = None, ties: Sequence[bool] | None = None,
+                 units: Sequence[str] | None = None) -> TokenizedPairs:
     """Packs TokenizedPair objects into flat arrays (margins: one per pair, None for none; ties:
-    one flag per pair)."""
+    one flag per pair; units: one key per pair, "" for a pair of its own, consecutive pairs with
+    the same key forming a unit)."""
     lengths = np.array([[len(p.chosen), len(p.rejected)] for p in pairs],
                        dtype=np.int32).reshape(-1, 2)
     ends = np.cumsum(lengths.reshape(-1), dtype=np.int64)
@@ -72,7 +103,15 @@ class TokenizedPairs:
     if margins is not None and any(x is not None for x in margins):
       m = np.array([np.nan if x is None else x for x in margins], dtype=np.float32)
     t = np.asarray(ties, dtype=bool) if ties is not None and any(ties) else None
-    return cls(tokens, starts, lengths, prefix, pad_token_id, m, t)
+    return cls(tokens, starts, lengths, prefix, pad_token_id, m, t, _unit_ids(units))
+
+
+def _unit_ids(keys: Sequence[str] | None) -> np.ndarray | None:
+  """Unit index of each pair: a new unit at every pair whose key is "" or differs from the last."""
+  if keys is None or not any(keys):
+    return None
+  new = [i == 0 or not k or k != keys[i - 1] for i, k in enumerate(keys)]
+  return np.cumsum(new, dtype=np.int64) - 1
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -138,7 +177,7 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, max_length: int = 1
   pair_tokenizer = PairTokenizer(tokenizer, max_length=max_length,
                                  max_prompt_length=max_prompt_length, truncation=truncation)
   report = DataReport()
-  kept, margins, ties = [], [], []
+  kept, margins, ties, units = [], [], [], []
   for pair, result in zip(pairs, _results(pairs, pair_tokenizer, num_workers)):
     if isinstance(result, BadRecord):
       report.handle(result, pair.source, on_error)
@@ -147,4 +186,5 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, max_length: int = 1
     kept.append(result)
     margins.append(pair.margin)
     ties.append(pair.tie)
-  return TokenizedPairs.from_pairs(kept, pair_tokenizer.pad_token_id, margins, ties), report
+    units.append(pair.unit)
+  return TokenizedPairs.from_pairs(kept, pair_tokenizer.pad_token_id, margins, ties, units), report

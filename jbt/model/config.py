@@ -49,6 +49,7 @@ class ModelConfig:
   flash_block: int = 64  # "flash" query and key block
   mlp_chunk: int = 0  # tokens of a row the MLP computes at a time (0: all); memory, not results
   scan_layers: bool = True
+  branches: int = 2  # most responses one shared-prompt segment holds (fused kernels run once per branch)
 
   def __post_init__(self):
     from jbt.model import attention, matmul  # the kernel registries
@@ -88,6 +89,7 @@ class ModelConfig:
     choice of whichever machine loads it."""
     d = dataclasses.asdict(self)
     d.update(attention="auto", matmul="auto")
+    d.pop("branches")  # a property of the data it runs on
     return d
 
   @classmethod

@@ -120,7 +120,8 @@ class Attention(nn.Module):
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     kind = attention.KINDS[cfg.attention]
     out_BxLxKxGxH = kind.attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, sliding_window=cfg.sliding_window,
-                                block=getattr(cfg, kind.block_field), max_segment=self.max_segment)
+                                block=getattr(cfg, kind.block_field), max_segment=self.max_segment,
+                                branches=cfg.branches)
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
     y_BxLxD = matmul(out_TxNH, wo.reshape(N * H, D), dt, cfg.matmul).reshape(B, L, D)
     if cfg.o_bias:

@@ -137,7 +137,7 @@ def abstract_batch(cfg: Any, model_cfg: Any, mesh: Any) -> dict[str, jax.ShapeDt
   for k in data.device_keys(cfg.data.layout):
     if k in ("pair_mask", "pair_margin", "pair_tie"):
       out[k] = jax.ShapeDtypeStruct((pairs,), jnp.float32, sharding=sh)
-    elif k in ("chosen_index", "rejected_index"):
+    elif k in ("chosen_index", "rejected_index", "chosen_response", "rejected_response", "pair_unit"):
       out[k] = jax.ShapeDtypeStruct((pairs,), jnp.int32, sharding=sh)
     else:
       out[k] = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sh)

@@ -118,6 +118,7 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
   (jbt.tools.normalization); a model with such statistics also gets "normalized" means."""
   from jbt import data
   from jbt.data.sources import resolve_spec
+  from jbt.loss.ranking import best_of_k_host
   from jbt.tools import normalization, plots
 
   if split not in SPLIT_CHOICES:
@@ -166,6 +167,8 @@ def evaluate(model: str | Path, specs: Sequence[str], *, split: str = "auto", ma
     kept[spec] = rewards_Px2.tolist()
     m = pair_metrics(rewards_Px2[:, 0], rewards_Px2[:, 1])
     m["reward_length_corr"] = plots.length_correlation(rewards_Px2.ravel(), lengths_Px2.ravel())
+    if tok.units is not None:  # ranked records: is the top-scored response a best one?
+      m["best_of_k"], m["n_records"] = best_of_k_host(tok, rewards_Px2)
     per_dataset[spec] = _finite({**m, "split": used, "n_skipped": n_skipped})
   rewards_Px2, lengths_Px2 = np.concatenate(all_rewards), np.concatenate(all_lengths)
   result.update(pair_metrics(rewards_Px2[:, 0], rewards_Px2[:, 1]))
@@ -230,6 +233,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
   import jax
   from ml_collections import ConfigDict
 
+  from jbt import data
   from jbt.checkpoint.load import load_model
   from jbt.data import ensure_chat_template
   from jbt.runtime import mesh as mesh_lib
@@ -252,11 +256,12 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
   ds = setup.datasets(cfg, m.tokenizer)
   if ds.eval is None:
     raise JbtError(f"--run {run_dir}: the run had no eval split ({ds.messages[-1]})")
-  metrics = Evaluator(cfg, mesh, rules, m.cfg, mesh_lib.model_shardings(m.cfg, mesh, rules))(m.params, ds.eval)
+  model_cfg = m.cfg.replace(branches=max(m.cfg.branches, data.max_responses(ds.eval)))
+  metrics = Evaluator(cfg, mesh, rules, model_cfg, mesh_lib.model_shardings(m.cfg, mesh, rules))(m.params, ds.eval)
   return {"accuracy": metrics["rewards_eval/accuracies"], "mean_margin": metrics["rewards_eval/margins"],
           "n_pairs": int(metrics["eval_pairs"]), "loss": metrics["loss/eval"],
           "mean_chosen": metrics["rewards_eval/chosen"], "mean_rejected": metrics["rewards_eval/rejected"],
-          "run": str(run_dir), "split": ds.messages[-1], "devices": jax.device_count()}
+          "best_of_k": metrics["rewards_eval/best_of_k"], "run": str(run_dir), "split": ds.messages[-1], "devices": jax.device_count()}
 
 
 @cli_main

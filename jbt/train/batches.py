@@ -19,7 +19,8 @@ from jbt import data
 from jbt.runtime.mesh import batch_spec, data_parallel_size
 
 ROW_KEYS = ("tokens", "segment_ids", "positions", "branch_ids")  # [R, L]; branch_ids only in shared-prompt rows
-PAIR_KEYS = ("chosen_index", "rejected_index", "pair_mask", "pair_margin", "pair_tie")  # [P]
+PAIR_KEYS = ("chosen_index", "rejected_index", "pair_mask", "pair_margin", "pair_tie", "chosen_response",
+             "rejected_response", "pair_unit")  # [P]
 
 
 def length_bucket(value: str) -> int | str | None:
@@ -39,7 +40,8 @@ def length_bucket(value: str) -> int | str | None:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, process_index: int, process_count: int) -> dict[str, jax.Array]:
   """This process's batch -> global arrays sharded over the batch axes.
 
-  Rows of process p follow those of p-1, so its flat pooling indices shift by p * R * L.
+  Rows of process p follow those of p-1, so its flat pooling indices shift by p * R * L, and its
+  response and unit numbers by p * 2P and p * P.
   Every process must pass the same shapes (the trainer pads rows to the common maximum).
   """
   sharding = NamedSharding(mesh, batch_spec(mesh))
@@ -49,8 +51,11 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, process_index: int, p
     if k not in ROW_KEYS and k not in PAIR_KEYS:
       raise ValueError(f"unexpected batch key {k!r}")
     a = np.asarray(local[k])
-    if k in ("chosen_index", "rejected_index") and process_count > 1:
+    if process_count > 1 and k in ("chosen_index", "rejected_index"):
       a = a + process_index * R * L
+    elif process_count > 1 and k in ("chosen_response", "rejected_response", "pair_unit"):
+      # numbers local to this process's P pairs (at most 2P responses): made unique over processes
+      a = a + process_index * len(a) * (2 if k != "pair_unit" else 1)
     out[k] = jax.make_array_from_process_local_data(sharding, a)
   return out
 
@@ -91,8 +96,12 @@ class Batches:
     d = self.cfg.data
     pack_length = d.pack_length or None
     if pack_length is None and self.flash:
-      per_process = batch_size // jax.process_count()
-      pack_length = -(-per_process // self.rows_multiple) * 2 * d.max_length
+      per_process = batch_size // jax.process_count()  # units (pairs, or ranked records)
+      if d.layout == "shared_prompt":  # a unit: its shared prefix and its responses' rests
+        per_unit = data.max_responses(tok) * d.max_length
+      else:  # a pair: both members
+        per_unit = tok.max_unit_pairs * 2 * d.max_length
+      pack_length = -(-per_process // self.rows_multiple) * per_unit
     return data.make_batch_iterator(
         tok, layout=d.layout, batch_size=batch_size, max_length=d.max_length, seed=seed, epochs=epochs,
         process_index=jax.process_index(), process_count=jax.process_count(),

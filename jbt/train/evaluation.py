@@ -32,9 +32,10 @@ class Evaluator:
                         compiler_options=xla_options.compiler_options(model_cfg.dtype))
 
   def __call__(self, params: Any, tok: Any) -> dict[str, float]:
-    """rewards_eval/{chosen,rejected,margins,accuracies}, loss/eval and eval_pairs over `tok`, and
-    rewards_eval/{mean,std} over every response of those pairs."""
-    totals = dict.fromkeys((*SUM_KEYS, "n", "reward_sum", "reward_sq_sum"), 0.0)
+    """rewards_eval/{chosen,rejected,margins,accuracies}, loss/eval and eval_pairs over `tok`,
+    rewards_eval/best_of_k (units whose top-scored response is a best one), and
+    rewards_eval/{mean,std} over every distinct response of those pairs."""
+    totals = dict.fromkeys((*SUM_KEYS, "n", "n_responses", "reward_sum", "reward_sq_sum", "n_units", "best_of_k"), 0.0)
     it = self.batches.iterator(tok, batch_size=self.cfg.train.eval_batch_size, epochs=1, seed=self.cfg.train.seed)
     with jax.set_mesh(self.mesh):
       for local in it:
@@ -45,8 +46,10 @@ class Evaluator:
     out = {f"rewards_eval/{k}": v for k, v in means.items() if k != "loss"}
     out["loss/eval"] = means["loss"]
     out["eval_pairs"] = totals["n"]
-    # every eval response's reward: their mean and population std (normalisation statistics)
-    k = max(2 * totals["n"], 1.0)
+    # best response ranked first, over ranked records (for plain pairs: the pair accuracy)
+    out["rewards_eval/best_of_k"] = totals["best_of_k"] / max(totals["n_units"], 1.0)
+    # every distinct eval response's reward: their mean and population std (normalisation statistics)
+    k = max(totals["n_responses"], 1.0)
     mean = totals["reward_sum"] / k
     out["rewards_eval/mean"] = mean
     out["rewards_eval/std"] = math.sqrt(max(totals["reward_sq_sum"] / k - mean * mean, 0.0))

@@ -14,6 +14,7 @@ from jbt.checkpoint.load import Loaded, load_model, resolve_model_path
 from jbt.errors import JbtError
 from jbt.hf import families
 from jbt.hf.files import align_pad, load_tokenizer
+from jbt.loss import RANKINGS
 from jbt.model import ModelConfig, attention
 from jbt.model.config import REMAT
 from jbt.runtime.mesh import data_parallel_size
@@ -35,6 +36,13 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError(f"data.ties must be one of {', '.join(data.TIES)}, got {d.ties!r}")
   if d.get("ties", "drop") == "tie_loss" and not cfg.loss.get("tie_nu", 1.0) > 0:
     raise JbtError(f"data.ties=tie_loss needs loss.tie_nu > 0 (Davidson's tie parameter), got {cfg.loss.tie_nu}")
+  ranking = cfg.loss.get("ranking", "all_pairs")
+  if ranking not in RANKINGS:
+    raise JbtError(f"loss.ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+  if ranking == "plackett_luce" and (d.get("ties", "drop") == "tie_loss" or cfg.loss.get("margin_from_data", False)
+                                     or cfg.loss.margin):
+    raise JbtError("loss.ranking=plackett_luce has no margin and no tie term: use it with loss.margin=0, "
+                   "loss.margin_from_data=False and data.ties=drop, or use loss.ranking=all_pairs")
   if t.batch_size <= 0 or o.grad_accum <= 0 or t.batch_size % o.grad_accum:
     raise JbtError(f"train.batch_size ({t.batch_size}) must be a positive multiple of opt.grad_accum ({o.grad_accum})")
   if m.num_labels not in (1, 2):
@@ -119,7 +127,8 @@ def _tokenize(cfg: ConfigDict, pairs: list[Any], load_report: Any, split: str, t
   both = data.DataReport()
   both.merge(load_report)  # one count of what loading and tokenizing skipped, altered, left out
   both.merge(tok_report)
-  return tok, f"{len(tok)} {split} pairs ({both.summary()})"
+  units = f" from {tok.n_units} ranked records (batch_size counts records)" if tok.units is not None else ""
+  return tok, f"{len(tok)} {split} pairs{units} ({both.summary()})"
 
 
 def _eval_pairs(cfg: ConfigDict, train_pairs: list[Any]) -> tuple[list[Any], Any]:
@@ -167,12 +176,14 @@ def datasets(cfg: ConfigDict, tokenizer: Any) -> Data:
 
 
 def count_updates(cfg: ConfigDict, n_train: int) -> int:
-  """Optimizer steps of the run: epochs over the train pairs, capped (or set) by max_steps."""
+  """Optimizer steps of the run: epochs over the train units (pairs, or ranked records: n_train is
+  TokenizedPairs.n_units), capped (or set) by max_steps."""
   accum = cfg.opt.grad_accum
   micro_per_epoch = data.batches_per_epoch(n_train, cfg.train.batch_size // accum)
   updates = (micro_per_epoch * max(cfg.train.epochs, 1)) // accum
   if cfg.train.max_steps > 0:
     updates = min(updates, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
   if updates <= 0:
-    raise JbtError(f"{n_train} train pairs make no optimizer step of {cfg.train.batch_size} pairs")
+    raise JbtError(f"{n_train} train units (pairs, or ranked records) make no optimizer step of "
+                   f"{cfg.train.batch_size}")
   return updates

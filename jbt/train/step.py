@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from jbt.loss import bt_loss, bt_sums
+from jbt.loss import bt_loss, bt_sums, plackett_luce_loss, response_sums
 from jbt.model import ModelConfig, RewardModel
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
@@ -52,6 +52,7 @@ def make_train_step(
     margin_from_data: bool = False,
     tie_nu: float | None = None,
     center_coef: float = 0.0,
+    ranking: str = "all_pairs",
     grad_accum: int = 1,
     nan_at_step: int = -1,
     max_segment: int = 0,
@@ -61,7 +62,8 @@ def make_train_step(
   Metrics: HALOs' names (`loss/train`, `rewards_train/...`), grad / param / update norms, the
   learning rate, and `n_pairs` (real pairs in the batch; the host adds it up).
   nan_at_step >= 0 poisons the rewards of that (micro) step with NaN: a fault-injection hook
-  for testing the trainer's divergence stop.
+  for testing the trainer's divergence stop. ranking="plackett_luce" trains on Plackett-Luce's
+  likelihood of each ranked record's order instead (jbt.loss.ranking); the metrics stay pairwise.
   """
 
   def loss_fn(params: Any, batch: dict[str, jax.Array], step: jax.Array):
@@ -70,7 +72,13 @@ def make_train_step(
       chosen_P = jnp.where(step == nan_at_step, jnp.nan, chosen_P)
     m = margin + batch["pair_margin"] if margin_from_data else margin  # per pair: -log sigmoid(r_c - r_r - m_i)
     ties = dict(tie_P=batch["pair_tie"], tie_nu=tie_nu) if tie_nu is not None else {}  # data.ties=tie_loss
-    return bt_loss(chosen_P, rejected_P, batch["pair_mask"], margin=m, center_coef=center_coef, **ties)
+    loss, metrics = bt_loss(chosen_P, rejected_P, batch["pair_mask"], margin=m, center_coef=center_coef, **ties)
+    if ranking == "plackett_luce":
+      decided = batch["pair_mask"] * (1.0 - batch["pair_tie"])
+      loss = loss - metrics["loss"] + plackett_luce_loss(chosen_P.astype(jnp.float32), rejected_P.astype(jnp.float32),
+                                                          batch["chosen_response"], decided)
+      metrics["loss"] = loss
+    return loss, metrics
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.step)
@@ -90,17 +98,15 @@ def make_train_step(
 def make_eval_step(
     cfg: ModelConfig, margin: float = 0.0, max_segment: int = 0
 ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
-  """bt_sums of a batch (sums, not means), so the host can add batches and divide once, and the
-  sum and sum of squares of every real response's reward."""
+  """bt_sums of a batch (sums, not means), so the host can add batches and divide once, and
+  response_sums: the sum and sum of squares of every distinct response's reward, best-of-k."""
 
   def step(params: Any, batch: dict[str, jax.Array]):
     chosen_P, rejected_P = rewards(cfg, params, batch, max_segment)
     mask_P = batch["pair_mask"].astype(jnp.float32)
     sums = bt_sums(chosen_P, rejected_P, mask_P, margin=margin)
-    # moments of every real response's reward: the normalisation statistics (jbt.tools.normalization)
-    c, r = chosen_P.astype(jnp.float32), rejected_P.astype(jnp.float32)
-    sums["reward_sum"] = jnp.sum((c + r) * mask_P)
-    sums["reward_sq_sum"] = jnp.sum((c * c + r * r) * mask_P)
+    # moments of every response's reward (the normalisation statistics, jbt.tools.normalization), best-of-k
+    sums.update(response_sums(chosen_P, rejected_P, batch))
     return sums
 
   return step
@@ -113,7 +119,7 @@ def jit_train_step(cfg: ConfigDict, model_cfg: ModelConfig, tx: optax.GradientTr
   step = make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin,
                          margin_from_data=cfg.loss.get("margin_from_data", False),
                          tie_nu=cfg.loss.get("tie_nu", 1.0) if cfg.data.get("ties", "drop") == "tie_loss" else None,
-                         center_coef=cfg.loss.center_coef,
+                         center_coef=cfg.loss.center_coef, ranking=cfg.loss.get("ranking", "all_pairs"),
                          grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
                          max_segment=max_segment(cfg))
   batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))

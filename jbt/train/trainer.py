@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from jbt.atomic import atomic_dir
 from jbt.checkpoint import model_dir
 from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, run_path
-from jbt.data import ensure_chat_template
+from jbt.data import ensure_chat_template, max_responses
 from jbt.errors import Interrupted, JbtError
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
@@ -113,7 +113,10 @@ class Trainer:
       log(line)
     self.train_tok, self.eval_tok = ds.train, ds.eval
     self.accum = cfg.opt.grad_accum
-    self.updates = setup.count_updates(cfg, len(self.train_tok))
+    self.updates = setup.count_updates(cfg, self.train_tok.n_units)
+    branches = max(max_responses(t) for t in (self.train_tok, self.eval_tok) if t is not None)
+    if cfg.data.layout == "shared_prompt" and branches > mc.branches:  # fused kernels: one call per branch
+      self.model_cfg = mc = mc.replace(branches=branches)
     self.tx, self.lr_fn = optim.make_optimizer(cfg.opt, self.updates)
     with jax.set_mesh(self.mesh):
       self.state, self.state_sh = init_state(mc, self.tx, self.mesh, self.rules, seed=cfg.train.seed,

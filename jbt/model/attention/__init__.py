@@ -1,5 +1,5 @@
 """Attention kinds, by name (ModelConfig.attention). To add a kernel: a module with an
-`attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, *, sliding_window, block, max_segment)` function,
+`attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, *, sliding_window, block, max_segment, branches)` function,
 one Kind entry below, and its case in tests/test_attention.py (values and gradients against the
 dense reference).
 

@@ -250,7 +250,8 @@ def flash_attention(
 
 
 def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *, sliding_window: int | None,
-           block: int, max_segment: int) -> Array:
-  """The attention registry's entry point."""
+           block: int, max_segment: int, branches: int = 2) -> Array:
+  """The attention registry's entry point (the mask handles any number of branches)."""
+  del branches
   return flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
                          info.branch_ids_BxL, sliding_window=sliding_window, block=block, max_segment=max_segment)

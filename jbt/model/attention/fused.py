@@ -13,7 +13,8 @@ in the row length. jbt's rows need two more things:
   tokens of every other branch moved into a segment of their own (DEAD), so that call is exact
   for the trunk and branch b; each token's output comes from its own branch's call. The discarded
   outputs get no cotangent and their keys are seen by no kept query, so gradients are exact too.
-  Cost: one kernel call per branch (two for chosen / rejected) over the row.
+  Cost: one kernel call per branch (two for chosen / rejected, k for a ranked record's k
+  responses; ModelConfig.branches) over the row.
 
 Sliding windows are not supported (the kernels would bound by array index, jbt bounds by
 position): `jbt.model.attention.resolve` falls back to "xla" for such models, and says so.
@@ -42,7 +43,6 @@ from jbt.model.attention.mask import MaskInfo
 Array = jax.Array
 OUT_NAME = "fused_attention_out"  # what remat "attention" keeps
 DEAD = -1  # segment id of the tokens a branch call must not see (and of the padding to a block)
-N_BRANCHES = 2  # branch ids 1..N_BRANCHES (jbt.data.layouts: chosen, rejected)
 DEFAULT_BLOCK = 128
 LANES = 128
 
@@ -64,14 +64,15 @@ def _interpret(platform: str) -> bool:
 
 
 def branch_calls(call: Callable[[Array, Array, Array, Array], Array], q_BxLxKxGxH: Array, k_BxLxKxH: Array,
-                 v_BxLxKxH: Array, info: MaskInfo) -> Array:
+                 v_BxLxKxH: Array, info: MaskInfo, branches: int = 2) -> Array:
   """call(q, k, v, segment_ids) (causal attention within segments), made exact for shared-prompt
-  rows: one call per branch, each token's output taken from its own branch's call."""
+  rows of branch ids 1..branches (a pair: chosen and rejected; a ranked record: its responses):
+  one call per branch, each token's output taken from its own branch's call."""
   seg_BxL, br_BxL = info.segment_ids_BxL, info.branch_ids_BxL
   if br_BxL is None:
     return call(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, seg_BxL)
   out = None
-  for b in range(1, N_BRANCHES + 1):
+  for b in range(1, branches + 1):
     seg_b = jnp.where((br_BxL == 0) | (br_BxL == b), seg_BxL, DEAD)
     o = call(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, seg_b)
     out = o if out is None else jnp.where((br_BxL == b)[:, :, None, None, None], o, out)
@@ -164,16 +165,16 @@ def gpu_call(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, seg_BxL: Ar
 
 
 def _attend(call, q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *,
-            sliding_window: int | None, block: int, max_segment: int) -> Array:
+            sliding_window: int | None, block: int, max_segment: int, branches: int = 2) -> Array:
   if sliding_window is not None:
     raise ValueError("the fused attention kernels do not support sliding windows; use attention='xla'")
   kernel = functools.partial(call, block=block, max_segment=max_segment)
-  out = branch_calls(functools.partial(_sharded, kernel), q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info)
+  out = branch_calls(functools.partial(_sharded, kernel), q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, branches)
   return checkpoint_name(out, OUT_NAME)
 
 
 splash_attend = functools.partial(_attend, splash_call)
 gpu_attend = functools.partial(_attend, gpu_call)
 
-__all__ = ["DEAD", "N_BRANCHES", "OUT_NAME", "branch_calls", "compile_for", "gpu_attend", "gpu_call",
+__all__ = ["DEAD", "OUT_NAME", "branch_calls", "compile_for", "gpu_attend", "gpu_call",
            "splash_attend", "splash_call"]

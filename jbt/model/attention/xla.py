@@ -77,8 +77,9 @@ def blocked_attention(
 
 
 def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *, sliding_window: int | None,
-           block: int, max_segment: int) -> Array:
-  """The registry's entry point: info.dense_BxLxS holds the mask (sliding window included)."""
-  del sliding_window
+           block: int, max_segment: int, branches: int = 2) -> Array:
+  """The registry's entry point: info.dense_BxLxS holds the mask (sliding window and any number of
+  branches included)."""
+  del sliding_window, branches
   out = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.dense_BxLxS, block, max_segment)
   return checkpoint_name(out, OUT_NAME)
