@@ -11,8 +11,9 @@ from jbt.model.attention.mask import dense_mask
 from jbt.model.attention.xla import blocked_attention
 
 
-def packed_rows(rng, B, L, branches: bool):
-  """Rows of contiguous segments of random length (some with chosen/rejected branches), padded."""
+def packed_rows(rng, B, L, branches: int):
+  """Rows of contiguous segments of random length (some with branches: True for chosen/rejected,
+  an int k for k branches, a ranked record's responses), padded."""
   seg = np.zeros((B, L), np.int32)
   br = np.zeros((B, L), np.int32)
   pos = np.zeros((B, L), np.int32)
@@ -24,11 +25,12 @@ def packed_rows(rng, B, L, branches: bool):
         break
       seg[b, start:start + size] = n
       pos[b, start:start + size] = np.arange(size)
-      if branches and size >= 8:
-        p, c = size // 2, size // 4
-        br[b, start + p:start + p + c] = 1
-        br[b, start + p + c:start + size] = 2
-        pos[b, start + p + c:start + size] = np.arange(p, p + size - p - c)
+      if branches and size >= 4 * int(branches):
+        p = size // 2
+        cuts = np.linspace(start + p, start + size, int(branches) + 1).astype(int)
+        for j in range(int(branches)):
+          br[b, cuts[j]:cuts[j + 1]] = j + 1
+          pos[b, cuts[j]:cuts[j + 1]] = np.arange(p, p + cuts[j + 1] - cuts[j])
       start, n = start + size, n + 1
   return seg, br, pos
 
@@ -103,7 +105,8 @@ def test_remat_keeps_the_attention_forward_instead_of_rerunning_it():
 
 
 @pytest.mark.parametrize("kind, branches, max_segment", [
-    ("splash", True, 0), ("splash", False, 40), ("splash", True, 40), ("pallas_gpu", True, 0), ("pallas_gpu", False, 0)])
+    ("splash", True, 0), ("splash", False, 40), ("splash", True, 40), ("pallas_gpu", True, 0), ("pallas_gpu", False, 0),
+    ("splash", 4, 0), ("pallas_gpu", 4, 0)])
 def test_fused_kernels_equal_dense_values_and_gradients_in_interpret_mode(kind, branches, max_segment):
   """The TPU and GPU kernels (Pallas interpret mode here) on packed and shared-prompt rows whose
   length is not a multiple of the block: values and gradients of every real token."""
@@ -123,7 +126,8 @@ def test_fused_kernels_equal_dense_values_and_gradients_in_interpret_mode(kind, 
     return (blocked_attention(q, k, v, mask, 0, 0) * real * w).sum()
 
   def fused(q, k, v):
-    out = KINDS[kind].attend(q, k, v, info, sliding_window=None, block=32, max_segment=max_segment)
+    out = KINDS[kind].attend(q, k, v, info, sliding_window=None, block=32, max_segment=max_segment,
+                             branches=max(int(branches), 2))
     return (out * real * w).sum()
 
   assert_same_values_and_gradients(dense, fused, q, k, v, atol=5e-5)

@@ -10,7 +10,7 @@ import collections
 import random
 from typing import Any, Callable, Iterable
 
-from jbt.data.records import (BadRecord, Pair, convert_hh, make_pair, remove_extra_spaces,
+from jbt.data.records import (BadRecord, Pair, convert_hh, convert_ranked, make_pair, remove_extra_spaces,
                               to_turns)
 from jbt.data.report import DataReport
 from jbt.errors import JbtError
@@ -22,7 +22,11 @@ HUB_DATASETS = {
     "hh_harmless": ("Anthropic/hh-rlhf", "harmless-base"),
     "shp": ("stanfordnlp/SHP", None),
     "ultrabin": ("HuggingFaceH4/ultrafeedback_binarized", None),
+    "ultrafeedback": ("openbmb/UltraFeedback", None),
 }
+# Hub sets with a train split only: their pairs have no split of their own, so data.eval_fraction
+# holds prompts out of them.
+TRAIN_ONLY = ("ultrafeedback",)
 
 # HALOs' get_shp constants: pairs whose score ratio is below 2 are left out of training (as in
 # the SHP paper), and at most 5 pairs a prompt are kept so that busy threads do not dominate.
@@ -32,6 +36,8 @@ SHP_MAX_PAIRS_PER_PROMPT = 5
 
 def hub_split(name: str, split: str) -> str:
   """The hub's split name for jbt's "train"/"test" (ultrabin calls them train_prefs/test_prefs)."""
+  if name in TRAIN_ONLY:
+    return "train"
   if name == "ultrabin":
     if split not in ("train", "test"):
       raise JbtError(f"ultrabin has only the splits train and test, not {split!r}")
@@ -136,6 +142,40 @@ def convert_ultrabin_rows(rows: Iterable[dict], where: str, report: DataReport,
   return _convert_rows(rows, where, report, on_error, _ultrabin_pair)
 
 
+def _ultrafeedback_record(row: dict, location: str) -> list[Pair]:
+  instruction = row.get("instruction")
+  if not isinstance(instruction, str):
+    raise BadRecord("missing_field", "field 'instruction' must be a string")
+  completions = row.get("completions")
+  if not isinstance(completions, list):
+    raise BadRecord("missing_field", "field 'completions' must be a list")
+  responses, scores = [], []
+  for k, c in enumerate(completions):
+    if not isinstance(c, dict) or not isinstance(c.get("response"), str):
+      raise BadRecord("wrong_type", f"completions[{k}] needs a 'response' string")
+    score = c.get("fine-grained_score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+      raise BadRecord("missing_field", f"completions[{k}] has no numeric 'fine-grained_score'")
+    responses.append(remove_extra_spaces(c["response"]))
+    scores.append(float(score))
+  prompt = [{"role": "user", "content": remove_extra_spaces(instruction)}]
+  return convert_ranked({"prompt": prompt, "responses": responses, "scores": scores}, location)
+
+
+def convert_ultrafeedback_rows(rows: Iterable[dict], where: str, report: DataReport, on_error: str) -> list[Pair]:
+  """openbmb/UltraFeedback, all completions kept: each row is a ranked record (jbt.data.records.
+  convert_ranked) of its completions scored by their `fine-grained_score` (the mean of the four
+  aspect ratings, the score ultrafeedback_binarized picks its pair by), instead of one pair."""
+  pairs = []
+  for i, row in enumerate(rows):
+    location = f"{where}:{i}"
+    try:
+      pairs.extend(_ultrafeedback_record(row, location))
+    except BadRecord as e:
+      report.handle(e, location, on_error)
+  return pairs
+
+
 def _download(repo: str, data_dir: str | None, split: str) -> Any:
   import datasets  # Deferred: importing datasets costs about a second and most runs use files.
 
@@ -159,4 +199,6 @@ def load_hub(name: str, split: str, report: DataReport, on_error: str) -> list[P
     return convert_shp_rows(rows, split, where, report, on_error)
   if name == "ultrabin":
     return convert_ultrabin_rows(rows, where, report, on_error)
+  if name == "ultrafeedback":
+    return convert_ultrafeedback_rows(rows, where, report, on_error)
   return convert_hh_rows(rows, where, report, on_error)

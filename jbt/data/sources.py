@@ -150,7 +150,8 @@ def load_pairs(specs: Sequence[str], *, split: str = "train", on_error: str = "s
   loaded: list[tuple[Pair, str | None]] = []
   for source in sources:
     if source.kind == "hub":
-      loaded.extend((p, split) for p in hub.load_hub(source.name, split, report, on_error))
+      own = None if source.name in hub.TRAIN_ONLY else split
+      loaded.extend((p, own) for p in hub.load_hub(source.name, split, report, on_error))
     else:
       loaded.extend((p, _normalize_split(p.split)) for p in load_file(source.name, report, on_error))
 
