@@ -31,7 +31,7 @@ from jbt.runtime import mesh as mesh_lib
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
 from jbt.tools import normalization
 from jbt.tools.convert import export_hf
-from jbt.train import optim, setup
+from jbt.train import optim, setup, trainable
 from jbt.train.batches import Batches
 from jbt.train.compiler import StepCompiler
 from jbt.train.evaluation import Evaluator
@@ -115,10 +115,12 @@ class Trainer:
     self.accum = cfg.opt.grad_accum
     self.updates = setup.count_updates(cfg, len(self.train_tok))
     self.tx, self.lr_fn = optim.make_optimizer(cfg.opt, self.updates)
+    self.mask = trainable.trainable_mask(mc, cfg.train.get("freeze", ()))
     with jax.set_mesh(self.mesh):
       self.state, self.state_sh = init_state(mc, self.tx, self.mesh, self.rules, seed=cfg.train.seed,
-                                             params=loaded.params)
+                                             params=loaded.params, mask=self.mask)
     del loaded
+    log(trainable.describe(mc, self.mask, self.state))
     self.ckpts = RunCheckpoints(self.run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
     self.examples = 0  # pairs trained on: counters/examples, and the eval schedule's clock
     self.tokens = 0
