@@ -6,7 +6,7 @@
       finish  the last checkpoint and evaluation, final/ (jbt) and FINAL/ (Hugging Face)
 
 Writes {cache_dir}/{exp_name}/: checkpoints/, metrics.jsonl, tb/, config.json, final/, FINAL/
-and summary.json. Re-running the same command resumes from the newest checkpoint.
+(FINAL_adapter/ with ckpt.export_adapter) and summary.json. Re-running the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from ml_collections import ConfigDict
 
 from jbt.atomic import atomic_dir
 from jbt.checkpoint import model_dir
+from jbt.checkpoint.load import resolve_model_path
 from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, run_path
 from jbt.data import ensure_chat_template
 from jbt.errors import Interrupted, JbtError
+from jbt.hf.adapter import write_adapter_dir
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
 from jbt.tools import normalization
@@ -40,6 +42,9 @@ from jbt.train.state import abstract_state, init_state
 from jbt.train.step import jit_train_step
 from jbt.train.stopping import StopRequests
 from jbt.train.throughput import Throughput
+
+
+ADAPTER_DIR = "FINAL_adapter"  # ckpt.export_adapter: the PEFT adapter of a LoRA run
 
 
 def log(msg: str) -> None:
@@ -321,3 +326,11 @@ class Trainer:
       params = multihost_utils.process_allgather(params, tiled=True)
     if is_primary() and self.cfg.ckpt.export_final:
       export_hf(mc, params, self.run_dir / "FINAL", hf_config=hf_cfg, tokenizer=self.tokenizer, overwrite=True)
+    if is_primary() and self.cfg.ckpt.get("export_adapter", False):
+      init_from = self.cfg.model.init_from
+      base = None if init_from == "random" else str(resolve_model_path(init_from).absolute())
+      with atomic_dir(self.run_dir / ADAPTER_DIR, overwrite=True) as tmp:
+        write_adapter_dir(mc, params, tmp, base=base)
+        if self.tokenizer is not None:
+          self.tokenizer.save_pretrained(str(tmp))
+      log(f"PEFT adapter: {self.run_dir / ADAPTER_DIR} (base: {base or 'none, a random init; FINAL/ is the model'})")
