@@ -101,7 +101,8 @@ def describe(cfg: ModelConfig, mask: Any, state: Any) -> str:
   (of the actual state, all devices together)."""
   n_train, n_frozen = counts(mask, state.params)
   opt_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
-  what = f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)} + head" if cfg.lora_rank else "all not frozen"
+  what = (f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)} + head" if cfg.lora_rank
+          else "all" if not n_frozen else "all but train.freeze")
   return (f"parameters: {n_train:,} trainable ({what}), {n_frozen:,} frozen; "
           f"optimizer state {opt_bytes / 2**20:.2f} MiB")
 
