@@ -115,6 +115,11 @@ def test_optimizer_state_holds_the_trainable_params_only():
   specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)}
   assert any(k.endswith("['q_lora_b']") and s == jax.sharding.PartitionSpec(None, None, "tensor", None)
              for k, s in specs.items())
+  # train.frozen_dtype: the frozen params stored in bfloat16, the trainable ones float32
+  with jax.set_mesh(mesh):
+    narrow, _ = init_state(cfg, tx, mesh, mesh_lib.DEFAULT_RULES, seed=0, mask=mask, frozen_dtype="bfloat16")
+  t, f = trainable.split(narrow.params, mask)
+  assert {x.dtype.name for x in jax.tree.leaves(t)} == {"float32"} and {x.dtype.name for x in jax.tree.leaves(f)} == {"bfloat16"}
   # train.freeze with a full fine-tune: the embedding and the first layer's norms stay out.
   full = model.ModelConfig(dtype="float32", scan_layers=False)
   m = trainable.trainable_mask(full, ("embed", "layers:1", r"final_norm/.*"))

@@ -61,6 +61,7 @@ def get_config() -> ConfigDict:
   # "layers:N" (first N layers; model.scan_layers=False) or regexes over param paths such as
   # "layers/attn/.*". With LoRA only the adapters and the reward head train anyway.
   c.train.freeze = ()
+  c.train.frozen_dtype = "float32"  # or "bfloat16": frozen params stored in bfloat16 (half their memory)
 
   c.loss = ConfigDict()
   c.loss.margin = 0.0  # -log_sigmoid(r_c - r_r - margin)

@@ -65,6 +65,8 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.ckpt.get("export_adapter", False) and lo.rank == 0:
       raise JbtError("ckpt.export_adapter needs LoRA (lora.rank > 0)")
   trainable.check_specs(t.get("freeze", ()))
+  if t.get("frozen_dtype", "float32") not in ("float32", "bfloat16"):
+    raise JbtError(f"train.frozen_dtype must be float32 or bfloat16, got {t.frozen_dtype!r}")
 
 
 def check_mesh_batch(cfg: ConfigDict, mesh: Any, eval_batch: bool = True) -> None:

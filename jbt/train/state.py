@@ -56,13 +56,21 @@ def init_state(
     seed: int,
     params: Any | None = None,
     mask: Any | None = None,
+    frozen_dtype: str = "float32",
 ) -> tuple[TrainState, TrainState]:
   """A sharded TrainState: random params (jit-initialised straight into shardings) or given ones
-  (already placed). Returns (state, state shardings)."""
+  (already placed). Returns (state, state shardings). frozen_dtype: how the frozen params are
+  stored (bfloat16 halves their memory; they only feed the compute-dtype matmuls)."""
   mask = trainable.trainable_mask(cfg) if mask is None else mask
   shardings = state_shardings(cfg, tx, mesh, rules, mask)
   if params is None:
     params = jax.jit(lora.init_with_adapters, static_argnums=0, out_shardings=shardings.params)(cfg, jax.random.key(seed))
   opt_state = jax.jit(lambda p: nn.unbox(tx.init(trainable.split(p, mask)[0])), out_shardings=shardings.opt_state)(params)
+  if frozen_dtype != "float32":
+    def cast_frozen(p: Any) -> Any:
+      t, f = trainable.split(p, mask)
+      return trainable.merge(mask, t, jax.tree.map(lambda x: x.astype(frozen_dtype), f))
+
+    params = jax.jit(cast_frozen, out_shardings=shardings.params, donate_argnums=0)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(step, params, opt_state), shardings

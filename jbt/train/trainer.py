@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from jbt.atomic import atomic_dir
@@ -123,7 +124,8 @@ class Trainer:
     self.mask = trainable.trainable_mask(mc, cfg.train.get("freeze", ()))
     with jax.set_mesh(self.mesh):
       self.state, self.state_sh = init_state(mc, self.tx, self.mesh, self.rules, seed=cfg.train.seed,
-                                             params=loaded.params, mask=self.mask)
+                                             params=loaded.params, mask=self.mask,
+                                             frozen_dtype=cfg.train.get("frozen_dtype", "float32"))
     del loaded
     log(trainable.describe(mc, self.mask, self.state))
     self.ckpts = RunCheckpoints(self.run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
@@ -303,6 +305,8 @@ class Trainer:
   def _save_final(self) -> None:
     """{run}/final: jbt checkpoint; {run}/FINAL: HF directory. Both appear only when complete."""
     params, mc = self.state.params, self.model_cfg
+    # model directories are float32 (train.frozen_dtype may have stored frozen params narrower)
+    params = jax.tree.map(lambda x: x if x.dtype == jnp.float32 else x.astype(jnp.float32), params)
     hf_cfg = dict(self.hf_cfg or {})
     hf_cfg.pop(normalization.NORM_KEY, None)  # an imported model's statistics do not hold for this one
     e = self.eval_last
