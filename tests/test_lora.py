@@ -163,6 +163,9 @@ def test_lora_run_learns_keeps_the_base_bit_identical_and_resumes_exactly(tmp_pa
   for x, y in zip(jax.tree.leaves(trained_now), jax.tree.leaves(trained_then), strict=True):
     assert not np.array_equal(np.asarray(x), np.asarray(y))
   assert (run_dir / "FINAL_adapter" / "adapter_config.json").exists()
+  # Checkpoints hold the trainable params and their optimizer state, not the frozen base.
+  size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
+  assert size(run_dir / "checkpoints" / "4") < 0.1 * size(run_dir / "final")
 
   # Resume from the checkpoint at step 4 (of 8): the same final params and losses.
   again = tmp_path / "again"

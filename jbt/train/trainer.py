@@ -132,9 +132,11 @@ class Trainer:
     self.examples = 0  # pairs trained on: counters/examples, and the eval schedule's clock
     self.tokens = 0
     self.data_state: dict[str, Any] | None = None
-    restored = self.ckpts.restore_latest(abstract_state(self.state, self.state_sh))
+    restored = self.ckpts.restore_latest(abstract_state(self._saved(self.state), self._saved(self.state_sh)))
     if restored is not None:
-      step, self.state, self.data_state, progress = restored
+      step, saved, self.data_state, progress = restored
+      frozen = trainable.split(self.state.params, self.mask)[1]  # as loaded (or drawn) above: never changed
+      self.state = saved.replace(params=trainable.merge(self.mask, saved.params, frozen))
       self.examples, self.tokens = int(progress["examples"]), int(progress.get("tokens", 0))
       log(f"resumed from {self.ckpts.dir / str(step)} (update {step // self.accum} of {self.updates})")
     self.micro_done = int(jax.device_get(self.state.step))
@@ -267,8 +269,17 @@ class Trainer:
     if cfg.ckpt.save_every > 0 and update % cfg.ckpt.save_every == 0 and update < self.updates:
       self._save(update * self.accum)
 
+  def _saved(self, state: Any) -> Any:
+    """What a checkpoint holds of a TrainState (or of its shardings): the trainable params and the
+    optimizer state. Frozen params never change, so a resume takes them from model.init_from (or
+    the seed) as the run's start did: a LoRA checkpoint holds the adapters and head only."""
+    return state.replace(params=trainable.split(state.params, self.mask)[0])
+
   def _save(self, micro: int) -> None:
-    self.ckpts.save(micro, self.state, self.data_state, {"examples": self.examples, "tokens": self.tokens})
+    progress = {"examples": self.examples, "tokens": self.tokens}
+    if not all(jax.tree.leaves(self.mask)):
+      progress["frozen_params_from"] = self.cfg.model.init_from  # not in the checkpoint: the base it refers to
+    self.ckpts.save(micro, self._saved(self.state), self.data_state, progress)
 
   def close(self) -> None:
     self.train_step.close()
