@@ -6,7 +6,8 @@
       finish  the last checkpoint and evaluation, final/ (jbt) and FINAL/ (Hugging Face)
 
 Writes {cache_dir}/{exp_name}/: checkpoints/, metrics.jsonl, tb/, config.json, final/, FINAL/
-(FINAL_adapter/ with ckpt.export_adapter) and summary.json. Re-running the same command resumes from the newest checkpoint.
+(FINAL_adapter/ with ckpt.export_adapter) and summary.json. Re-running the same command resumes
+from the newest checkpoint.
 """
 
 from __future__ import annotations
