@@ -132,8 +132,36 @@ def test_optimizer_state_holds_the_trainable_params_only():
                      (("head_only", "score"), "no parameter to train")]:
     with pytest.raises(JbtError, match=match):
       trainable.trainable_mask(full, bad)
-  with pytest.raises(JbtError, match="scan_layers=False"):
-    trainable.trainable_mask(cfg, ("layers:1",))
+  with pytest.raises(JbtError, match="has 2 layers"):
+    trainable.trainable_mask(cfg, ("layers:3",))
+
+
+def test_freezing_the_first_layers_of_a_scanned_stack_keeps_them_bit_identical():
+  from jbt.train.step import make_train_step
+
+  cfg = model.ModelConfig(dtype="float32", num_layers=3)
+  freeze = ("layers:2", "embed")
+  mask, rows = trainable.trainable_mask(cfg, freeze), trainable.frozen_rows(cfg, freeze)
+  V, D = cfg.vocab_size, cfg.hidden_size
+  per_layer = (cfg.num_params() - V * D - D - 2 * D) // 3  # less embedding, final norm and head
+  assert rows == 2 and trainable.counts(mask, model.abstract_params(cfg), rows)[1] == V * D + 2 * per_layer
+  tx, lr = optim.make_optimizer(load_config("default").opt, 10)
+  mesh = mesh_lib.make_mesh([1, 8, 1])
+  with jax.set_mesh(mesh):
+    state, _ = init_state(cfg, tx, mesh, mesh_lib.DEFAULT_RULES, seed=0, mask=mask)
+  before = jax.device_get(state.params)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, cfg.vocab_size, (8, 16)).astype(np.int32)
+  batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens), positions=np.tile(np.arange(16, dtype=np.int32), (8, 1)),
+               chosen_index=np.arange(4, dtype=np.int32) * 16 + 15, rejected_index=np.arange(4, 8, dtype=np.int32) * 16 + 15,
+               pair_mask=np.ones(4, np.float32))
+  step = jax.jit(make_train_step(cfg, tx, lr, mask=mask, frozen_rows=rows))
+  for _ in range(2):
+    state, _ = step(state, batch)
+  after = jax.device_get(state.params)
+  q0, q1 = np.asarray(before["layers"]["attn"]["q"]), np.asarray(after["layers"]["attn"]["q"])
+  assert np.array_equal(q0[:2], q1[:2]) and not np.array_equal(q0[2], q1[2])
+  assert np.array_equal(before["embed"], after["embed"]) and not np.array_equal(before["score"], after["score"])
 
 
 @needs_smollm2

@@ -7,13 +7,15 @@ more, by spec:
 
     "embed"       the token embedding
     "head_only"   everything but the reward head (score)
-    "layers:N"    the first N decoder layers (needs model.scan_layers=False: a scanned stack is one
-                  array per weight, frozen whole or not at all)
+    "layers:N"    the first N decoder layers
     other         a regular expression matched (in full) against "/"-joined param paths, such as
                   "layers/attn/.*" or "final_norm/scale"
 
 Frozen params get no gradient and no optimizer state: jax.grad and the optimizer see only the
-trainable half (`split`), whose frozen places hold None.
+trainable half (`split`), whose frozen places hold None. One exception: "layers:N" on scanned
+layers (one array per weight for all layers) freezes rows of the stacks: the step zeroes those
+rows' gradients and updates (`zero_rows`), so they stay bit for bit, but their (zero) optimizer
+state is kept.
 """
 
 from __future__ import annotations
@@ -53,9 +55,8 @@ def check_specs(freeze: Sequence[str], cfg: ModelConfig | None = None) -> None:
       n = spec.split(":", 1)[1]
       if not n.isdigit():
         raise JbtError(f"train.freeze: {spec!r}: expected layers:N with N a number of layers")
-      if cfg is not None and cfg.scan_layers:
-        raise JbtError(f"train.freeze: {spec!r} needs --config.model.scan_layers=False (a scanned stack holds "
-                       "all layers in one array per weight)")
+      if cfg is not None and not 0 < int(n) <= cfg.num_layers:
+        raise JbtError(f"train.freeze: {spec!r}: the model has {cfg.num_layers} layers")
     elif spec not in ("embed", "head_only"):
       try:
         re.compile(spec)
@@ -64,7 +65,7 @@ def check_specs(freeze: Sequence[str], cfg: ModelConfig | None = None) -> None:
   if cfg is not None:
     paths = [p for p, _ in lora._items(abstract_params(cfg))]
     for spec in freeze:
-      if not any(_matches(spec, p) for p in paths):
+      if not spec.startswith("layers:") and not any(_matches(spec, p) for p in paths):
         raise JbtError(f"train.freeze: {spec!r} matches no parameter (paths look like "
                        f"{', '.join('/'.join(p) for p in paths[:4])}, ...)")
 
@@ -85,6 +86,27 @@ def trainable_mask(cfg: ModelConfig, freeze: Sequence[str] = ()) -> dict[str, An
   return mask
 
 
+def frozen_rows(cfg: ModelConfig, freeze: Sequence[str] = ()) -> int:
+  """Leading layers frozen inside scanned stacks ("layers:N" with model.scan_layers)."""
+  if not cfg.scan_layers:
+    return 0
+  return max((int(s.split(":", 1)[1]) for s in _specs(freeze) if s.startswith("layers:")), default=0)
+
+
+def zero_rows(tree: Any, n: int) -> Any:
+  """The first n rows of every scanned-layer stack in `tree` (params-shaped, None holes) zeroed."""
+  if not n:
+    return tree
+
+  def zero(path: Any, x: Any) -> Any:
+    if path[0].key != "layers":
+      return x
+    keep = (jax.numpy.arange(x.shape[0]) >= n).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jax.numpy.where(keep, x, jax.numpy.zeros_like(x))
+
+  return jax.tree_util.tree_map_with_path(zero, tree)
+
+
 def split(tree: Any, mask: Any) -> tuple[Any, Any]:
   """(trainable, frozen): two trees of `tree`'s structure with None in the other's places."""
   return (jax.tree.map(lambda m, x: x if m else None, mask, tree),
@@ -96,10 +118,10 @@ def merge(mask: Any, trainable: Any, frozen: Any) -> Any:
   return jax.tree.map(lambda m, a, b: a if m else b, mask, trainable, frozen)
 
 
-def describe(cfg: ModelConfig, mask: Any, state: Any) -> str:
+def describe(cfg: ModelConfig, mask: Any, state: Any, rows: int = 0) -> str:
   """One start-up line: trainable and frozen parameter counts, and the optimizer state's bytes
   (of the actual state, all devices together)."""
-  n_train, n_frozen = counts(mask, state.params)
+  n_train, n_frozen = counts(mask, state.params, rows)
   opt_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
   what = (f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)} + head" if cfg.lora_rank
           else "all" if not n_frozen else "all but train.freeze")
@@ -107,8 +129,9 @@ def describe(cfg: ModelConfig, mask: Any, state: Any) -> str:
           f"optimizer state {opt_bytes / 2**20:.2f} MiB")
 
 
-def counts(mask: Any, params: Any) -> tuple[int, int]:
-  """(trainable, frozen) parameter counts."""
+def counts(mask: Any, params: Any, rows: int = 0) -> tuple[int, int]:
+  """(trainable, frozen) parameter counts; rows: leading layers frozen in the scanned stacks."""
   t, f = split(params, mask)
   size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
-  return size(t), size(f)
+  in_rows = sum(int(x.size) // x.shape[0] * rows for x in jax.tree.leaves(t.get("layers", {}))) if rows else 0
+  return size(t) - in_rows, size(f) + in_rows

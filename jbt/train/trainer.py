@@ -128,7 +128,7 @@ class Trainer:
                                              params=loaded.params, mask=self.mask,
                                              frozen_dtype=cfg.train.get("frozen_dtype", "float32"))
     del loaded
-    log(trainable.describe(mc, self.mask, self.state))
+    log(trainable.describe(mc, self.mask, self.state, trainable.frozen_rows(mc, cfg.train.get("freeze", ()))))
     self.ckpts = RunCheckpoints(self.run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
     self.examples = 0  # pairs trained on: counters/examples, and the eval schedule's clock
     self.tokens = 0
