@@ -66,7 +66,12 @@ def _project(x_TxI: Array, w_IxO: Array, ab: tuple[Array, Array] | None, cfg: Mo
     return y_TxO
   a_IxR, b_RxO = ab
   xa_TxR = matmul(x_TxI, a_IxR, dt, cfg.matmul) * jnp.asarray(cfg.lora_scale, dt)
-  return y_TxO + matmul(xa_TxR, b_RxO, dt, cfg.matmul)
+  # (x A) B as a dot with a unit batch axis: remat "dots" keeps dots without batch axes, and this
+  # one's [T, O] output would double what a projection keeps for a product of rank R, cheap to
+  # recompute from the kept x A [T, R].
+  dims = (((2,), (1,)), ((0,), (0,)))
+  delta_1xTxO = jax.lax.dot_general(xa_TxR[None], b_RxO.astype(dt)[None], dims, preferred_element_type=jnp.float32)
+  return y_TxO + delta_1xTxO[0].astype(dt)
 
 
 def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
