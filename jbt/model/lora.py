@@ -41,6 +41,12 @@ def _nest(items: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
   return out
 
 
+def _node(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
 def split(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   """(base params, adapter params), as two nested dicts."""
   items = _items(params)
@@ -80,14 +86,13 @@ def merged(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, dict[str, Any]]:
     return cfg, params
   base, adapters = split(params)
   base = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), base)
-  node_of = lambda tree, path: tree if not path else node_of(tree[path[0]], path[1:])  # noqa: E731
   for path, a in _items(adapters):
     if not path[-1].endswith(ADAPTER_MARK + "a"):
       continue
     name = path[-1][: -len(ADAPTER_MARK + "a")]
-    b = np.asarray(jax.device_get(node_of(adapters, (*path[:-1], f"{name}{ADAPTER_MARK}b"))), np.float32)
+    b = np.asarray(jax.device_get(_node(adapters, (*path[:-1], f"{name}{ADAPTER_MARK}b"))), np.float32)
     a = np.asarray(jax.device_get(a), np.float32)
-    parent = node_of(base, path[:-1])
+    parent = _node(base, path[:-1])
     w = parent[name]
     lead = 1 if path[0] == "layers" else 0  # scanned layers: a leading layer axis on all three
     n = a.shape[0] if lead else 1
