@@ -84,6 +84,29 @@ def test_tiny_config_fits_a_v5e_4_and_its_memory_adds_up(capsys):
   assert "per chip: parameters" in out and "fits:" in out and "at 40% MFU" in out and "pairs/s" in out
 
 
+@needs_libtpu
+@needs_smollm2
+def test_lora_plans_optimizer_state_for_the_adapters_and_head_only(monkeypatch):
+  from jbt.configs import tiny
+  from jbt.model import lora
+  from jbt.plan import compile as plan_compile
+  from jbt.train import setup, step
+
+  class NoCompile:  # the state's bytes are counted before compiling; the compile is tested above
+    def lower(self, *args):
+      raise RuntimeError("RESOURCE_EXHAUSTED: not compiled in this test")
+
+  monkeypatch.setattr(step, "jit_train_step", lambda *a, **k: NoCompile())
+  cfg = tiny.get_config()
+  cfg.lora.rank = 8
+  plan = plan_compile.compile_plan(cfg, targets.parse("tpu:v5e-4"))
+  mc = setup.model(cfg, None).cfg
+  trainable = lora.num_adapter_params(mc) + mc.hidden_size * mc.num_labels
+  # AdamW's two float32 moments of the trainable params, split over 4 chips at best, whole at worst
+  assert 2 * 4 * trainable / 4 <= plan.opt_bytes <= 2 * 4 * trainable
+  assert plan.opt_bytes < 0.05 * plan.params_bytes  # a full fine-tune's: 2x
+
+
 @needs_cuda_plugin
 @needs_smollm2
 def test_tiny_config_compiles_for_8_h100s():

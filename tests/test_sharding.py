@@ -38,6 +38,26 @@ GOLDEN = {
 }
 
 
+# LoRA factors shard like their weight: A [layers, in..., R] along W's input axes, B [layers, R,
+# out...] along its output axes; the rank axis is replicated.
+GOLDEN_LORA = {
+    "layers/attn/q_lora_a": P(None, "fsdp", None),
+    "layers/attn/q_lora_b": P(None, None, "tensor", None),
+    "layers/attn/k_lora_a": P(None, "fsdp", None),
+    "layers/attn/k_lora_b": P(None, None, "tensor", None),
+    "layers/attn/v_lora_a": P(None, "fsdp", None),
+    "layers/attn/v_lora_b": P(None, None, "tensor", None),
+    "layers/attn/o_lora_a": P(None, "tensor", None, None),
+    "layers/attn/o_lora_b": P(None, None, "fsdp"),
+    "layers/mlp/gate_lora_a": P(None, "fsdp", None),
+    "layers/mlp/gate_lora_b": P(None, None, "tensor"),
+    "layers/mlp/up_lora_a": P(None, "fsdp", None),
+    "layers/mlp/up_lora_b": P(None, None, "tensor"),
+    "layers/mlp/down_lora_a": P(None, "tensor", None),
+    "layers/mlp/down_lora_b": P(None, None, "fsdp"),
+}
+
+
 def _flat_specs(cfg: model.ModelConfig, mesh) -> dict[str, P]:
   shardings = sharding.model_shardings(cfg, mesh)
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
@@ -50,6 +70,16 @@ def test_golden_partition_specs_on_a_2x4_mesh():
   assert set(specs) == set(GOLDEN)
   for k, want in GOLDEN.items():
     assert specs[k] == want, (k, specs[k], want)
+
+
+def test_golden_lora_adapter_specs_on_a_2x4_mesh():
+  mesh = sharding.make_mesh([1, 2, 4])
+  specs = _flat_specs(CFG.replace(lora_rank=4), mesh)
+  assert set(specs) == set(GOLDEN) | set(GOLDEN_LORA)
+  for k, want in {**GOLDEN, **GOLDEN_LORA}.items():
+    assert specs[k] == want, (k, specs[k], want)
+  shapes = dict(zip(specs, (x.shape for x in jax.tree.leaves(model.abstract_params(CFG.replace(lora_rank=4))))))
+  assert shapes["layers/attn/q_lora_b"] == (3, 4, 8, 8) and shapes["layers/attn/o_lora_a"] == (3, 8, 8, 4)
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated():

@@ -15,7 +15,8 @@ from jbt.checkpoint import model_dir
 from jbt.errors import JbtError
 from jbt.hf import files as hf_files
 from jbt.hf import params as hf_params
-from jbt.model import ModelConfig
+from jbt.model import ModelConfig, lora
+from jbt.model.config import LORA_FIELDS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ShardingsFn = Callable[[ModelConfig], Any]  # model config -> params-shaped tree of shardings
@@ -47,8 +48,11 @@ def load_model(spec: str | Path, *, shardings_fn: ShardingsFn | None = None, num
                seed: int = 0, **overrides: Any) -> Loaded:
   """Loads any model jbt reads, params placed straight into `shardings_fn(cfg)` (default device
   when None). `overrides` (dtype, remat, attention, ...) replace config fields; `num_labels`
-  sizes a fresh head (causal-LM checkpoints) or re-shapes an existing one keeping the reward."""
+  sizes a fresh head (causal-LM checkpoints) or re-shapes an existing one keeping the reward.
+  LoRA fields (lora_rank, ...) add freshly drawn adapters (from `seed`) to a model without them."""
   import transformers
+
+  lora_kw = {k: overrides.pop(k) for k in LORA_FIELDS if k in overrides}
 
   path = resolve_model_path(spec)
   if not path.exists():
@@ -71,4 +75,10 @@ def load_model(spec: str | Path, *, shardings_fn: ShardingsFn | None = None, num
     cfg, params = hf_params.change_head(cfg, params, num_labels)
     if shardings_fn is not None:
       params = jax.device_put(params, shardings_fn(cfg))
+  if lora_kw and cfg.replace(**lora_kw) != cfg:
+    if cfg.lora_rank:
+      raise JbtError(f"{path} has LoRA adapters already (rank {cfg.lora_rank}); export it merged "
+                     "(convert/jbt_to_hf.py) and start from that")
+    cfg = cfg.replace(**lora_kw)
+    params = lora.add_adapters(cfg, params, seed, shardings_fn(cfg) if shardings_fn else None)
   return Loaded(cfg, params, hf_config, tokenizer)

@@ -140,7 +140,7 @@ IDENTITY_FIELDS = (
     "model.init_from", "model.tokenizer", "model.num_labels", "model.dtype", "model.random",
     "data.train", "data.eval", "data.eval_fraction", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.ties", "data.pack_length", "data.row_bucket", "data.length_bucket", "data.length_multiple",
-    "train.batch_size", "train.epochs", "train.max_steps", "train.seed", "loss", "opt",
+    "train.batch_size", "train.epochs", "train.max_steps", "train.seed", "train.freeze", "train.frozen_dtype", "loss", "opt", "lora",
 )
 RESUME_MODES = ("auto", "never", "force")
 RECORD = "run.json"

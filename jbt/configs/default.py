@@ -57,6 +57,11 @@ def get_config() -> ConfigDict:
   c.train.compilation_cache = "auto"  # persistent XLA cache: auto = {ckpt.cache_dir}/xla_cache, a path, or "" (off)
   c.train.log_every = 1  # steps between metric lines
   c.train.inject_nan_at_step = -1  # testing hook: poison the rewards of this micro-step with NaN
+  # Parameters that do not train (no gradient, no optimizer state): "embed", "head_only",
+  # "layers:N" (first N layers; model.scan_layers=False) or regexes over param paths such as
+  # "layers/attn/.*". With LoRA only the adapters and the reward head train anyway.
+  c.train.freeze = ()
+  c.train.frozen_dtype = "float32"  # or "bfloat16": frozen params stored in bfloat16 (half their memory)
 
   c.loss = ConfigDict()
   c.loss.margin = 0.0  # -log_sigmoid(r_c - r_r - margin)
@@ -84,6 +89,15 @@ def get_config() -> ConfigDict:
   c.opt.clip = 1.0  # global gradient-norm clip; 0 disables
   c.opt.grad_accum = 1  # micro-batches per optimizer step (batch_size must divide by it)
 
+  # LoRA (PEFT's): y = x W + (x A) B * alpha / r on the target projections; the base weights
+  # freeze, the adapters and the reward head train. A starts kaiming-uniform as PEFT's, B at zero.
+  c.lora = ConfigDict()
+  c.lora.rank = 0  # 0: off (full fine-tune)
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.0  # only 0 is supported
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # q_proj, k_proj, ... of the decoder layers
+  c.lora.rslora = False  # True: scale alpha / sqrt(r) (rank-stabilised LoRA, PEFT's use_rslora)
+
   c.mesh = ConfigDict()
   c.mesh.axes = MESH_AXES  # (data, fsdp, tensor)
   c.mesh.shape = (1, -1, 1)  # -1 takes the remaining devices: FSDP over all devices by default
@@ -95,7 +109,8 @@ def get_config() -> ConfigDict:
   c.ckpt.save_every = 0  # steps between checkpoints; 0: only at the end
   c.ckpt.keep = 2  # checkpoints kept
   c.ckpt.async_save = True
-  c.ckpt.export_final = True  # write {cache_dir}/{exp_name}/FINAL (HF directory)
+  c.ckpt.export_final = True  # write {cache_dir}/{exp_name}/FINAL (HF directory; LoRA adapters merged in)
+  c.ckpt.export_adapter = False  # LoRA runs: also write FINAL_adapter/, a PEFT adapter of the base model
   # The same command resumes. With changed model / data / optimizer / steps fields: auto refuses,
   # never moves the old run aside and starts over, force continues with the new fields (recorded
   # in the run's run.json, e.g. to extend train.max_steps).

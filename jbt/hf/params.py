@@ -19,7 +19,7 @@ import numpy as np
 from jbt.errors import JbtError
 from jbt.hf import families
 from jbt.hf.sources import TensorSource
-from jbt.model import ModelConfig, abstract_params
+from jbt.model import ModelConfig, abstract_params, lora
 
 # HF keys a causal-LM or base checkpoint may carry that the reward model does not use.
 IGNORED_HF_KEYS = ("lm_head.weight",)
@@ -252,7 +252,9 @@ def load_params(
 
 
 def to_hf_state_dict(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
-  """jbt params -> HF ...ForSequenceClassification state dict (float32 numpy, host)."""
+  """jbt params -> HF ...ForSequenceClassification state dict (float32 numpy, host). LoRA
+  adapters are merged into their weights (in float32), so the result needs no PEFT."""
+  cfg, params = lora.merged(cfg, params)
   out: dict[str, np.ndarray] = {}
   for e in param_table(cfg):
     if e.per_layer and cfg.scan_layers:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
 
 REMAT = ("none", "full", "attention", "dots")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_rslora")
 RUNTIME_FIELDS = ("dtype", "remat", "attention", "matmul", "scan_layers", "mlp_chunk")  # choices of the machine that runs it
 
 
@@ -50,6 +53,11 @@ class ModelConfig:
   mlp_chunk: int = 0  # tokens of a row the MLP computes at a time (0: all); memory, not results
   scan_layers: bool = True
   branches: int = 2  # most responses one shared-prompt segment holds (fused kernels run once per branch)
+  # LoRA adapters (rank 0: none): y = x W + (x A) B * scale, scale alpha / r (rsLoRA: alpha / sqrt(r))
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = LORA_TARGETS
+  lora_rslora: bool = False
 
   def __post_init__(self):
     from jbt.model import attention, matmul  # the kernel registries
@@ -60,6 +68,10 @@ class ModelConfig:
       raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    if self.lora_rank < 0 or not set(self.lora_targets) <= set(LORA_TARGETS) or (self.lora_rank and not self.lora_targets):
+      raise ValueError(f"LoRA needs rank >= 0 and targets among {', '.join(LORA_TARGETS)}, got rank "
+                       f"{self.lora_rank}, targets {list(self.lora_targets)}")
     # Decided once, here, for the backend this process computes on.
     object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.sliding_window))
     object.__setattr__(self, "matmul", matmul.resolve(self.matmul))
@@ -68,6 +80,11 @@ class ModelConfig:
   def reward_label(self) -> int:
     """The logit that is the reward: 1 for HALOs' two-label head, 0 for a one-label head."""
     return 1 if self.num_labels == 2 else 0
+
+  @property
+  def lora_scale(self) -> float:
+    """The adapters' factor: alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's use_rslora)."""
+    return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -102,4 +119,6 @@ class ModelConfig:
     d = dict(d)
     if d.get("rope_scaling") is not None:
       d["rope_scaling"] = tuple(d["rope_scaling"])
+    if "lora_targets" in d:
+      d["lora_targets"] = tuple(d["lora_targets"])
     return cls(**d)

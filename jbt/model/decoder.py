@@ -6,6 +6,7 @@ Shape legend for array names and einsum strings:
   N: query heads           K: key/value heads                G: query heads per kv head (N // K)
   H: head dim              C: reward-head outputs (num_labels)
   P: pooled sequences (one reward each)   T: tokens of all rows (B * L)
+  I, O: a projection's input and output width   R: LoRA rank
 
 One row may hold several sequences packed side by side: `segment_ids` numbers them (0 = padding)
 and attention is causal within a segment. `positions` restart at 0 for every sequence and only
@@ -35,6 +36,42 @@ Array = jax.Array
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> Array:
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def lora_a_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+  """PEFT's LoRA A init: kaiming_uniform(a=sqrt(5)), i.e. uniform(+-1/sqrt(fan_in)), fan_in = all
+  axes but the last (the rank)."""
+  bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _adapter(module: nn.Module, cfg: ModelConfig, name: str, in_shape: tuple[int, ...], in_axes: tuple[str, ...],
+             out_shape: tuple[int, ...], out_axes: tuple[str, ...]) -> tuple[Array, Array] | None:
+  """LoRA factors of projection `name` as 2-D (A [I, R], B [R, O]), or None when LoRA leaves it
+  alone. The params keep the weight's axes (A [in..., R], B [R, out...]), so they shard as it
+  does. B starts at zero: an adapted model starts as its base."""
+  if not (cfg.lora_rank and name in cfg.lora_targets):
+    return None
+  R = cfg.lora_rank
+  a = _param(module, f"{name}_lora_a", (*in_shape, R), (*in_axes, "lora_rank"), lora_a_init)
+  b = _param(module, f"{name}_lora_b", (R, *out_shape), ("lora_rank", *out_axes), nn.initializers.zeros)
+  return a.reshape(-1, R), b.reshape(R, -1)
+
+
+def _project(x_TxI: Array, w_IxO: Array, ab: tuple[Array, Array] | None, cfg: ModelConfig) -> Array:
+  """x W, plus (x A) B * scale with an adapter, all in the compute dtype (as PEFT computes it)."""
+  dt = cfg.compute_dtype
+  y_TxO = matmul(x_TxI, w_IxO, dt, cfg.matmul)
+  if ab is None:
+    return y_TxO
+  a_IxR, b_RxO = ab
+  xa_TxR = matmul(x_TxI, a_IxR, dt, cfg.matmul) * jnp.asarray(cfg.lora_scale, dt)
+  # (x A) B as a dot with a unit batch axis: remat "dots" keeps dots without batch axes, and this
+  # one's [T, O] output would double what a projection keeps for a product of rank R, cheap to
+  # recompute from the kept x A [T, R].
+  dims = (((2,), (1,)), ((0,), (0,)))
+  delta_1xTxO = jax.lax.dot_general(xa_TxR[None], b_RxO.astype(dt)[None], dims, preferred_element_type=jnp.float32)
+  return y_TxO + delta_1xTxO[0].astype(dt)
 
 
 def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
@@ -98,14 +135,17 @@ class Attention(nn.Module):
     wk = _param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
     wv = _param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"), init)
     wo = _param(self, "o", (N, H, D), ("heads", "head_dim", "embed"), init)
+    ad = {n: _adapter(self, cfg, n, (D,), ("embed",), (heads, H), (axis, "head_dim"))
+          for n, heads, axis in (("q", N, "heads"), ("k", K, "kv_heads"), ("v", K, "kv_heads"))}
+    ad["o"] = _adapter(self, cfg, "o", (N, H), ("heads", "head_dim"), (D,), ("embed",))
 
     # Projections run as 2-D matmuls over all B*L tokens: XLA's CPU backend computes the weight
     # gradients of 3-D einsums (contracting B and L together) about half as fast.
     B, L = x_BxLxD.shape[:2]
     x_TxD = x_BxLxD.reshape(B * L, D)
-    q_BxLxNxH = matmul(x_TxD, wq.reshape(D, N * H), dt, cfg.matmul).reshape(B, L, N, H)
-    k_BxLxKxH = matmul(x_TxD, wk.reshape(D, K * H), dt, cfg.matmul).reshape(B, L, K, H)
-    v_BxLxKxH = matmul(x_TxD, wv.reshape(D, K * H), dt, cfg.matmul).reshape(B, L, K, H)
+    q_BxLxNxH = _project(x_TxD, wq.reshape(D, N * H), ad["q"], cfg).reshape(B, L, N, H)
+    k_BxLxKxH = _project(x_TxD, wk.reshape(D, K * H), ad["k"], cfg).reshape(B, L, K, H)
+    v_BxLxKxH = _project(x_TxD, wv.reshape(D, K * H), ad["v"], cfg).reshape(B, L, K, H)
     if cfg.qkv_bias:
       q_BxLxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
       k_BxLxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
@@ -123,7 +163,7 @@ class Attention(nn.Module):
                                 block=getattr(cfg, kind.block_field), max_segment=self.max_segment,
                                 branches=cfg.branches)
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
-    y_BxLxD = matmul(out_TxNH, wo.reshape(N * H, D), dt, cfg.matmul).reshape(B, L, D)
+    y_BxLxD = _project(out_TxNH, wo.reshape(N * H, D), ad["o"], cfg).reshape(B, L, D)
     if cfg.o_bias:
       y_BxLxD += _param(self, "o_bias", (D,), ("embed",), zeros).astype(dt)
     return y_BxLxD
@@ -146,17 +186,19 @@ class MLP(nn.Module):
     b_gate = _param(self, "gate_bias", (F,), ("mlp",), zeros) if cfg.mlp_bias else None
     b_up = _param(self, "up_bias", (F,), ("mlp",), zeros) if cfg.mlp_bias else None
     b_down = _param(self, "down_bias", (D,), ("embed",), zeros) if cfg.mlp_bias else None
+    ad = {n: _adapter(self, cfg, n, (D,), ("embed",), (F,), ("mlp",)) for n in ("gate", "up")}
+    ad["down"] = _adapter(self, cfg, "down", (F,), ("mlp",), (D,), ("embed",))
 
     def mlp(x_BxCxD: Array) -> Array:
       C = x_BxCxD.shape[1]
       x_TxD = x_BxCxD.reshape(B * C, D)  # 2-D matmuls, as in Attention
-      gate_TxF = matmul(x_TxD, w_gate, dt, cfg.matmul)
-      up_TxF = matmul(x_TxD, w_up, dt, cfg.matmul)
+      gate_TxF = _project(x_TxD, w_gate, ad["gate"], cfg)
+      up_TxF = _project(x_TxD, w_up, ad["up"], cfg)
       if cfg.mlp_bias:
         gate_TxF += b_gate.astype(dt)
         up_TxF += b_up.astype(dt)
       h_BxCxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, C, F), ("batch", "length", "mlp"))
-      y_TxD = matmul(h_BxCxF.reshape(B * C, F), w_down, dt, cfg.matmul)
+      y_TxD = _project(h_BxCxF.reshape(B * C, F), w_down, ad["down"], cfg)
       if cfg.mlp_bias:
         y_TxD += b_down.astype(dt)
       return y_TxD.reshape(B, C, D)

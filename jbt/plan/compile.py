@@ -157,7 +157,7 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   from jbt.model import abstract_params, attention, matmul
   from jbt.model.attention import fused
   from jbt.plan import models
-  from jbt.train import optim, setup
+  from jbt.train import optim, setup, trainable
   from jbt.train.state import TrainState, state_shardings
   from jbt.train.step import jit_train_step
   from jbt.train.throughput import train_flops_per_token
@@ -173,9 +173,11 @@ def compile_plan(cfg: Any, target: Target, shape: str | None = None) -> Plan:
   rules = tuple(tuple(r) for r in cfg.mesh.rules)
   # The schedule's length changes no shape: any positive step count compiles the same program.
   tx, lr_fn = optim.make_optimizer(cfg.opt, max(cfg.train.max_steps, 1000))
-  state_sh = state_shardings(model_cfg, tx, mesh, rules)
+  mask = trainable.trainable_mask(model_cfg, cfg.train.get("freeze", ()))  # the optimizer keeps state for these
+  state_sh = state_shardings(model_cfg, tx, mesh, rules, mask)
   params = abstract_params(model_cfg)
-  shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, nn.unbox(jax.eval_shape(tx.init, params)))
+  opt_shapes = nn.unbox(jax.eval_shape(tx.init, trainable.split(params, mask)[0]))
+  shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_shapes)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
   batch = abstract_batch(cfg, model_cfg, mesh)
   rows, length, pairs = batch_shape(cfg, model_cfg, mesh)

@@ -30,6 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("labels", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA factors shard along their weight's other axes
 )
 
 

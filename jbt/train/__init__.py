@@ -7,6 +7,7 @@
     batches.py     batch iterators and host batches -> global arrays
     compiler.py    per-shape background compilation of the step
     optim.py       optimizer and learning-rate schedule
+    trainable.py   which parameters train (LoRA, train.freeze); the split the step and optimizer see
     metrics.py     metrics.jsonl / TensorBoard / W&B
     throughput.py  examples/s, tokens/s, FLOP/s, MFU
 

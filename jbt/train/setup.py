@@ -16,8 +16,9 @@ from jbt.hf import families
 from jbt.hf.files import align_pad, load_tokenizer
 from jbt.loss import RANKINGS
 from jbt.model import ModelConfig, attention
-from jbt.model.config import REMAT
+from jbt.model.config import LORA_TARGETS, REMAT
 from jbt.runtime.mesh import data_parallel_size
+from jbt.train import trainable
 from jbt.train.batches import length_bucket
 
 
@@ -60,6 +61,20 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError("set train.epochs or train.max_steps to a positive number")
   if o.lr <= 0:
     raise JbtError(f"opt.lr must be positive, got {o.lr}")
+  lo = cfg.get("lora")
+  if lo is not None:
+    if lo.rank < 0 or (lo.rank > 0 and lo.alpha <= 0):
+      raise JbtError(f"lora.rank must be >= 0 (0: off) and lora.alpha > 0, got rank {lo.rank}, alpha {lo.alpha}")
+    bad = sorted(set(lo.targets) - set(LORA_TARGETS))
+    if bad or not lo.targets:
+      raise JbtError(f"lora.targets must be names among {', '.join(LORA_TARGETS)}, got {list(lo.targets)}")
+    if lo.dropout != 0:
+      raise JbtError(f"lora.dropout must be 0 (LoRA dropout is not supported), got {lo.dropout}")
+    if cfg.ckpt.get("export_adapter", False) and lo.rank == 0:
+      raise JbtError("ckpt.export_adapter needs LoRA (lora.rank > 0)")
+  trainable.check_specs(t.get("freeze", ()))
+  if t.get("frozen_dtype", "float32") not in ("float32", "bfloat16"):
+    raise JbtError(f"train.frozen_dtype must be float32 or bfloat16, got {t.frozen_dtype!r}")
 
 
 def check_mesh_batch(cfg: ConfigDict, mesh: Any, eval_batch: bool = True) -> None:
@@ -75,11 +90,20 @@ def check_mesh_batch(cfg: ConfigDict, mesh: Any, eval_batch: bool = True) -> Non
                    "data-parallel devices")
 
 
+def lora_fields(cfg: ConfigDict) -> dict[str, Any]:
+  """cfg.lora as ModelConfig fields (none when the config has no lora block)."""
+  lo = cfg.get("lora")
+  if lo is None:
+    return {}
+  return dict(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_targets=tuple(lo.targets),
+              lora_rslora=bool(lo.rslora))
+
+
 def runtime_fields(cfg: ConfigDict) -> dict[str, Any]:
-  """cfg.model's choices that apply on top of whatever model is loaded."""
+  """cfg.model's choices that apply on top of whatever model is loaded, and cfg.lora's."""
   m = cfg.model
   return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
-              mlp_chunk=m.get("mlp_chunk", 0))
+              mlp_chunk=m.get("mlp_chunk", 0), **lora_fields(cfg))
 
 
 def model(cfg: ConfigDict, shardings_fn: Any) -> Loaded:

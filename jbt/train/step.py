@@ -14,6 +14,7 @@ from jbt.loss import bt_loss, bt_sums, plackett_luce_loss, response_sums
 from jbt.model import ModelConfig, RewardModel
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
+from jbt.train import trainable
 from jbt.train.state import TrainState
 
 
@@ -56,6 +57,8 @@ def make_train_step(
     grad_accum: int = 1,
     nan_at_step: int = -1,
     max_segment: int = 0,
+    mask: Any | None = None,
+    frozen_rows: int = 0,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The step function (jit it with shardings and donation at the call site).
 
@@ -64,7 +67,11 @@ def make_train_step(
   nan_at_step >= 0 poisons the rewards of that (micro) step with NaN: a fault-injection hook
   for testing the trainer's divergence stop. ranking="plackett_luce" trains on Plackett-Luce's
   likelihood of each ranked record's order instead (jbt.loss.ranking); the metrics stay pairwise.
+  mask (jbt.train.trainable): the params that train,
+  default all; the others get no gradient and no update, and pass through bit for bit, as do the
+  first frozen_rows layers of scanned stacks (train.freeze "layers:N").
   """
+  mask = trainable.trainable_mask(cfg) if mask is None else mask
 
   def loss_fn(params: Any, batch: dict[str, jax.Array], step: jax.Array):
     chosen_P, rejected_P = rewards(cfg, params, batch, max_segment)
@@ -80,10 +87,16 @@ def make_train_step(
       metrics["loss"] = loss
     return loss, metrics
 
+  def trainable_loss(train_p: Any, frozen_p: Any, batch: dict[str, jax.Array], step: jax.Array):
+    return loss_fn(trainable.merge(mask, train_p, frozen_p), batch, step)
+
   def step(state: TrainState, batch: dict[str, jax.Array]):
-    (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    train_p, frozen_p = trainable.split(state.params, mask)
+    (_, m), grads = jax.value_and_grad(trainable_loss, has_aux=True)(train_p, frozen_p, batch, state.step)
+    grads = trainable.zero_rows(grads, frozen_rows)
+    updates, opt_state = tx.update(grads, state.opt_state, train_p)
+    updates = trainable.zero_rows(updates, frozen_rows)  # AdamW's weight decay would move them too
+    params = trainable.merge(mask, optax.apply_updates(train_p, updates), frozen_p)
     metrics = {f"{k}/train" if k == "loss" else f"rewards_train/{k}": v for k, v in m.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["param_norm"] = optax.tree.norm(params)
@@ -121,7 +134,9 @@ def jit_train_step(cfg: ConfigDict, model_cfg: ModelConfig, tx: optax.GradientTr
                          tie_nu=cfg.loss.get("tie_nu", 1.0) if cfg.data.get("ties", "drop") == "tie_loss" else None,
                          center_coef=cfg.loss.center_coef, ranking=cfg.loss.get("ranking", "all_pairs"),
                          grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
-                         max_segment=max_segment(cfg))
+                         max_segment=max_segment(cfg),
+                         mask=trainable.trainable_mask(model_cfg, cfg.train.get("freeze", ())),
+                         frozen_rows=trainable.frozen_rows(model_cfg, cfg.train.get("freeze", ())))
   batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
   return jax.jit(ruled(step, rules), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=0, compiler_options=xla_options.compiler_options(model_cfg.dtype, backend))

@@ -6,7 +6,8 @@
       finish  the last checkpoint and evaluation, final/ (jbt) and FINAL/ (Hugging Face)
 
 Writes {cache_dir}/{exp_name}/: checkpoints/, metrics.jsonl, tb/, config.json, final/, FINAL/
-and summary.json. Re-running the same command resumes from the newest checkpoint.
+(FINAL_adapter/ with ckpt.export_adapter) and summary.json. Re-running the same command resumes
+from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from jbt.atomic import atomic_dir
 from jbt.checkpoint import model_dir
+from jbt.checkpoint.load import resolve_model_path
 from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, run_path
 from jbt.data import ensure_chat_template, max_responses
 from jbt.errors import Interrupted, JbtError
+from jbt.hf.adapter import write_adapter_dir
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
 from jbt.tools import normalization
 from jbt.tools.convert import export_hf
-from jbt.train import optim, setup
+from jbt.train import optim, setup, trainable
 from jbt.train.batches import Batches
 from jbt.train.compiler import StepCompiler
 from jbt.train.evaluation import Evaluator
@@ -40,6 +44,9 @@ from jbt.train.state import abstract_state, init_state
 from jbt.train.step import jit_train_step
 from jbt.train.stopping import StopRequests
 from jbt.train.throughput import Throughput
+
+
+ADAPTER_DIR = "FINAL_adapter"  # ckpt.export_adapter: the PEFT adapter of a LoRA run
 
 
 def log(msg: str) -> None:
@@ -118,17 +125,22 @@ class Trainer:
     if cfg.data.layout == "shared_prompt" and branches > mc.branches:  # fused kernels: one call per branch
       self.model_cfg = mc = mc.replace(branches=branches)
     self.tx, self.lr_fn = optim.make_optimizer(cfg.opt, self.updates)
+    self.mask = trainable.trainable_mask(mc, cfg.train.get("freeze", ()))
     with jax.set_mesh(self.mesh):
       self.state, self.state_sh = init_state(mc, self.tx, self.mesh, self.rules, seed=cfg.train.seed,
-                                             params=loaded.params)
+                                             params=loaded.params, mask=self.mask,
+                                             frozen_dtype=cfg.train.get("frozen_dtype", "float32"))
     del loaded
+    log(trainable.describe(mc, self.mask, self.state, trainable.frozen_rows(mc, cfg.train.get("freeze", ()))))
     self.ckpts = RunCheckpoints(self.run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
     self.examples = 0  # pairs trained on: counters/examples, and the eval schedule's clock
     self.tokens = 0
     self.data_state: dict[str, Any] | None = None
-    restored = self.ckpts.restore_latest(abstract_state(self.state, self.state_sh))
+    restored = self.ckpts.restore_latest(abstract_state(self._saved(self.state), self._saved(self.state_sh)))
     if restored is not None:
-      step, self.state, self.data_state, progress = restored
+      step, saved, self.data_state, progress = restored
+      frozen = trainable.split(self.state.params, self.mask)[1]  # as loaded (or drawn) above: never changed
+      self.state = saved.replace(params=trainable.merge(self.mask, saved.params, frozen))
       self.examples, self.tokens = int(progress["examples"]), int(progress.get("tokens", 0))
       log(f"resumed from {self.ckpts.dir / str(step)} (update {step // self.accum} of {self.updates})")
     self.micro_done = int(jax.device_get(self.state.step))
@@ -261,8 +273,17 @@ class Trainer:
     if cfg.ckpt.save_every > 0 and update % cfg.ckpt.save_every == 0 and update < self.updates:
       self._save(update * self.accum)
 
+  def _saved(self, state: Any) -> Any:
+    """What a checkpoint holds of a TrainState (or of its shardings): the trainable params and the
+    optimizer state. Frozen params never change, so a resume takes them from model.init_from (or
+    the seed) as the run's start did: a LoRA checkpoint holds the adapters and head only."""
+    return state.replace(params=trainable.split(state.params, self.mask)[0])
+
   def _save(self, micro: int) -> None:
-    self.ckpts.save(micro, self.state, self.data_state, {"examples": self.examples, "tokens": self.tokens})
+    progress = {"examples": self.examples, "tokens": self.tokens}
+    if not all(jax.tree.leaves(self.mask)):
+      progress["frozen_params_from"] = self.cfg.model.init_from  # not in the checkpoint: the base it refers to
+    self.ckpts.save(micro, self._saved(self.state), self.data_state, progress)
 
   def close(self) -> None:
     self.train_step.close()
@@ -299,6 +320,8 @@ class Trainer:
   def _save_final(self) -> None:
     """{run}/final: jbt checkpoint; {run}/FINAL: HF directory. Both appear only when complete."""
     params, mc = self.state.params, self.model_cfg
+    # model directories are float32 (train.frozen_dtype may have stored frozen params narrower)
+    params = jax.tree.map(lambda x: x if x.dtype == jnp.float32 else x.astype(jnp.float32), params)
     hf_cfg = dict(self.hf_cfg or {})
     hf_cfg.pop(normalization.NORM_KEY, None)  # an imported model's statistics do not hold for this one
     e = self.eval_last
@@ -322,3 +345,11 @@ class Trainer:
       params = multihost_utils.process_allgather(params, tiled=True)
     if is_primary() and self.cfg.ckpt.export_final:
       export_hf(mc, params, self.run_dir / "FINAL", hf_config=hf_cfg, tokenizer=self.tokenizer, overwrite=True)
+    if is_primary() and self.cfg.ckpt.get("export_adapter", False):
+      init_from = self.cfg.model.init_from
+      base = None if init_from == "random" else str(resolve_model_path(init_from).absolute())
+      with atomic_dir(self.run_dir / ADAPTER_DIR, overwrite=True) as tmp:
+        write_adapter_dir(mc, params, tmp, base=base)
+        if self.tokenizer is not None:
+          self.tokenizer.save_pretrained(str(tmp))
+      log(f"PEFT adapter: {self.run_dir / ADAPTER_DIR} (base: {base or 'none, a random init; FINAL/ is the model'})")
