@@ -38,6 +38,17 @@ GOLDEN = {
 }
 
 
+# Parameters of other families' shapes: OLMo 2's post-norms and q/k norms over whole projections.
+GOLDEN_FAMILIES = {
+    "olmo2": (CFG.replace(pre_norms=False, post_norms=True, qk_norm_scope="projection"), {
+        "layers/post_attn_norm/scale": P(None, "fsdp"),
+        "layers/post_mlp_norm/scale": P(None, "fsdp"),
+        "layers/attn/q_norm/scale": P(None, "tensor", None),
+        "layers/attn/k_norm/scale": P(None, "tensor", None),
+    }),
+}
+
+
 def _flat_specs(cfg: model.ModelConfig, mesh) -> dict[str, P]:
   shardings = sharding.model_shardings(cfg, mesh)
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
@@ -50,6 +61,14 @@ def test_golden_partition_specs_on_a_2x4_mesh():
   assert set(specs) == set(GOLDEN)
   for k, want in GOLDEN.items():
     assert specs[k] == want, (k, specs[k], want)
+
+
+def test_golden_partition_specs_of_other_families():
+  mesh = sharding.make_mesh([1, 2, 4])
+  for name, (cfg, golden) in GOLDEN_FAMILIES.items():
+    specs = _flat_specs(cfg, mesh)
+    for k, want in golden.items():
+      assert specs.get(k) == want, (name, k, specs.get(k), want)
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated():

@@ -80,12 +80,34 @@ def _qwen3_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
   _export_sliding_window_qwen(cfg, hf)
 
 
+def _olmo2_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  bias = bool(hf.get("attention_bias", False))
+  return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True, qk_norm_scope="projection",
+              pre_norms=False, post_norms=True, norm_scale_f32=True)
+
+
+def _olmo2_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  hf.update(attention_bias=cfg.qkv_bias)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForSequenceClassification", _llama_features, _llama_export),
     Family("mistral", "MistralForSequenceClassification", _mistral_features, _mistral_export),
     Family("qwen2", "Qwen2ForSequenceClassification", _qwen2_features, _export_sliding_window_qwen),
     Family("qwen3", "Qwen3ForSequenceClassification", _qwen3_features, _qwen3_export),
+    Family("olmo2", "Olmo2ForSequenceClassification", _olmo2_features, _olmo2_export),
 )}
+
+
+def default_features(name: str) -> dict[str, Any]:
+  """The feature flags of a family's model as transformers configures it by default (for a model
+  trained from scratch: a random "olmo2" model has OLMo 2's norms, and exports as one). Sliding
+  windows are left out: like the sizes, they are the random config's own choice."""
+  import transformers
+
+  features = get(name).features(transformers.AutoConfig.for_model(name).to_dict())
+  features.pop("sliding_window", None)
+  return features
 
 
 def get(name: str | None, where: str = "") -> Family:

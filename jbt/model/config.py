@@ -37,6 +37,10 @@ class ModelConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False
+  qk_norm_scope: str = "head"  # "head": RMSNorm over each head's H (Qwen3) | "projection": over all N*H (OLMo 2)
+  pre_norms: bool = True  # RMSNorm on the input of attention and MLP (Llama)
+  post_norms: bool = False  # RMSNorm on the output of attention and MLP, before the residual add (OLMo 2)
+  norm_scale_f32: bool = False  # RMSNorm scales in float32, then casts (OLMo 2); else casts, then scales (Llama)
   sliding_window: int | None = None
   num_labels: int = 2
   pad_token_id: int = 0
@@ -58,6 +62,8 @@ class ModelConfig:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
     if self.num_labels not in (1, 2):
       raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
+    if self.qk_norm_scope not in ("head", "projection"):
+      raise ValueError(f"qk_norm_scope must be head or projection, got {self.qk_norm_scope!r}")
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
     # Decided once, here, for the backend this process computes on.
@@ -80,9 +86,11 @@ class ModelConfig:
     """Parameter count (no LM head), used for MFU estimates."""
     D, F, N, K, H = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
     attn = D * N * H * 2 + D * K * H * 2
-    attn += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
+    qk_norm = (N + K) * H if self.qk_norm_scope == "projection" else 2 * H
+    attn += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + qk_norm * self.qk_norm
     mlp = 3 * D * F + (2 * F + D) * self.mlp_bias
-    return self.vocab_size * D + self.num_layers * (attn + mlp + 2 * D) + D + D * self.num_labels
+    norms = 2 * D * (self.pre_norms + self.post_norms)
+    return self.vocab_size * D + self.num_layers * (attn + mlp + norms) + D + D * self.num_labels
 
   def to_json(self) -> dict[str, Any]:
     """The fields a model directory stores; attention and matmul stay "auto", since they are the

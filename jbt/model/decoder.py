@@ -1,4 +1,4 @@
-"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3) with a Bradley-Terry reward head.
+"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3, OLMo 2) with a Bradley-Terry reward head.
 
 Shape legend for array names and einsum strings:
   B: batch rows            L: tokens in a row (query side)   S: tokens in a row (key side)
@@ -42,17 +42,27 @@ def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
 
 
 class RMSNorm(nn.Module):
-  """HF's RMSNorm: normalise in float32, cast back, then scale (that order matters in bf16)."""
+  """HF's RMSNorm over the last len(axis_names) axes: normalise in float32, then either cast back
+  and scale (Llama) or scale in float32 and cast (scale_f32: OLMo 2); the order matters in bf16."""
 
   eps: float
-  axis_name: str = "embed"
+  axis_names: tuple[str, ...] = ("embed",)
+  scale_f32: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    w = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
+    n = len(self.axis_names)
+    w = _param(self, "scale", x.shape[-n:], self.axis_names, nn.initializers.ones)
+    axes = tuple(range(-n, 0))
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
+    if self.scale_f32:
+      return (w * x32).astype(x.dtype)
     return w.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str, *axis_names: str) -> RMSNorm:
+  return RMSNorm(cfg.rms_norm_eps, axis_names or ("embed",), cfg.norm_scale_f32, name=name)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Array:
@@ -110,9 +120,12 @@ class Attention(nn.Module):
       q_BxLxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
       k_BxLxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
       v_BxLxKxH += _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
-    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H before RoPE
-      q_BxLxNxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="q_norm")(q_BxLxNxH)
-      k_BxLxKxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="k_norm")(k_BxLxKxH)
+    if cfg.qk_norm and cfg.qk_norm_scope == "head":  # Qwen3: RMSNorm over each head's H before RoPE
+      q_BxLxNxH = _norm(cfg, "q_norm", "head_dim")(q_BxLxNxH)
+      k_BxLxKxH = _norm(cfg, "k_norm", "head_dim")(k_BxLxKxH)
+    elif cfg.qk_norm:  # OLMo 2: over the whole projection (N*H, K*H), after the bias
+      q_BxLxNxH = _norm(cfg, "q_norm", "heads", "head_dim")(q_BxLxNxH)
+      k_BxLxKxH = _norm(cfg, "k_norm", "kv_heads", "head_dim")(k_BxLxKxH)
     q_BxLxNxH = _constrain(apply_rope(q_BxLxNxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "heads", "head_dim"))
     k_BxLxKxH = _constrain(apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
@@ -186,10 +199,13 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array):
     cfg = self.cfg
-    h = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(cfg, self.max_segment, name="attn")(h, info, cos_BxLxH, sin_BxLxH)
-    h = RMSNorm(cfg.rms_norm_eps, "embed", name="mlp_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
+    # Pre-norms (Llama) normalise each block's input, post-norms (OLMo 2) its output before the add.
+    h = _norm(cfg, "attn_norm")(x_BxLxD) if cfg.pre_norms else x_BxLxD
+    h = Attention(cfg, self.max_segment, name="attn")(h, info, cos_BxLxH, sin_BxLxH)
+    x_BxLxD = x_BxLxD + (_norm(cfg, "post_attn_norm")(h) if cfg.post_norms else h)
+    h = _norm(cfg, "mlp_norm")(x_BxLxD) if cfg.pre_norms else x_BxLxD
+    h = MLP(cfg, name="mlp")(h)
+    x_BxLxD = x_BxLxD + (_norm(cfg, "post_mlp_norm")(h) if cfg.post_norms else h)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
     return x_BxLxD, None  # (carry, per-layer output) for nn.scan
 
@@ -239,7 +255,7 @@ class RewardModel(nn.Module):
       )(cfg, self.max_segment, name="layers")
     else:
       self.layer_list = [layer_cls(cfg, self.max_segment, name=f"layer_{i}") for i in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed")
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, ("embed",), cfg.norm_scale_f32)
     self.score = self.param(
         "score",
         nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "labels")),
