@@ -74,6 +74,39 @@ def test_flash_equals_dense_values_and_gradients(branches, window, block, max_se
   assert_same_values_and_gradients(dense, flash, q, k, v, atol=2e-5, jit=True)
 
 
+@pytest.mark.parametrize("kind", ["flash", "xla"])
+def test_a_per_layer_window_traced_in_a_scan_equals_the_dense_reference(kind):
+  """Models that mix sliding and full layers feed each layer its window (0 = full) as a scanned
+  int32: values and gradients of every layer equal the dense mask built with that static window."""
+  from jbt.model import attention
+  from jbt.model.attention.mask import MaskInfo
+
+  rng = np.random.default_rng(3)
+  B, L, K, G, H = 2, 90, 2, 2, 8
+  seg, br, pos = packed_rows(rng, B, L, True)
+  seg, br, pos = jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  windows = jnp.array([5, 0, 11], jnp.int32)
+  dense_info = attention.mask_info(kind, seg, pos, br, None)
+
+  def per_layer(q, k, v):
+    def layer(total, window):
+      info = MaskInfo(*dense_info[:4], window=window)
+      out = attention.KINDS[kind].attend(q, k, v, info, sliding_window=None, block=16, max_segment=0)
+      return total + (out * real * w).sum() * (1.0 + window), None
+    return jax.lax.scan(layer, 0.0, windows)[0]
+
+  def dense(q, k, v):
+    total = 0.0
+    for window in (5, 0, 11):
+      mask = dense_mask(seg, pos, window or None, br)
+      total += (blocked_attention(q, k, v, mask, 0, 0) * real * w).sum() * (1.0 + window)
+    return total
+
+  assert_same_values_and_gradients(dense, per_layer, q, k, v, atol=1e-4, jit=True)
+
+
 def test_flash_sees_a_segment_cut_by_a_wrong_bound_and_bf16_stays_close():
   rng = np.random.default_rng(0)
   seg, br, pos = packed_rows(rng, 1, 120, True)

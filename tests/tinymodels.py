@@ -15,7 +15,8 @@ VOCAB = 320
 # One entry (or more, "family_variant") per family of jbt.hf.families.FAMILIES; tests loop over
 # these, and tests/test_families.py fails for a registered family without one. Small variations:
 # Llama 3 rope scaling and biases, Mistral sliding window shorter than the test rows, Qwen2 q/k/v
-# bias, Qwen3 q/k norm, OLMo 2 post-norms with q/k norms over whole projections (and biases).
+# bias, Qwen3 q/k norm, Qwen2 / Qwen3 mixing sliding and full layers (from max_window_layers or
+# layer_types), OLMo 2 post-norms with q/k norms over whole projections (and biases).
 FAMILY_KW: dict[str, dict[str, Any]] = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
@@ -23,6 +24,9 @@ FAMILY_KW: dict[str, dict[str, Any]] = {
     "mistral": dict(sliding_window=7),
     "qwen2": dict(),
     "qwen3": dict(head_dim=24),
+    "qwen2_mixed": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "qwen3_mixed": dict(head_dim=24, use_sliding_window=True, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"]),
     "olmo2": dict(attention_bias=True),
 }
 FAMILIES = tuple(FAMILY_KW)

@@ -16,20 +16,42 @@ from jbt.errors import JbtError
 from jbt.model import ModelConfig
 
 
-def _sliding_window_qwen(hf: Mapping[str, Any]) -> int | None:
-  """Qwen2 / Qwen3: a window only where use_sliding_window is set; mixed layer kinds are refused."""
-  if not (hf.get("use_sliding_window") and hf.get("sliding_window")):
-    return None
-  kinds = set(hf.get("layer_types") or ["sliding_attention"])
-  if kinds != {"sliding_attention"}:
-    raise JbtError(f"{hf.get('model_type')} config mixes sliding and full attention layers; jbt supports one kind "
-                   "for all layers")
-  return int(hf["sliding_window"])
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(hf: Mapping[str, Any], window: int | None) -> dict[str, Any]:
+  """sliding_window for models whose layers all slide, layer_windows for those that mix sliding and
+  full layers (config.json's layer_types), neither for full attention everywhere."""
+  n = int(hf["num_hidden_layers"])
+  types = list(hf.get("layer_types") or ["sliding_attention"] * n)
+  if len(types) != n or set(types) - set(LAYER_TYPES):
+    raise JbtError(f"{hf.get('model_type')} config: layer_types must be {n} of {', '.join(LAYER_TYPES)}, got {types}")
+  if not window or "sliding_attention" not in types:
+    return dict(sliding_window=None, layer_windows=None)
+  if "full_attention" not in types:
+    return dict(sliding_window=int(window), layer_windows=None)
+  return dict(sliding_window=None, layer_windows=tuple(int(window) if t == "sliding_attention" else 0 for t in types))
+
+
+def export_layer_types(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  """layer_types and sliding_window of config.json, the inverse of layer_windows."""
+  windows = cfg.layer_windows or (cfg.sliding_window or 0,) * cfg.num_layers
+  hf.update(sliding_window=cfg.max_window, layer_types=[LAYER_TYPES[w > 0] for w in windows])
+
+
+def _sliding_window_qwen(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Qwen2 / Qwen3: windows only where use_sliding_window is set; without layer_types, the layers
+  from max_window_layers on slide (as transformers derives them)."""
+  window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+  if window and not hf.get("layer_types"):
+    first = int(hf.get("max_window_layers", 28))  # transformers' default
+    hf = dict(hf, layer_types=[LAYER_TYPES[i >= first] for i in range(int(hf["num_hidden_layers"]))])
+  return layer_windows(hf, window)
 
 
 def _export_sliding_window_qwen(cfg: ModelConfig, hf: dict[str, Any]) -> None:
-  hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)
-  hf.pop("layer_types", None)
+  export_layer_types(cfg, hf)
+  hf["use_sliding_window"] = cfg.max_window is not None
   if cfg.sliding_window is not None:
     hf["max_window_layers"] = 0
 
@@ -67,12 +89,12 @@ def _mistral_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
 
 
 def _qwen2_features(hf: Mapping[str, Any]) -> dict[str, Any]:
-  return dict(qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=_sliding_window_qwen(hf))
+  return dict(qkv_bias=True, o_bias=False, mlp_bias=False, **_sliding_window_qwen(hf))
 
 
 def _qwen3_features(hf: Mapping[str, Any]) -> dict[str, Any]:
   bias = bool(hf.get("attention_bias", False))
-  return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True, sliding_window=_sliding_window_qwen(hf))
+  return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True, **_sliding_window_qwen(hf))
 
 
 def _qwen3_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -107,6 +129,7 @@ def default_features(name: str) -> dict[str, Any]:
 
   features = get(name).features(transformers.AutoConfig.for_model(name).to_dict())
   features.pop("sliding_window", None)
+  features.pop("layer_windows", None)
   return features
 
 

@@ -41,7 +41,10 @@ class ModelConfig:
   pre_norms: bool = True  # RMSNorm on the input of attention and MLP (Llama)
   post_norms: bool = False  # RMSNorm on the output of attention and MLP, before the residual add (OLMo 2)
   norm_scale_f32: bool = False  # RMSNorm scales in float32, then casts (OLMo 2); else casts, then scales (Llama)
-  sliding_window: int | None = None
+  sliding_window: int | None = None  # every layer's window (Mistral)
+  # per-layer windows for models that mix sliding and full layers (0: full), scanned with the
+  # layers; None: every layer uses sliding_window. A tuple so the dataclass stays hashable.
+  layer_windows: tuple[int, ...] | None = None
   num_labels: int = 2
   pad_token_id: int = 0
   initializer_range: float = 0.02
@@ -64,11 +67,21 @@ class ModelConfig:
       raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
     if self.qk_norm_scope not in ("head", "projection"):
       raise ValueError(f"qk_norm_scope must be head or projection, got {self.qk_norm_scope!r}")
+    if self.layer_windows is not None:
+      if len(self.layer_windows) != self.num_layers or self.sliding_window is not None:
+        raise ValueError(f"layer_windows needs one window per layer ({self.num_layers}) and no sliding_window, "
+                         f"got {self.layer_windows} and {self.sliding_window}")
+      object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
     # Decided once, here, for the backend this process computes on.
-    object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.sliding_window))
+    object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.max_window))
     object.__setattr__(self, "matmul", matmul.resolve(self.matmul))
+
+  @property
+  def max_window(self) -> int | None:
+    """The widest sliding window of any layer (None: full attention everywhere)."""
+    return (max(self.layer_windows) or None) if self.layer_windows else self.sliding_window
 
   @property
   def reward_label(self) -> int:
@@ -108,6 +121,7 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config fields {unknown}")
     d = dict(d)
-    if d.get("rope_scaling") is not None:
-      d["rope_scaling"] = tuple(d["rope_scaling"])
+    for key in ("rope_scaling", "layer_windows"):
+      if d.get(key) is not None:
+        d[key] = tuple(d[key])
     return cls(**d)

@@ -197,8 +197,11 @@ class DecoderLayer(nn.Module):
   max_segment: int = 0
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array):
+  def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array,
+               window: Array | None = None):
     cfg = self.cfg
+    if window is not None:  # this layer's window (0: full), scanned with the layers
+      info = info._replace(window=window)
     # Pre-norms (Llama) normalise each block's input, post-norms (OLMo 2) its output before the add.
     h = _norm(cfg, "attn_norm")(x_BxLxD) if cfg.pre_norms else x_BxLxD
     h = Attention(cfg, self.max_segment, name="attn")(h, info, cos_BxLxH, sin_BxLxH)
@@ -249,7 +252,8 @@ class RewardModel(nn.Module):
           layer_cls,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          # info, cos, sin are shared; per-layer windows (if any) are scanned with the layers
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast) + ((0,) if cfg.layer_windows else ()),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, self.max_segment, name="layers")
@@ -275,11 +279,12 @@ class RewardModel(nn.Module):
     freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
     cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
     info = attention.mask_info(cfg.attention, segment_ids_BxL, positions_BxL, branch_ids_BxL, cfg.sliding_window)
+    windows = (jnp.asarray(cfg.layer_windows, jnp.int32),) if cfg.layer_windows else ()
     if cfg.scan_layers:
-      x_BxLxD, _ = self.layers(x_BxLxD, info, cos_BxLxH, sin_BxLxH)
+      x_BxLxD, _ = self.layers(x_BxLxD, info, cos_BxLxH, sin_BxLxH, *windows)
     else:
-      for layer in self.layer_list:
-        x_BxLxD, _ = layer(x_BxLxD, info, cos_BxLxH, sin_BxLxH)
+      for i, layer in enumerate(self.layer_list):
+        x_BxLxD, _ = layer(x_BxLxD, info, cos_BxLxH, sin_BxLxH, *(w[i] for w in windows))
     return self.final_norm(x_BxLxD)
 
   def __call__(

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jbt.model.attention.mask import MaskInfo
+from jbt.model.attention.mask import MaskInfo, layer_window
 
 Array = jax.Array
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -49,6 +49,9 @@ def _block_mask(info: MaskInfo, qs: Array, ks: Array, block: int, sliding_window
   if sliding_window is not None:
     pos_q, pos_k = _slice_tokens(info.positions_BxL, qs, block), _slice_tokens(info.positions_BxL, ks, block)
     mask &= (pos_q[:, :, None] - pos_k[:, None, :]) < sliding_window
+  if info.window is not None:
+    mask = layer_window(mask, _slice_tokens(info.positions_BxL, qs, block), _slice_tokens(info.positions_BxL, ks, block),
+                        info.window)
   return mask
 
 
@@ -228,22 +231,26 @@ def flash_attention(
     branch_ids_BxL: Array | None = None,
     *,
     sliding_window: int | None = None,
+    window: Array | None = None,
     block: int = 64,
     max_segment: int = 0,
 ) -> Array:
   """Masked softmax(q k^T / sqrt(H)) v over the blocks the mask leaves, [B, L, K, G, H].
 
+  sliding_window: a static window; window: a traced int32 scalar one (a layer's, 0 = full).
   block: the query and key block size (rows are padded to a multiple of it internally).
   max_segment > 0 promises that no segment is longer, bounding how far back a block looks.
   """
-  if sliding_window is not None and positions_BxL is None:
+  windowed = sliding_window is not None or window is not None
+  if windowed and positions_BxL is None:
     raise ValueError("a sliding window needs positions")
   L = q_BxLxKxGxH.shape[1]
   block = max(1, min(block, L))
   extra = -L % block
   info = MaskInfo(_pad_tokens(segment_ids_BxL, extra),
                   None if branch_ids_BxL is None else _pad_tokens(branch_ids_BxL, extra),
-                  _pad_tokens(positions_BxL, extra) if sliding_window is not None else None)
+                  _pad_tokens(positions_BxL, extra) if windowed else None,
+                  window=None if window is None else jnp.asarray(window, jnp.int32))
   out = _flash(_pad_tokens(q_BxLxKxGxH, extra), _pad_tokens(k_BxLxKxH, extra), _pad_tokens(v_BxLxKxH, extra), info,
                block, max_segment, sliding_window)
   return out[:, :L]
@@ -254,4 +261,5 @@ def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInf
   """The attention registry's entry point (the mask handles any number of branches)."""
   del branches
   return flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
-                         info.branch_ids_BxL, sliding_window=sliding_window, block=block, max_segment=max_segment)
+                         info.branch_ids_BxL, sliding_window=sliding_window, window=info.window, block=block,
+                         max_segment=max_segment)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jbt.model.attention.mask import MaskInfo
+from jbt.model.attention.mask import MaskInfo, layer_window
 
 Array = jax.Array
 OUT_NAME = "attention_out"  # what remat "attention" keeps
@@ -78,8 +78,9 @@ def blocked_attention(
 
 def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *, sliding_window: int | None,
            block: int, max_segment: int, branches: int = 2) -> Array:
-  """The registry's entry point: info.dense_BxLxS holds the mask (sliding window and any number of
-  branches included)."""
+  """The registry's entry point: info.dense_BxLxS holds the mask (a static sliding window and any
+  number of branches included); a per-layer window (info.window) is applied to it here."""
   del sliding_window, branches
-  out = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.dense_BxLxS, block, max_segment)
+  mask_BxLxS = layer_window(info.dense_BxLxS, info.positions_BxL, info.positions_BxL, info.window)
+  out = blocked_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxS, block, max_segment)
   return checkpoint_name(out, OUT_NAME)
