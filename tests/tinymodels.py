@@ -16,7 +16,8 @@ VOCAB = 320
 # these, and tests/test_families.py fails for a registered family without one. Small variations:
 # Llama 3 rope scaling and biases, Mistral sliding window shorter than the test rows, Qwen2 q/k/v
 # bias, Qwen3 q/k norm, Qwen2 / Qwen3 mixing sliding and full layers (from max_window_layers or
-# layer_types), OLMo 2 post-norms with q/k norms over whole projections (and biases).
+# layer_types), OLMo 2 post-norms with q/k norms over whole projections (and
+# biases), Phi-3 fused qkv / gate_up with a sliding window, partial rotary and LongRoPE (long, short).
 FAMILY_KW: dict[str, dict[str, Any]] = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
@@ -28,6 +29,17 @@ FAMILY_KW: dict[str, dict[str, Any]] = {
     "qwen3_mixed": dict(head_dim=24, use_sliding_window=True, sliding_window=4,
                         layer_types=["sliding_attention", "full_attention"]),
     "olmo2": dict(attention_bias=True),
+    "phi3": dict(sliding_window=11),
+    # Phi-4-mini's kind: partial rotary, LongRoPE with its long factors in use (rows pass 8 positions)
+    "phi3_longrope": dict(hidden_size=64, partial_rotary_factor=0.75, max_position_embeddings=128,
+                          original_max_position_embeddings=8,
+                          rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                               short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                               long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])),
+    # Phi-3-mini-128k's kind: LongRoPE with its short factors in use (rows within 64 positions)
+    "phi3_short": dict(max_position_embeddings=256, original_max_position_embeddings=64,
+                       rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                            short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0], long_factor=[1.0] * 6)),
 }
 FAMILIES = tuple(FAMILY_KW)
 

@@ -112,12 +112,39 @@ def _olmo2_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
   hf.update(attention_bias=cfg.qkv_bias)
 
 
+def _phi3_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  rope = hf.get("rope_parameters") or {}
+  window = hf.get("sliding_window")
+  return dict(qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=int(window) if window else None,
+              partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))))
+
+
+def _phi3_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  hf.update(sliding_window=cfg.sliding_window, partial_rotary_factor=cfg.partial_rotary_factor)
+  hf["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+
+
+def _phi3_rows(cfg: ModelConfig) -> list[Any]:
+  """Phi-3's fused tensors: q, k, v rows in one qkv_proj, gate then up rows in one gate_up_proj."""
+  from jbt.hf.params import TRANSPOSE, fused, in_proj, standard_rows
+
+  N, K, H, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  L = "model.layers.{i}."
+  split = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+  return [e for e in standard_rows(cfg) if not e.hf_key.endswith(split)] + [
+      fused(L + "self_attn.qkv_proj.weight",
+            [("attn/q", N * H, in_proj(N, H)), ("attn/k", K * H, in_proj(K, H)), ("attn/v", K * H, in_proj(K, H))]),
+      fused(L + "mlp.gate_up_proj.weight", [("mlp/gate", F, TRANSPOSE), ("mlp/up", F, TRANSPOSE)]),
+  ]
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForSequenceClassification", _llama_features, _llama_export),
     Family("mistral", "MistralForSequenceClassification", _mistral_features, _mistral_export),
     Family("qwen2", "Qwen2ForSequenceClassification", _qwen2_features, _export_sliding_window_qwen),
     Family("qwen3", "Qwen3ForSequenceClassification", _qwen3_features, _qwen3_export),
     Family("olmo2", "Olmo2ForSequenceClassification", _olmo2_features, _olmo2_export),
+    Family("phi3", "Phi3ForSequenceClassification", _phi3_features, _phi3_export, _phi3_rows),
 )}
 
 

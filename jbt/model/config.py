@@ -31,8 +31,10 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
-  # ("linear", factor) or None; a tuple so the dataclass stays hashable for jit.
+  # ("linear", factor), ("longrope", short_factors, long_factors, original_max_position_embeddings,
+  # attention_factor) or None; tuples so the dataclass stays hashable for jit.
   rope_scaling: tuple | None = None
+  partial_rotary_factor: float = 1.0  # the fraction of each head's dims RoPE rotates (Phi-4-mini: 0.75)
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
@@ -67,6 +69,9 @@ class ModelConfig:
       raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
     if self.qk_norm_scope not in ("head", "projection"):
       raise ValueError(f"qk_norm_scope must be head or projection, got {self.qk_norm_scope!r}")
+    if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+      raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} of head_dim {self.head_dim} gives "
+                       f"{self.rotary_dim} rotated dims; that must be even and positive")
     if self.layer_windows is not None:
       if len(self.layer_windows) != self.num_layers or self.sliding_window is not None:
         raise ValueError(f"layer_windows needs one window per layer ({self.num_layers}) and no sliding_window, "
@@ -77,6 +82,11 @@ class ModelConfig:
     # Decided once, here, for the backend this process computes on.
     object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.max_window))
     object.__setattr__(self, "matmul", matmul.resolve(self.matmul))
+
+  @property
+  def rotary_dim(self) -> int:
+    """R: the head dims RoPE rotates (the first R; HF's int(head_dim * partial_rotary_factor))."""
+    return int(self.head_dim * self.partial_rotary_factor)
 
   @property
   def max_window(self) -> int | None:
@@ -121,7 +131,7 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config fields {unknown}")
     d = dict(d)
-    for key in ("rope_scaling", "layer_windows"):
+    for key in ("rope_scaling", "layer_windows"):  # JSON lists back to (nested) tuples
       if d.get(key) is not None:
-        d[key] = tuple(d[key])
+        d[key] = tuple(tuple(x) if isinstance(x, list) else x for x in d[key])
     return cls(**d)

@@ -65,15 +65,19 @@ def _norm(cfg: ModelConfig, name: str, *axis_names: str) -> RMSNorm:
   return RMSNorm(cfg.rms_norm_eps, axis_names or ("embed",), cfg.norm_scale_f32, name=name)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> Array:
-  """RoPE inverse frequencies [H/2], with Llama 3 / linear scaling as transformers computes them."""
-  H = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> Array:
+  """RoPE inverse frequencies [R/2] over the rotated dims R (cfg.rotary_dim), with Llama 3 / linear /
+  LongRoPE scaling as transformers computes them (long: LongRoPE's long factors)."""
+  R = cfg.rotary_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R))
   if cfg.rope_scaling is None:
     return inv_freq
   kind = cfg.rope_scaling[0]
   if kind == "linear":
     return inv_freq / cfg.rope_scaling[1]
+  if kind == "longrope":  # per-frequency factors: 1 / (factor * theta^(2i/R))
+    _, short, long_, _, _ = cfg.rope_scaling
+    return inv_freq / jnp.asarray(long_ if long else short, jnp.float32)
   if kind == "llama3":
     _, factor, low_ff, high_ff, old_len = cfg.rope_scaling
     low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
@@ -86,11 +90,31 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
   raise ValueError(f"unsupported rope scaling {kind!r}")
 
 
-def apply_rope(x_BxLxNxH: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
-  """HF's rotate_half layout: (x1, x2) halves, x*cos + (-x2, x1)*sin. No weight permutation needed."""
-  x1, x2 = jnp.split(x_BxLxNxH, 2, axis=-1)
+def rope_cos_sin(cfg: ModelConfig, positions_BxL: Array) -> tuple[Array, Array]:
+  """cos and sin [B, L, R] in the compute dtype, as transformers computes them (in float32, scaled
+  by LongRoPE's attention factor, then cast)."""
+  inv_freq_R2 = rope_inv_freq(cfg)
+  scale = 1.0
+  if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "longrope":
+    # transformers picks the long factors for a whole forward when its longest sequence
+    # (max position + 1) passes the original context; jbt's positions restart per sequence.
+    _, _, _, old_len, scale = cfg.rope_scaling
+    inv_freq_R2 = jnp.where(positions_BxL.max() + 1 > old_len, rope_inv_freq(cfg, long=True), inv_freq_R2)
+  freqs_BxLxR2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_R2
+  freqs_BxLxR = jnp.concatenate([freqs_BxLxR2, freqs_BxLxR2], axis=-1)
+  dt = cfg.compute_dtype
+  return (jnp.cos(freqs_BxLxR) * scale).astype(dt), (jnp.sin(freqs_BxLxR) * scale).astype(dt)
+
+
+def apply_rope(x_BxLxNxH: Array, cos_BxLxR: Array, sin_BxLxR: Array) -> Array:
+  """HF's rotate_half layout: (x1, x2) halves, x*cos + (-x2, x1)*sin. No weight permutation needed.
+  Partial rotary (R < H): the first R dims rotate, the rest pass through."""
+  R = cos_BxLxR.shape[-1]
+  x_rot, x_pass = x_BxLxNxH[..., :R], x_BxLxNxH[..., R:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x_BxLxNxH * cos_BxLxH[:, :, None, :] + rotated * sin_BxLxH[:, :, None, :]
+  out = x_rot * cos_BxLxR[:, :, None, :] + rotated * sin_BxLxR[:, :, None, :]
+  return out if R == x_BxLxNxH.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 class Attention(nn.Module):
@@ -275,9 +299,7 @@ class RewardModel(nn.Module):
     dt = cfg.compute_dtype
     x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(dt)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
-    freqs_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
-    freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
-    cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
+    cos_BxLxH, sin_BxLxH = rope_cos_sin(cfg, positions_BxL)  # [B, L, R]: R = H unless partial rotary
     info = attention.mask_info(cfg.attention, segment_ids_BxL, positions_BxL, branch_ids_BxL, cfg.sliding_window)
     windows = (jnp.asarray(cfg.layer_windows, jnp.int32),) if cfg.layer_windows else ()
     if cfg.scan_layers:
