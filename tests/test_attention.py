@@ -107,6 +107,36 @@ def test_a_per_layer_window_traced_in_a_scan_equals_the_dense_reference(kind):
   assert_same_values_and_gradients(dense, per_layer, q, k, v, atol=1e-4, jit=True)
 
 
+@pytest.mark.parametrize("kind", ["flash", "xla"])
+def test_soft_capped_logits_equal_the_plain_formula_values_and_gradients(kind):
+  """Gemma 2's cap * tanh(logits / cap) before the mask, against the formula written out."""
+  from jbt.model import attention
+
+  rng = np.random.default_rng(4)
+  B, L, K, G, H, cap = 2, 70, 2, 2, 8, 1.5
+  seg, br, pos = packed_rows(rng, B, L, True)
+  seg, br, pos = jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+  q = q * 3.0  # logits well past the cap, so capping changes them
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  mask = dense_mask(seg, pos, None, br)
+  info = attention.mask_info(kind, seg, pos, br, None)
+
+  def dense(q, k, v):
+    logits = jnp.einsum("BLKGH,BSKH->BKGLS", q, k) / np.sqrt(H)
+    logits = jnp.where(mask[:, None, None], jnp.tanh(logits / cap) * cap, -1e30)
+    out = jnp.einsum("BKGLS,BSKH->BLKGH", jax.nn.softmax(logits, axis=-1), v)
+    return (out * real * w).sum()
+
+  def capped(q, k, v):
+    out = attention.KINDS[kind].attend(q, k, v, info, sliding_window=None, block=16, max_segment=0, softcap=cap)
+    return (out * real * w).sum()
+
+  assert_same_values_and_gradients(dense, capped, q, k, v, atol=1e-4, jit=True)
+  uncapped = attention.KINDS[kind].attend(q, k, v, info, sliding_window=None, block=16, max_segment=0)
+  assert abs(float((uncapped * real * w).sum()) - float(dense(q, k, v))) > 1e-2
+
+
 def test_flash_sees_a_segment_cut_by_a_wrong_bound_and_bf16_stays_close():
   rng = np.random.default_rng(0)
   seg, br, pos = packed_rows(rng, 1, 120, True)
