@@ -219,6 +219,11 @@ def test_auto_falls_back_visibly_from_a_fused_kernel_for_a_sliding_window(caplog
     assert resolve("auto", "tpu", sliding_window=4096) == "xla"
   assert "splash does not take the model's sliding window (4096)" in caplog.text
   assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", sliding_window=8) == "flash"
+  with caplog.at_level("WARNING", logger="jbt"):
+    assert resolve("auto", "gpu", softcap=50.0) == "xla"
+  assert "pallas_gpu does not take attention-logit soft-capping (50.0)" in caplog.text
+  with pytest.raises(ValueError, match="'splash' does not take attention-logit soft-capping"):
+    resolve("splash", "tpu", softcap=50.0)
   with pytest.raises(ValueError, match="'pallas_gpu' does not take sliding windows"):
     resolve("pallas_gpu", "gpu", sliding_window=8)
 

@@ -215,15 +215,16 @@ def test_a_random_model_of_each_family_exports_as_that_family(family):
   np.testing.assert_allclose(np.asarray(got), _hf_rewards(m, tokens, seg), atol=1e-4, rtol=0)
 
 
-def test_mixed_layer_kinds_in_every_kind_scanned_or_not():
-  """A model mixing sliding and full layers (per-layer windows scanned with the layers): xla,
-  flash, unscanned and remat all give transformers' rewards, the windows matter, and the fused
-  kernels fall back visibly (or refuse when named)."""
+@pytest.mark.parametrize("family, windows", [("qwen3_mixed", (4, 0)), ("gemma2", (5, 0))])
+def test_mixed_layer_kinds_in_every_kind_scanned_or_not(family, windows):
+  """A model mixing sliding and full layers (per-layer windows scanned with the layers; Gemma 2's
+  soft-capping too): xla, flash, unscanned and remat all give transformers' rewards, the windows
+  matter, and the fused kernels fall back visibly (or refuse when named)."""
   from jbt.hf.config import model_config_from_hf
 
-  m = tinymodels.make_model("qwen3_mixed")
+  m = tinymodels.make_model(family)
   cfg = model_config_from_hf(m.config.to_dict())
-  assert cfg.layer_windows == (4, 0) and cfg.sliding_window is None and cfg.max_window == 4
+  assert cfg.layer_windows == windows and cfg.sliding_window is None and cfg.max_window == max(windows)
   state = {k: v.numpy() for k, v in m.state_dict().items()}
   tokens = np.random.default_rng(1).integers(3, tinymodels.VOCAB, (2, 20)).astype(np.int32)
   seg, pos, idx = np.ones_like(tokens), np.tile(np.arange(20, dtype=np.int32), (2, 1)), np.array([19, 39])
@@ -237,6 +238,6 @@ def test_mixed_layer_kinds_in_every_kind_scanned_or_not():
       assert np.abs(got - ref).max() > 1e-2, "the windows must matter for this test to mean anything"
     else:
       np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=str(kw))
-  assert attention.resolve("auto", "tpu", sliding_window=cfg.max_window) == "xla"
+  assert attention.resolve("auto", "tpu", sliding_window=cfg.max_window, softcap=cfg.attn_softcap) == "xla"
   with pytest.raises(ValueError, match="does not take sliding windows"):
     cfg.replace(attention="splash")

@@ -38,13 +38,20 @@ GOLDEN = {
 }
 
 
-# Parameters of other families' shapes: OLMo 2's post-norms and q/k norms over whole projections.
+# Parameters of other families' shapes: OLMo 2's post-norms and q/k norms over whole projections,
+# Gemma 2's four norms a layer (Phi-3's fused tensors are split into the standard parameters).
 GOLDEN_FAMILIES = {
     "olmo2": (CFG.replace(pre_norms=False, post_norms=True, qk_norm_scope="projection"), {
         "layers/post_attn_norm/scale": P(None, "fsdp"),
         "layers/post_mlp_norm/scale": P(None, "fsdp"),
         "layers/attn/q_norm/scale": P(None, "tensor", None),
         "layers/attn/k_norm/scale": P(None, "tensor", None),
+    }),
+    "gemma2": (CFG.replace(post_norms=True, norm_offset=1.0), {
+        "layers/attn_norm/scale": P(None, "fsdp"),
+        "layers/post_attn_norm/scale": P(None, "fsdp"),
+        "layers/mlp_norm/scale": P(None, "fsdp"),
+        "layers/post_mlp_norm/scale": P(None, "fsdp"),
     }),
 }
 

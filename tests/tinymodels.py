@@ -17,7 +17,7 @@ VOCAB = 320
 # Llama 3 rope scaling and biases, Mistral sliding window shorter than the test rows, Qwen2 q/k/v
 # bias, Qwen3 q/k norm, Qwen2 / Qwen3 mixing sliding and full layers (from max_window_layers or
 # layer_types), OLMo 2 post-norms with q/k norms over whole projections (and
-# biases), Phi-3 fused qkv / gate_up with a sliding window, partial rotary and LongRoPE (long, short).
+# biases), Phi-3 fused qkv / gate_up with a sliding window, partial rotary and LongRoPE (long, short), Gemma 2.
 FAMILY_KW: dict[str, dict[str, Any]] = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
@@ -36,6 +36,9 @@ FAMILY_KW: dict[str, dict[str, Any]] = {
                           rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
                                                short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
                                                long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])),
+    # query_pre_attn_scalar != head_dim, a soft cap that bites, layer 0 sliding and layer 1 full
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=5, attn_logit_softcapping=2.0,
+                   attention_bias=True),
     # Phi-3-mini-128k's kind: LongRoPE with its short factors in use (rows within 64 positions)
     "phi3_short": dict(max_position_embeddings=256, original_max_position_embeddings=64,
                        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,

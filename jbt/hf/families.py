@@ -138,6 +138,29 @@ def _phi3_rows(cfg: ModelConfig) -> list[Any]:
   ]
 
 
+def _gemma2_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Gemma 2: (1 + w) norms before and after attention and MLP, embeddings times sqrt(D), GeGLU,
+  logits over sqrt(query_pre_attn_scalar) and soft-capped, alternating sliding and full layers."""
+  act = hf.get("hidden_activation") or hf.get("hidden_act")
+  if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+    raise JbtError(f"{hf.get('model_type')} config: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+  bias = bool(hf.get("attention_bias", False))
+  cap = hf.get("attn_logit_softcapping")
+  return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, pre_norms=True, post_norms=True, norm_scale_f32=True,
+              norm_offset=1.0, embed_scale=True, mlp_activation="gelu_tanh",
+              query_scale=float(hf["query_pre_attn_scalar"]), attn_softcap=float(cap) if cap else None,
+              **layer_windows(hf, hf.get("sliding_window")))
+
+
+def _gemma2_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  export_layer_types(cfg, hf)
+  if hf["sliding_window"] is None:  # transformers needs one even when no layer slides: its default
+    hf.pop("sliding_window")
+  scalar = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim
+  hf.update(attention_bias=cfg.qkv_bias, hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=cfg.attn_softcap,
+            query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForSequenceClassification", _llama_features, _llama_export),
     Family("mistral", "MistralForSequenceClassification", _mistral_features, _mistral_export),
@@ -145,6 +168,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3", "Qwen3ForSequenceClassification", _qwen3_features, _qwen3_export),
     Family("olmo2", "Olmo2ForSequenceClassification", _olmo2_features, _olmo2_export),
     Family("phi3", "Phi3ForSequenceClassification", _phi3_features, _phi3_export, _phi3_rows),
+    Family("gemma2", "Gemma2ForSequenceClassification", _gemma2_features, _gemma2_export),
 )}
 
 

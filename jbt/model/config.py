@@ -43,6 +43,11 @@ class ModelConfig:
   pre_norms: bool = True  # RMSNorm on the input of attention and MLP (Llama)
   post_norms: bool = False  # RMSNorm on the output of attention and MLP, before the residual add (OLMo 2)
   norm_scale_f32: bool = False  # RMSNorm scales in float32, then casts (OLMo 2); else casts, then scales (Llama)
+  norm_offset: float = 0.0  # RMSNorm scales by offset + w (Gemma: 1, its weights start at 0)
+  embed_scale: bool = False  # embeddings times sqrt(hidden_size) in the compute dtype (Gemma)
+  mlp_activation: str = "silu"  # the gate's activation: "silu" (Llama) | "gelu_tanh" (Gemma's GeGLU)
+  query_scale: float | None = None  # attention logits over sqrt(this), not sqrt(head_dim) (Gemma's query_pre_attn_scalar)
+  attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
   sliding_window: int | None = None  # every layer's window (Mistral)
   # per-layer windows for models that mix sliding and full layers (0: full), scanned with the
   # layers; None: every layer uses sliding_window. A tuple so the dataclass stays hashable.
@@ -80,7 +85,10 @@ class ModelConfig:
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
     # Decided once, here, for the backend this process computes on.
-    object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.max_window))
+    if self.mlp_activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"mlp_activation must be silu or gelu_tanh, got {self.mlp_activation!r}")
+    object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.max_window,
+                                                            softcap=self.attn_softcap))
     object.__setattr__(self, "matmul", matmul.resolve(self.matmul))
 
   @property

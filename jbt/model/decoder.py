@@ -1,4 +1,4 @@
-"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3, OLMo 2) with a Bradley-Terry reward head.
+"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2) with a Bradley-Terry reward head.
 
 Shape legend for array names and einsum strings:
   B: batch rows            L: tokens in a row (query side)   S: tokens in a row (key side)
@@ -19,6 +19,7 @@ computes exactly what prompt + that response would alone, while the prompt is co
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -48,11 +49,15 @@ class RMSNorm(nn.Module):
   eps: float
   axis_names: tuple[str, ...] = ("embed",)
   scale_f32: bool = False
+  offset: float = 0.0  # scale by offset + w (Gemma: 1 + w, w initialised to 0)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n = len(self.axis_names)
-    w = _param(self, "scale", x.shape[-n:], self.axis_names, nn.initializers.ones)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    w = _param(self, "scale", x.shape[-n:], self.axis_names, init)
+    if self.offset:
+      w = w + self.offset
     axes = tuple(range(-n, 0))
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
@@ -62,7 +67,7 @@ class RMSNorm(nn.Module):
 
 
 def _norm(cfg: ModelConfig, name: str, *axis_names: str) -> RMSNorm:
-  return RMSNorm(cfg.rms_norm_eps, axis_names or ("embed",), cfg.norm_scale_f32, name=name)
+  return RMSNorm(cfg.rms_norm_eps, axis_names or ("embed",), cfg.norm_scale_f32, cfg.norm_offset, name=name)
 
 
 def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> Array:
@@ -154,11 +159,14 @@ class Attention(nn.Module):
     k_BxLxKxH = _constrain(apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
 
+    if cfg.query_scale is not None and cfg.query_scale != H:
+      # The kinds divide logits by sqrt(H); Gemma divides by sqrt(query_pre_attn_scalar).
+      q_BxLxNxH = q_BxLxNxH * jnp.asarray(math.sqrt(H / cfg.query_scale), dt)
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     kind = attention.KINDS[cfg.attention]
     out_BxLxKxGxH = kind.attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, sliding_window=cfg.sliding_window,
                                 block=getattr(cfg, kind.block_field), max_segment=self.max_segment,
-                                branches=cfg.branches)
+                                branches=cfg.branches, softcap=cfg.attn_softcap)
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
     y_BxLxD = matmul(out_TxNH, wo.reshape(N * H, D), dt, cfg.matmul).reshape(B, L, D)
     if cfg.o_bias:
@@ -192,7 +200,8 @@ class MLP(nn.Module):
       if cfg.mlp_bias:
         gate_TxF += b_gate.astype(dt)
         up_TxF += b_up.astype(dt)
-      h_BxCxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, C, F), ("batch", "length", "mlp"))
+      act = nn.silu if cfg.mlp_activation == "silu" else functools.partial(nn.gelu, approximate=True)
+      h_BxCxF = _constrain((act(gate_TxF) * up_TxF).reshape(B, C, F), ("batch", "length", "mlp"))
       y_TxD = matmul(h_BxCxF.reshape(B * C, F), w_down, dt, cfg.matmul)
       if cfg.mlp_bias:
         y_TxD += b_down.astype(dt)
@@ -283,7 +292,7 @@ class RewardModel(nn.Module):
       )(cfg, self.max_segment, name="layers")
     else:
       self.layer_list = [layer_cls(cfg, self.max_segment, name=f"layer_{i}") for i in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg.rms_norm_eps, ("embed",), cfg.norm_scale_f32)
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, ("embed",), cfg.norm_scale_f32, cfg.norm_offset)
     self.score = self.param(
         "score",
         nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "labels")),
@@ -298,6 +307,8 @@ class RewardModel(nn.Module):
     cfg = self.cfg
     dt = cfg.compute_dtype
     x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(dt)
+    if cfg.embed_scale:  # Gemma: times sqrt(D), the factor rounded to the compute dtype as transformers does
+      x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
     cos_BxLxH, sin_BxLxH = rope_cos_sin(cfg, positions_BxL)  # [B, L, R]: R = H unless partial rotary
     info = attention.mask_info(cfg.attention, segment_ids_BxL, positions_BxL, branch_ids_BxL, cfg.sliding_window)
