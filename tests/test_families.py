@@ -20,7 +20,7 @@ import tinymodels  # noqa: E402
 
 
 def test_every_registered_family_has_a_tiny_test_model():
-  tested = {name.split("_")[0] for name in tinymodels.FAMILY_KW}
+  tested = {tinymodels.model_type(name) for name in tinymodels.FAMILY_KW}
   assert set(families.FAMILIES) <= tested, f"add a tiny model for {set(families.FAMILIES) - tested} to tinymodels.py"
   for name, spec in families.FAMILIES.items():
     assert spec.name == name and spec.architecture.endswith("ForSequenceClassification")
@@ -215,7 +215,7 @@ def test_a_random_model_of_each_family_exports_as_that_family(family):
   np.testing.assert_allclose(np.asarray(got), _hf_rewards(m, tokens, seg), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family, windows", [("qwen3_mixed", (4, 0)), ("gemma2", (5, 0))])
+@pytest.mark.parametrize("family, windows", [("qwen3_mixed", (4, 0)), ("gemma2", (5, 0)), ("gemma3_text", (5, 0))])
 def test_mixed_layer_kinds_in_every_kind_scanned_or_not(family, windows):
   """A model mixing sliding and full layers (per-layer windows scanned with the layers; Gemma 2's
   soft-capping too): xla, flash, unscanned and remat all give transformers' rewards, the windows

@@ -17,7 +17,7 @@ VOCAB = 320
 # Llama 3 rope scaling and biases, Mistral sliding window shorter than the test rows, Qwen2 q/k/v
 # bias, Qwen3 q/k norm, Qwen2 / Qwen3 mixing sliding and full layers (from max_window_layers or
 # layer_types), OLMo 2 post-norms with q/k norms over whole projections (and
-# biases), Phi-3 fused qkv / gate_up with a sliding window, partial rotary and LongRoPE (long, short), Gemma 2.
+# biases), Phi-3 fused qkv / gate_up with a sliding window, partial rotary and LongRoPE (long, short), Gemma 2, Gemma 3 text.
 FAMILY_KW: dict[str, dict[str, Any]] = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
@@ -39,12 +39,24 @@ FAMILY_KW: dict[str, dict[str, Any]] = {
     # query_pre_attn_scalar != head_dim, a soft cap that bites, layer 0 sliding and layer 1 full
     "gemma2": dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=5, attn_logit_softcapping=2.0,
                    attention_bias=True),
+    # Gemma 3 text: q/k norms, local rope base on the sliding layer, linear rope scaling on the global one
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                        layer_types=["sliding_attention", "full_attention"],
+                        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6),
+                                         "sliding_attention": dict(rope_type="default", rope_theta=100.0)}),
     # Phi-3-mini-128k's kind: LongRoPE with its short factors in use (rows within 64 positions)
     "phi3_short": dict(max_position_embeddings=256, original_max_position_embeddings=64,
                        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
                                             short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0], long_factor=[1.0] * 6)),
 }
 FAMILIES = tuple(FAMILY_KW)
+
+
+def model_type(name: str) -> str:
+  """The model_type of a FAMILY_KW entry: the longest registered family it is, or starts with + "_"."""
+  from jbt.hf.families import FAMILIES as REGISTERED
+
+  return max((f for f in REGISTERED if name == f or name.startswith(f + "_")), key=len)
 
 
 def make_tokenizer(out: Path | None = None) -> Any:
@@ -76,7 +88,7 @@ def hf_config(family: str, num_labels: int = 2, **kw: Any) -> Any:
               initializer_range=0.1, max_position_embeddings=128, tie_word_embeddings=False)
   args.update(FAMILY_KW[family])
   args.update(kw)
-  return transformers.AutoConfig.for_model(family.split("_")[0], **args)
+  return transformers.AutoConfig.for_model(model_type(family), **args)
 
 
 def make_model(family: str, head: bool = True, seed: int = 0, num_labels: int = 2, **kw: Any) -> Any:

@@ -161,6 +161,30 @@ def _gemma2_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
             query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar)
 
 
+def _gemma3_features(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Gemma 3 text: Gemma 2's layout with per-head (1 + w) q/k norms, no soft-capping by default,
+  and its own rope (base, scaling) on the sliding layers."""
+  from jbt.hf.config import rope_scaling
+
+  if hf.get("use_bidirectional_attention"):
+    raise JbtError(f"{hf.get('model_type')} config: use_bidirectional_attention is not supported (causal only)")
+  rope = hf.get("rope_parameters") or {}
+  full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+  name = str(hf.get("model_type"))
+  return dict(_gemma2_features(hf), qk_norm=True, rope_theta=float(full.get("rope_theta", 1e6)),
+              rope_scaling=rope_scaling(full, name, hf),
+              local_rope=(float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))), rope_scaling(local, name, hf)))
+
+
+def _gemma3_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+  from jbt.hf.config import rope_parameters
+
+  _gemma2_export(cfg, hf)
+  local = cfg.local_rope or (cfg.rope_theta, cfg.rope_scaling)
+  hf["rope_parameters"] = {"full_attention": rope_parameters(cfg.rope_theta, cfg.rope_scaling, hf),
+                           "sliding_attention": rope_parameters(*local, hf)}
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForSequenceClassification", _llama_features, _llama_export),
     Family("mistral", "MistralForSequenceClassification", _mistral_features, _mistral_export),
@@ -169,6 +193,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("olmo2", "Olmo2ForSequenceClassification", _olmo2_features, _olmo2_export),
     Family("phi3", "Phi3ForSequenceClassification", _phi3_features, _phi3_export, _phi3_rows),
     Family("gemma2", "Gemma2ForSequenceClassification", _gemma2_features, _gemma2_export),
+    Family("gemma3_text", "Gemma3TextForSequenceClassification", _gemma3_features, _gemma3_export),
 )}
 
 

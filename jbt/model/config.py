@@ -34,6 +34,7 @@ class ModelConfig:
   # ("linear", factor), ("longrope", short_factors, long_factors, original_max_position_embeddings,
   # attention_factor) or None; tuples so the dataclass stays hashable for jit.
   rope_scaling: tuple | None = None
+  local_rope: tuple | None = None  # (rope_theta, rope_scaling) of sliding layers, if not the global ones (Gemma 3)
   partial_rotary_factor: float = 1.0  # the fraction of each head's dims RoPE rotates (Phi-4-mini: 0.75)
   qkv_bias: bool = False
   o_bias: bool = False
@@ -139,7 +140,10 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config fields {unknown}")
     d = dict(d)
-    for key in ("rope_scaling", "layer_windows"):  # JSON lists back to (nested) tuples
+    def tuples(x: Any) -> Any:  # JSON lists back to (nested) tuples
+      return tuple(tuples(y) for y in x) if isinstance(x, (list, tuple)) else x
+
+    for key in ("rope_scaling", "layer_windows", "local_rope"):
       if d.get(key) is not None:
-        d[key] = tuple(tuple(x) if isinstance(x, list) else x for x in d[key])
+        d[key] = tuples(d[key])
     return cls(**d)

@@ -70,21 +70,23 @@ def _norm(cfg: ModelConfig, name: str, *axis_names: str) -> RMSNorm:
   return RMSNorm(cfg.rms_norm_eps, axis_names or ("embed",), cfg.norm_scale_f32, cfg.norm_offset, name=name)
 
 
-def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> Array:
+def rope_inv_freq(cfg: ModelConfig, long: bool = False, local: bool = False) -> Array:
   """RoPE inverse frequencies [R/2] over the rotated dims R (cfg.rotary_dim), with Llama 3 / linear /
-  LongRoPE scaling as transformers computes them (long: LongRoPE's long factors)."""
+  LongRoPE scaling as transformers computes them (long: LongRoPE's long factors; local: the
+  sliding layers' own base and scaling, Gemma 3)."""
   R = cfg.rotary_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R))
-  if cfg.rope_scaling is None:
+  theta, scaling = cfg.local_rope if local else (cfg.rope_theta, cfg.rope_scaling)
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R))
+  if scaling is None:
     return inv_freq
-  kind = cfg.rope_scaling[0]
+  kind = scaling[0]
   if kind == "linear":
-    return inv_freq / cfg.rope_scaling[1]
+    return inv_freq / scaling[1]
   if kind == "longrope":  # per-frequency factors: 1 / (factor * theta^(2i/R))
-    _, short, long_, _, _ = cfg.rope_scaling
+    _, short, long_, _, _ = scaling
     return inv_freq / jnp.asarray(long_ if long else short, jnp.float32)
   if kind == "llama3":
-    _, factor, low_ff, high_ff, old_len = cfg.rope_scaling
+    _, factor, low_ff, high_ff, old_len = scaling
     low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
     wavelen = 2 * math.pi / inv_freq
     scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -95,16 +97,18 @@ def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> Array:
   raise ValueError(f"unsupported rope scaling {kind!r}")
 
 
-def rope_cos_sin(cfg: ModelConfig, positions_BxL: Array) -> tuple[Array, Array]:
+def rope_cos_sin(cfg: ModelConfig, positions_BxL: Array, local: bool = False) -> tuple[Array, Array]:
   """cos and sin [B, L, R] in the compute dtype, as transformers computes them (in float32, scaled
-  by LongRoPE's attention factor, then cast)."""
-  inv_freq_R2 = rope_inv_freq(cfg)
+  by LongRoPE's attention factor, then cast); local: the sliding layers' (cfg.local_rope)."""
+  inv_freq_R2 = rope_inv_freq(cfg, local=local)
+  scaling = cfg.local_rope[1] if local else cfg.rope_scaling
   scale = 1.0
-  if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "longrope":
+  if scaling is not None and scaling[0] == "longrope":
     # transformers picks the long factors for a whole forward when its longest sequence
     # (max position + 1) passes the original context; jbt's positions restart per sequence.
-    _, _, _, old_len, scale = cfg.rope_scaling
-    inv_freq_R2 = jnp.where(positions_BxL.max() + 1 > old_len, rope_inv_freq(cfg, long=True), inv_freq_R2)
+    _, _, _, old_len, scale = scaling
+    inv_freq_R2 = jnp.where(positions_BxL.max() + 1 > old_len, rope_inv_freq(cfg, long=True, local=local),
+                            inv_freq_R2)
   freqs_BxLxR2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_R2
   freqs_BxLxR = jnp.concatenate([freqs_BxLxR2, freqs_BxLxR2], axis=-1)
   dt = cfg.compute_dtype
@@ -235,6 +239,8 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     if window is not None:  # this layer's window (0: full), scanned with the layers
       info = info._replace(window=window)
+    if cos_BxLxH.ndim == 4:  # sliding layers have their own rope (Gemma 3): [global, local]
+      cos_BxLxH, sin_BxLxH = cos_BxLxH[(window > 0).astype(jnp.int32)], sin_BxLxH[(window > 0).astype(jnp.int32)]
     # Pre-norms (Llama) normalise each block's input, post-norms (OLMo 2) its output before the add.
     h = _norm(cfg, "attn_norm")(x_BxLxD) if cfg.pre_norms else x_BxLxD
     h = Attention(cfg, self.max_segment, name="attn")(h, info, cos_BxLxH, sin_BxLxH)
@@ -311,6 +317,11 @@ class RewardModel(nn.Module):
       x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
     cos_BxLxH, sin_BxLxH = rope_cos_sin(cfg, positions_BxL)  # [B, L, R]: R = H unless partial rotary
+    if cfg.local_rope is not None and cfg.sliding_window is not None:  # every layer slides
+      cos_BxLxH, sin_BxLxH = rope_cos_sin(cfg, positions_BxL, local=True)
+    elif cfg.local_rope is not None and cfg.layer_windows:  # [2, B, L, R]: global, local; each layer picks
+      cos_l, sin_l = rope_cos_sin(cfg, positions_BxL, local=True)
+      cos_BxLxH, sin_BxLxH = jnp.stack([cos_BxLxH, cos_l]), jnp.stack([sin_BxLxH, sin_l])
     info = attention.mask_info(cfg.attention, segment_ids_BxL, positions_BxL, branch_ids_BxL, cfg.sliding_window)
     windows = (jnp.asarray(cfg.layer_windows, jnp.int32),) if cfg.layer_windows else ()
     if cfg.scan_layers:
