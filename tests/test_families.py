@@ -207,7 +207,8 @@ def test_a_random_model_of_each_family_exports_as_that_family(family):
                                                          if k not in ("model_type", "transformers_version")})
   m = transformers.AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32).eval()
   assert type(m).__name__ == families.FAMILIES[family].architecture
-  result = m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(cfg, params).items()}, strict=False)
+  state = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(cfg, params).items()}
+  result = m.load_state_dict(state, strict=False)
   assert not result.missing_keys and not result.unexpected_keys
   tokens, seg, pos = _rows([np.arange(3, 15), np.arange(20, 27)], 16)
   idx = np.array([11, 16 + 6])

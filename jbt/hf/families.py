@@ -3,7 +3,8 @@
 A family spec says which transformers classes it is, which ModelConfig feature flags its HF
 config sets, which keys of config.json are its own on export, and its parameter table rows
 (jbt.hf.params.standard_rows unless the family lays its tensors out differently, e.g. fused
-projections). To add a family: one spec below, the model features it needs (jbt/model), and a
+projections). Shared helpers: layer_windows / export_layer_types (config.json's layer_types <->
+ModelConfig's sliding_window / per-layer layer_windows). To add a family: one spec below, the model features it needs (jbt/model), and a
 tiny model in tests/tinymodels.py (the tests loop over FAMILIES and fail on a family without one).
 """
 
@@ -171,9 +172,9 @@ def _gemma3_features(hf: Mapping[str, Any]) -> dict[str, Any]:
   rope = hf.get("rope_parameters") or {}
   full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
   name = str(hf.get("model_type"))
+  local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
   return dict(_gemma2_features(hf), qk_norm=True, rope_theta=float(full.get("rope_theta", 1e6)),
-              rope_scaling=rope_scaling(full, name, hf),
-              local_rope=(float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))), rope_scaling(local, name, hf)))
+              rope_scaling=rope_scaling(full, name, hf), local_rope=(local_theta, rope_scaling(local, name, hf)))
 
 
 def _gemma3_export(cfg: ModelConfig, hf: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ class ModelConfig:
   norm_offset: float = 0.0  # RMSNorm scales by offset + w (Gemma: 1, its weights start at 0)
   embed_scale: bool = False  # embeddings times sqrt(hidden_size) in the compute dtype (Gemma)
   mlp_activation: str = "silu"  # the gate's activation: "silu" (Llama) | "gelu_tanh" (Gemma's GeGLU)
-  query_scale: float | None = None  # attention logits over sqrt(this), not sqrt(head_dim) (Gemma's query_pre_attn_scalar)
+  query_scale: float | None = None  # logits over sqrt(this), not sqrt(head_dim) (Gemma's query_pre_attn_scalar)
   attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
   sliding_window: int | None = None  # every layer's window (Mistral)
   # per-layer windows for models that mix sliding and full layers (0: full), scanned with the

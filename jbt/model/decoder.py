@@ -1,4 +1,5 @@
-"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2) with a Bradley-Terry reward head.
+"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2, Gemma 3) with a
+Bradley-Terry reward head; jbt.hf.families maps each to the ModelConfig feature flags read here.
 
 Shape legend for array names and einsum strings:
   B: batch rows            L: tokens in a row (query side)   S: tokens in a row (key side)
@@ -6,6 +7,7 @@ Shape legend for array names and einsum strings:
   N: query heads           K: key/value heads                G: query heads per kv head (N // K)
   H: head dim              C: reward-head outputs (num_labels)
   P: pooled sequences (one reward each)   T: tokens of all rows (B * L)
+  R: head dims RoPE rotates (H, or fewer with partial rotary)
 
 One row may hold several sequences packed side by side: `segment_ids` numbers them (0 = padding)
 and attention is causal within a segment. `positions` restart at 0 for every sequence and only
