@@ -25,10 +25,11 @@ def packed_rows(rng, B, L, branches: int):
         break
       seg[b, start:start + size] = n
       pos[b, start:start + size] = np.arange(size)
-      if branches and size >= 4 * int(branches):
+      n_br = 2 if branches is True else int(branches)
+      if n_br and size >= 4 * n_br:
         p = size // 2
-        cuts = np.linspace(start + p, start + size, int(branches) + 1).astype(int)
-        for j in range(int(branches)):
+        cuts = np.linspace(start + p, start + size, n_br + 1).astype(int)
+        for j in range(n_br):
           br[b, cuts[j]:cuts[j + 1]] = j + 1
           pos[b, cuts[j]:cuts[j + 1]] = np.arange(p, p + cuts[j + 1] - cuts[j])
       start, n = start + size, n + 1
@@ -72,6 +73,69 @@ def test_flash_equals_dense_values_and_gradients(branches, window, block, max_se
     return (out * real * w).sum()
 
   assert_same_values_and_gradients(dense, flash, q, k, v, atol=2e-5, jit=True)
+
+
+@pytest.mark.parametrize("kind", ["flash", "xla"])
+def test_a_per_layer_window_traced_in_a_scan_equals_the_dense_reference(kind):
+  """Models that mix sliding and full layers feed each layer its window (0 = full) as a scanned
+  int32: values and gradients of every layer equal the dense mask built with that static window."""
+  from jbt.model import attention
+  from jbt.model.attention.mask import MaskInfo
+
+  rng = np.random.default_rng(3)
+  B, L, K, G, H = 2, 90, 2, 2, 8
+  seg, br, pos = packed_rows(rng, B, L, True)
+  seg, br, pos = jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  windows = jnp.array([5, 0, 11], jnp.int32)
+  dense_info = attention.mask_info(kind, seg, pos, br, None)
+
+  def per_layer(q, k, v):
+    def layer(total, window):
+      info = MaskInfo(*dense_info[:4], window=window)
+      out = attention.KINDS[kind].attend(q, k, v, info, sliding_window=None, block=16, max_segment=0)
+      return total + (out * real * w).sum() * (1.0 + window), None
+    return jax.lax.scan(layer, 0.0, windows)[0]
+
+  def dense(q, k, v):
+    total = 0.0
+    for window in (5, 0, 11):
+      mask = dense_mask(seg, pos, window or None, br)
+      total += (blocked_attention(q, k, v, mask, 0, 0) * real * w).sum() * (1.0 + window)
+    return total
+
+  assert_same_values_and_gradients(dense, per_layer, q, k, v, atol=1e-4, jit=True)
+
+
+@pytest.mark.parametrize("kind", ["flash", "xla"])
+def test_soft_capped_logits_equal_the_plain_formula_values_and_gradients(kind):
+  """Gemma 2's cap * tanh(logits / cap) before the mask, against the formula written out."""
+  from jbt.model import attention
+
+  rng = np.random.default_rng(4)
+  B, L, K, G, H, cap = 2, 70, 2, 2, 8, 1.5
+  seg, br, pos = packed_rows(rng, B, L, True)
+  seg, br, pos = jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+  q = q * 3.0  # logits well past the cap, so capping changes them
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  mask = dense_mask(seg, pos, None, br)
+  info = attention.mask_info(kind, seg, pos, br, None)
+
+  def dense(q, k, v):
+    logits = jnp.einsum("BLKGH,BSKH->BKGLS", q, k) / np.sqrt(H)
+    logits = jnp.where(mask[:, None, None], jnp.tanh(logits / cap) * cap, -1e30)
+    out = jnp.einsum("BKGLS,BSKH->BLKGH", jax.nn.softmax(logits, axis=-1), v)
+    return (out * real * w).sum()
+
+  def capped(q, k, v):
+    out = attention.KINDS[kind].attend(q, k, v, info, sliding_window=None, block=16, max_segment=0, softcap=cap)
+    return (out * real * w).sum()
+
+  assert_same_values_and_gradients(dense, capped, q, k, v, atol=1e-4, jit=True)
+  uncapped = attention.KINDS[kind].attend(q, k, v, info, sliding_window=None, block=16, max_segment=0)
+  assert abs(float((uncapped * real * w).sum()) - float(dense(q, k, v))) > 1e-2
 
 
 def test_flash_sees_a_segment_cut_by_a_wrong_bound_and_bf16_stays_close():
@@ -138,7 +202,7 @@ def test_a_branch_call_is_what_lets_the_fused_kernels_see_branches():
   from jbt.model.attention import fused
 
   rng = np.random.default_rng(3)
-  seg, br, pos = packed_rows(rng, 1, 128, True)
+  seg, br, pos = packed_rows(rng, 1, 128, 2)  # chosen and rejected branches (True gives one branch)
   q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 128, 1, 1, 16), (1, 128, 1, 16), (1, 128, 1, 16)))
   call = lambda q, k, v, s: fused.splash_call(q, k, v, s, block=32, max_segment=0)  # noqa: E731
   ref = blocked_attention(q, k, v, dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, jnp.asarray(br)), 0, 0)
@@ -156,6 +220,11 @@ def test_auto_falls_back_visibly_from_a_fused_kernel_for_a_sliding_window(caplog
     assert resolve("auto", "tpu", sliding_window=4096) == "xla"
   assert "splash does not take the model's sliding window (4096)" in caplog.text
   assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", sliding_window=8) == "flash"
+  with caplog.at_level("WARNING", logger="jbt"):
+    assert resolve("auto", "gpu", softcap=50.0) == "xla"
+  assert "pallas_gpu does not take attention-logit soft-capping (50.0)" in caplog.text
+  with pytest.raises(ValueError, match="'splash' does not take attention-logit soft-capping"):
+    resolve("splash", "tpu", softcap=50.0)
   with pytest.raises(ValueError, match="'pallas_gpu' does not take sliding windows"):
     resolve("pallas_gpu", "gpu", sliding_window=8)
 

@@ -77,7 +77,7 @@ def test_round_trip_is_bit_exact_and_loads(tmp_path, family):
     assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
   back = _load_seqcls(tmp_path / "back")
   cfg = json.loads((tmp_path / "back" / "config.json").read_text())
-  assert cfg["architectures"] == [families.FAMILIES[family.split("_")[0]].architecture] and cfg["pad_token_id"] == 0
+  assert cfg["architectures"] == [families.FAMILIES[tinymodels.model_type(family)].architecture] and cfg["pad_token_id"] == 0
   tokens, seg, pos = _batch()
   np.testing.assert_allclose(_score(back, tokens, seg), _jbt_rewards(tmp_path / "ckpt", tokens, seg, pos), atol=1e-4)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))

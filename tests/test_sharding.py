@@ -58,6 +58,24 @@ GOLDEN_LORA = {
 }
 
 
+# Parameters of other families' shapes: OLMo 2's post-norms and q/k norms over whole projections,
+# Gemma 2's four norms a layer (Phi-3's fused tensors are split into the standard parameters).
+GOLDEN_FAMILIES = {
+    "olmo2": (CFG.replace(pre_norms=False, post_norms=True, qk_norm_scope="projection"), {
+        "layers/post_attn_norm/scale": P(None, "fsdp"),
+        "layers/post_mlp_norm/scale": P(None, "fsdp"),
+        "layers/attn/q_norm/scale": P(None, "tensor", None),
+        "layers/attn/k_norm/scale": P(None, "tensor", None),
+    }),
+    "gemma2": (CFG.replace(post_norms=True, norm_offset=1.0), {
+        "layers/attn_norm/scale": P(None, "fsdp"),
+        "layers/post_attn_norm/scale": P(None, "fsdp"),
+        "layers/mlp_norm/scale": P(None, "fsdp"),
+        "layers/post_mlp_norm/scale": P(None, "fsdp"),
+    }),
+}
+
+
 def _flat_specs(cfg: model.ModelConfig, mesh) -> dict[str, P]:
   shardings = sharding.model_shardings(cfg, mesh)
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
@@ -80,6 +98,14 @@ def test_golden_lora_adapter_specs_on_a_2x4_mesh():
     assert specs[k] == want, (k, specs[k], want)
   shapes = dict(zip(specs, (x.shape for x in jax.tree.leaves(model.abstract_params(CFG.replace(lora_rank=4))))))
   assert shapes["layers/attn/q_lora_b"] == (3, 4, 8, 8) and shapes["layers/attn/o_lora_a"] == (3, 8, 8, 4)
+
+
+def test_golden_partition_specs_of_other_families():
+  mesh = sharding.make_mesh([1, 2, 4])
+  for name, (cfg, golden) in GOLDEN_FAMILIES.items():
+    specs = _flat_specs(cfg, mesh)
+    for k, want in golden.items():
+      assert specs.get(k) == want, (name, k, specs.get(k), want)
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated():

@@ -25,7 +25,8 @@ def get_config() -> ConfigDict:
   c.model.attention = "auto"  # auto (flash on CPU, xla elsewhere) | flash (block-sparse, cost follows the pairs) | xla
   c.model.mlp_chunk = 0  # > 0: the MLP runs over chunks of this many tokens of a row, recomputed in the backward pass (less memory for long rows; 0: whole rows)
   c.model.scan_layers = True  # one compiled layer scanned over depth (compile time independent of depth)
-  # Size fields, used only with init_from="random" (family: llama, mistral, qwen2, qwen3).
+  # Size fields, used only with init_from="random" (family: a model_type of jbt.hf.families.FAMILIES, e.g. llama, qwen3, olmo2;
+  # the family's features as transformers configures it by default, then these fields).
   c.model.random = ConfigDict(dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                    num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
                                    initializer_range=0.02))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from jbt.errors import JbtError
@@ -9,16 +10,31 @@ from jbt.hf import families
 from jbt.model import ModelConfig
 
 
-def _rope_scaling(rope: Mapping[str, Any], family: str) -> tuple | None:
+def longrope_attention_factor(factor: float | None, max_positions: int, old_len: int) -> float:
+  """transformers' default LongRoPE attention factor (from the context extension ratio)."""
+  factor = factor if factor is not None else max_positions / old_len
+  return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+
+
+def rope_scaling(rope: Mapping[str, Any], family: str, hf: Mapping[str, Any]) -> tuple | None:
+  """ModelConfig.rope_scaling from one config.json rope_parameters dict (unsupported: JbtError)."""
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type == "default":
     return None
+  if rope_type in ("longrope", "su"):  # Phi-3 / Phi-4-mini; "su" is its old name
+    old_len = int(rope.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+    scale = rope.get("attention_factor")
+    if scale is None:
+      scale = longrope_attention_factor(rope.get("factor"), int(hf["max_position_embeddings"]), old_len)
+    return ("longrope", tuple(float(f) for f in rope["short_factor"]), tuple(float(f) for f in rope["long_factor"]),
+            old_len, float(scale))
   if rope_type == "linear":
     return ("linear", float(rope["factor"]))
   if rope_type == "llama3":
     return ("llama3", float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
             float(rope["original_max_position_embeddings"]))
-  raise JbtError(f"unsupported rope type {rope_type!r} in the {family} config (supported: default, linear, llama3)")
+  raise JbtError(f"unsupported rope type {rope_type!r} in the {family} config (supported: default, linear, llama3, "
+                 "longrope)")
 
 
 def is_seq_cls(hf: Mapping[str, Any]) -> bool:
@@ -51,7 +67,7 @@ def model_config_from_hf(hf: Mapping[str, Any], *, num_labels: int | None = None
       head_dim=int(hf.get("head_dim") or D // N),
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-      rope_scaling=_rope_scaling(rope, family.name),
+      rope_scaling=rope_scaling(rope, family.name, hf),
       num_labels=int(num_labels),
       pad_token_id=int(pad),
       initializer_range=float(hf.get("initializer_range", 0.02)),
@@ -59,6 +75,27 @@ def model_config_from_hf(hf: Mapping[str, Any], *, num_labels: int | None = None
   fields.update(family.features(hf))
   fields.update(overrides)
   return ModelConfig(**fields)
+
+
+def rope_parameters(theta: float, scaling: tuple | None, hf: dict[str, Any]) -> dict[str, Any]:
+  """config.json's rope_parameters for one (rope_theta, ModelConfig.rope_scaling); LongRoPE also
+  writes hf's original_max_position_embeddings."""
+  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+  if scaling and scaling[0] == "linear":
+    rope.update(rope_type="linear", factor=scaling[1])
+  elif scaling and scaling[0] == "longrope":
+    _, short, long_, old_len, scale = scaling
+    rope.update(rope_type="longrope", short_factor=list(short), long_factor=list(long_),
+                original_max_position_embeddings=old_len)
+    hf["original_max_position_embeddings"] = old_len
+    max_positions = int(hf.get("max_position_embeddings") or old_len)
+    if scale != longrope_attention_factor(None, max_positions, old_len):  # else transformers derives it
+      rope["attention_factor"] = scale
+  elif scaling:
+    _, f, lo, hi, old = scaling
+    rope.update(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,
+                original_max_position_embeddings=int(old))
+  return rope
 
 
 def hf_config_for_export(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -72,13 +109,7 @@ def hf_config_for_export(cfg: ModelConfig, base: Mapping[str, Any] | None = None
   family = families.get(cfg.family)
   hf = dict(base or {})
   hf.pop("rope_scaling", None)
-  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling and cfg.rope_scaling[0] == "linear":
-    rope.update(rope_type="linear", factor=cfg.rope_scaling[1])
-  elif cfg.rope_scaling:
-    _, f, lo, hi, old = cfg.rope_scaling
-    rope.update(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,
-                original_max_position_embeddings=int(old))
+  rope = rope_parameters(cfg.rope_theta, cfg.rope_scaling, hf)
   hf.update(
       model_type=family.name,
       architectures=[family.architecture],

@@ -102,8 +102,6 @@ def standard_rows(cfg: ModelConfig) -> list[Entry]:
       one("embed", "model.embed_tokens.weight", IDENTITY),
       one("final_norm/scale", "model.norm.weight", IDENTITY),
       one("score", "score.weight", TRANSPOSE),
-      one("attn_norm/scale", L + "input_layernorm.weight", IDENTITY),
-      one("mlp_norm/scale", L + "post_attention_layernorm.weight", IDENTITY),
       one("attn/q", L + "self_attn.q_proj.weight", in_proj(N, H)),
       one("attn/k", L + "self_attn.k_proj.weight", in_proj(K, H)),
       one("attn/v", L + "self_attn.v_proj.weight", in_proj(K, H)),
@@ -112,6 +110,7 @@ def standard_rows(cfg: ModelConfig) -> list[Entry]:
       one("mlp/up", L + "mlp.up_proj.weight", TRANSPOSE),
       one("mlp/down", L + "mlp.down_proj.weight", TRANSPOSE),
   ]
+  rows += [one(path, L + hf + ".weight", IDENTITY) for path, hf in _layer_norm_names(cfg)]
   if cfg.qkv_bias:
     rows += [one("attn/q_bias", L + "self_attn.q_proj.bias", head_bias(N, H)),
              one("attn/k_bias", L + "self_attn.k_proj.bias", head_bias(K, H)),
@@ -123,9 +122,21 @@ def standard_rows(cfg: ModelConfig) -> list[Entry]:
              one("mlp/up_bias", L + "mlp.up_proj.bias", IDENTITY),
              one("mlp/down_bias", L + "mlp.down_proj.bias", IDENTITY)]
   if cfg.qk_norm:
-    rows += [one("attn/q_norm/scale", L + "self_attn.q_norm.weight", IDENTITY),
-             one("attn/k_norm/scale", L + "self_attn.k_norm.weight", IDENTITY)]
+    whole = cfg.qk_norm_scope == "projection"  # HF [N*H] <-> jbt [N, H]
+    rows += [one("attn/q_norm/scale", L + "self_attn.q_norm.weight", head_bias(N, H) if whole else IDENTITY),
+             one("attn/k_norm/scale", L + "self_attn.k_norm.weight", head_bias(K, H) if whole else IDENTITY)]
   return rows
+
+
+def _layer_norm_names(cfg: ModelConfig) -> list[tuple[str, str]]:
+  """(jbt path, HF module) of a layer's norms: HF names them by position, so a post-attention norm
+  is Llama's pre-MLP norm but OLMo 2's and Gemma 2's norm of the attention's output."""
+  if cfg.pre_norms and cfg.post_norms:  # Gemma 2 / 3
+    return [("attn_norm/scale", "input_layernorm"), ("post_attn_norm/scale", "post_attention_layernorm"),
+            ("mlp_norm/scale", "pre_feedforward_layernorm"), ("post_mlp_norm/scale", "post_feedforward_layernorm")]
+  if cfg.post_norms:  # OLMo 2
+    return [("post_attn_norm/scale", "post_attention_layernorm"), ("post_mlp_norm/scale", "post_feedforward_layernorm")]
+  return [("attn_norm/scale", "input_layernorm"), ("mlp_norm/scale", "post_attention_layernorm")]
 
 
 def param_table(cfg: ModelConfig) -> list[Entry]:

@@ -34,13 +34,28 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
-  # ("linear", factor) or None; a tuple so the dataclass stays hashable for jit.
+  # ("linear", factor), ("longrope", short_factors, long_factors, original_max_position_embeddings,
+  # attention_factor) or None; tuples so the dataclass stays hashable for jit.
   rope_scaling: tuple | None = None
+  local_rope: tuple | None = None  # (rope_theta, rope_scaling) of sliding layers, if not the global ones (Gemma 3)
+  partial_rotary_factor: float = 1.0  # the fraction of each head's dims RoPE rotates (Phi-4-mini: 0.75)
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False
-  sliding_window: int | None = None
+  qk_norm_scope: str = "head"  # "head": RMSNorm over each head's H (Qwen3) | "projection": over all N*H (OLMo 2)
+  pre_norms: bool = True  # RMSNorm on the input of attention and MLP (Llama)
+  post_norms: bool = False  # RMSNorm on the output of attention and MLP, before the residual add (OLMo 2)
+  norm_scale_f32: bool = False  # RMSNorm scales in float32, then casts (OLMo 2); else casts, then scales (Llama)
+  norm_offset: float = 0.0  # RMSNorm scales by offset + w (Gemma: 1, its weights start at 0)
+  embed_scale: bool = False  # embeddings times sqrt(hidden_size) in the compute dtype (Gemma)
+  mlp_activation: str = "silu"  # the gate's activation: "silu" (Llama) | "gelu_tanh" (Gemma's GeGLU)
+  query_scale: float | None = None  # logits over sqrt(this), not sqrt(head_dim) (Gemma's query_pre_attn_scalar)
+  attn_softcap: float | None = None  # attention logits become cap * tanh(logits / cap) (Gemma 2)
+  sliding_window: int | None = None  # every layer's window (Mistral)
+  # per-layer windows for models that mix sliding and full layers (0: full), scanned with the
+  # layers; None: every layer uses sliding_window. A tuple so the dataclass stays hashable.
+  layer_windows: tuple[int, ...] | None = None
   num_labels: int = 2
   pad_token_id: int = 0
   initializer_range: float = 0.02
@@ -66,6 +81,16 @@ class ModelConfig:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
     if self.num_labels not in (1, 2):
       raise ValueError(f"num_labels must be 1 or 2, got {self.num_labels}")
+    if self.qk_norm_scope not in ("head", "projection"):
+      raise ValueError(f"qk_norm_scope must be head or projection, got {self.qk_norm_scope!r}")
+    if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+      raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} of head_dim {self.head_dim} gives "
+                       f"{self.rotary_dim} rotated dims; that must be even and positive")
+    if self.layer_windows is not None:
+      if len(self.layer_windows) != self.num_layers or self.sliding_window is not None:
+        raise ValueError(f"layer_windows needs one window per layer ({self.num_layers}) and no sliding_window, "
+                         f"got {self.layer_windows} and {self.sliding_window}")
+      object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -73,8 +98,21 @@ class ModelConfig:
       raise ValueError(f"LoRA needs rank >= 0 and targets among {', '.join(LORA_TARGETS)}, got rank "
                        f"{self.lora_rank}, targets {list(self.lora_targets)}")
     # Decided once, here, for the backend this process computes on.
-    object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.sliding_window))
+    if self.mlp_activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"mlp_activation must be silu or gelu_tanh, got {self.mlp_activation!r}")
+    object.__setattr__(self, "attention", attention.resolve(self.attention, sliding_window=self.max_window,
+                                                            softcap=self.attn_softcap))
     object.__setattr__(self, "matmul", matmul.resolve(self.matmul))
+
+  @property
+  def rotary_dim(self) -> int:
+    """R: the head dims RoPE rotates (the first R; HF's int(head_dim * partial_rotary_factor))."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
+  def max_window(self) -> int | None:
+    """The widest sliding window of any layer (None: full attention everywhere)."""
+    return (max(self.layer_windows) or None) if self.layer_windows else self.sliding_window
 
   @property
   def reward_label(self) -> int:
@@ -97,9 +135,11 @@ class ModelConfig:
     """Parameter count (no LM head), used for MFU estimates."""
     D, F, N, K, H = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
     attn = D * N * H * 2 + D * K * H * 2
-    attn += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
+    qk_norm = (N + K) * H if self.qk_norm_scope == "projection" else 2 * H
+    attn += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + qk_norm * self.qk_norm
     mlp = 3 * D * F + (2 * F + D) * self.mlp_bias
-    return self.vocab_size * D + self.num_layers * (attn + mlp + 2 * D) + D + D * self.num_labels
+    norms = 2 * D * (self.pre_norms + self.post_norms)
+    return self.vocab_size * D + self.num_layers * (attn + mlp + norms) + D + D * self.num_labels
 
   def to_json(self) -> dict[str, Any]:
     """The fields a model directory stores; attention and matmul stay "auto", since they are the
@@ -117,8 +157,10 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config fields {unknown}")
     d = dict(d)
-    if d.get("rope_scaling") is not None:
-      d["rope_scaling"] = tuple(d["rope_scaling"])
-    if "lora_targets" in d:
-      d["lora_targets"] = tuple(d["lora_targets"])
+    def tuples(x: Any) -> Any:  # JSON lists back to (nested) tuples
+      return tuple(tuples(y) for y in x) if isinstance(x, (list, tuple)) else x
+
+    for key in ("rope_scaling", "layer_windows", "local_rope", "lora_targets"):
+      if d.get(key) is not None:
+        d[key] = tuples(d[key])
     return cls(**d)

@@ -1,4 +1,5 @@
-"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3) with a Bradley-Terry reward head.
+"""Decoder backbone (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Phi-3, Gemma 2, Gemma 3) with a
+Bradley-Terry reward head; jbt.hf.families maps each to the ModelConfig feature flags read here.
 
 Shape legend for array names and einsum strings:
   B: batch rows            L: tokens in a row (query side)   S: tokens in a row (key side)
@@ -7,6 +8,7 @@ Shape legend for array names and einsum strings:
   H: head dim              C: reward-head outputs (num_labels)
   P: pooled sequences (one reward each)   T: tokens of all rows (B * L)
   I, O: a projection's input and output width   R: LoRA rank
+  R: head dims RoPE rotates (H, or fewer with partial rotary)
 
 One row may hold several sequences packed side by side: `segment_ids` numbers them (0 = padding)
 and attention is causal within a segment. `positions` restart at 0 for every sequence and only
@@ -20,6 +22,7 @@ computes exactly what prompt + that response would alone, while the prompt is co
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -79,30 +82,50 @@ def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
 
 
 class RMSNorm(nn.Module):
-  """HF's RMSNorm: normalise in float32, cast back, then scale (that order matters in bf16)."""
+  """HF's RMSNorm over the last len(axis_names) axes: normalise in float32, then either cast back
+  and scale (Llama) or scale in float32 and cast (scale_f32: OLMo 2); the order matters in bf16."""
 
   eps: float
-  axis_name: str = "embed"
+  axis_names: tuple[str, ...] = ("embed",)
+  scale_f32: bool = False
+  offset: float = 0.0  # scale by offset + w (Gemma: 1 + w, w initialised to 0)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    w = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
+    n = len(self.axis_names)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    w = _param(self, "scale", x.shape[-n:], self.axis_names, init)
+    if self.offset:
+      w = w + self.offset
+    axes = tuple(range(-n, 0))
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
+    if self.scale_f32:
+      return (w * x32).astype(x.dtype)
     return w.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> Array:
-  """RoPE inverse frequencies [H/2], with Llama 3 / linear scaling as transformers computes them."""
-  H = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
-  if cfg.rope_scaling is None:
+def _norm(cfg: ModelConfig, name: str, *axis_names: str) -> RMSNorm:
+  return RMSNorm(cfg.rms_norm_eps, axis_names or ("embed",), cfg.norm_scale_f32, cfg.norm_offset, name=name)
+
+
+def rope_inv_freq(cfg: ModelConfig, long: bool = False, local: bool = False) -> Array:
+  """RoPE inverse frequencies [R/2] over the rotated dims R (cfg.rotary_dim), with Llama 3 / linear /
+  LongRoPE scaling as transformers computes them (long: LongRoPE's long factors; local: the
+  sliding layers' own base and scaling, Gemma 3)."""
+  R = cfg.rotary_dim
+  theta, scaling = cfg.local_rope if local else (cfg.rope_theta, cfg.rope_scaling)
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R))
+  if scaling is None:
     return inv_freq
-  kind = cfg.rope_scaling[0]
+  kind = scaling[0]
   if kind == "linear":
-    return inv_freq / cfg.rope_scaling[1]
+    return inv_freq / scaling[1]
+  if kind == "longrope":  # per-frequency factors: 1 / (factor * theta^(2i/R))
+    _, short, long_, _, _ = scaling
+    return inv_freq / jnp.asarray(long_ if long else short, jnp.float32)
   if kind == "llama3":
-    _, factor, low_ff, high_ff, old_len = cfg.rope_scaling
+    _, factor, low_ff, high_ff, old_len = scaling
     low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
     wavelen = 2 * math.pi / inv_freq
     scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -113,11 +136,33 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
   raise ValueError(f"unsupported rope scaling {kind!r}")
 
 
-def apply_rope(x_BxLxNxH: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
-  """HF's rotate_half layout: (x1, x2) halves, x*cos + (-x2, x1)*sin. No weight permutation needed."""
-  x1, x2 = jnp.split(x_BxLxNxH, 2, axis=-1)
+def rope_cos_sin(cfg: ModelConfig, positions_BxL: Array, local: bool = False) -> tuple[Array, Array]:
+  """cos and sin [B, L, R] in the compute dtype, as transformers computes them (in float32, scaled
+  by LongRoPE's attention factor, then cast); local: the sliding layers' (cfg.local_rope)."""
+  inv_freq_R2 = rope_inv_freq(cfg, local=local)
+  scaling = cfg.local_rope[1] if local else cfg.rope_scaling
+  scale = 1.0
+  if scaling is not None and scaling[0] == "longrope":
+    # transformers picks the long factors for a whole forward when its longest sequence
+    # (max position + 1) passes the original context; jbt's positions restart per sequence.
+    _, _, _, old_len, scale = scaling
+    inv_freq_R2 = jnp.where(positions_BxL.max() + 1 > old_len, rope_inv_freq(cfg, long=True, local=local),
+                            inv_freq_R2)
+  freqs_BxLxR2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_R2
+  freqs_BxLxR = jnp.concatenate([freqs_BxLxR2, freqs_BxLxR2], axis=-1)
+  dt = cfg.compute_dtype
+  return (jnp.cos(freqs_BxLxR) * scale).astype(dt), (jnp.sin(freqs_BxLxR) * scale).astype(dt)
+
+
+def apply_rope(x_BxLxNxH: Array, cos_BxLxR: Array, sin_BxLxR: Array) -> Array:
+  """HF's rotate_half layout: (x1, x2) halves, x*cos + (-x2, x1)*sin. No weight permutation needed.
+  Partial rotary (R < H): the first R dims rotate, the rest pass through."""
+  R = cos_BxLxR.shape[-1]
+  x_rot, x_pass = x_BxLxNxH[..., :R], x_BxLxNxH[..., R:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x_BxLxNxH * cos_BxLxH[:, :, None, :] + rotated * sin_BxLxH[:, :, None, :]
+  out = x_rot * cos_BxLxR[:, :, None, :] + rotated * sin_BxLxR[:, :, None, :]
+  return out if R == x_BxLxNxH.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 class Attention(nn.Module):
@@ -150,18 +195,24 @@ class Attention(nn.Module):
       q_BxLxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
       k_BxLxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
       v_BxLxKxH += _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
-    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H before RoPE
-      q_BxLxNxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="q_norm")(q_BxLxNxH)
-      k_BxLxKxH = RMSNorm(cfg.rms_norm_eps, "head_dim", name="k_norm")(k_BxLxKxH)
+    if cfg.qk_norm and cfg.qk_norm_scope == "head":  # Qwen3: RMSNorm over each head's H before RoPE
+      q_BxLxNxH = _norm(cfg, "q_norm", "head_dim")(q_BxLxNxH)
+      k_BxLxKxH = _norm(cfg, "k_norm", "head_dim")(k_BxLxKxH)
+    elif cfg.qk_norm:  # OLMo 2: over the whole projection (N*H, K*H), after the bias
+      q_BxLxNxH = _norm(cfg, "q_norm", "heads", "head_dim")(q_BxLxNxH)
+      k_BxLxKxH = _norm(cfg, "k_norm", "kv_heads", "head_dim")(k_BxLxKxH)
     q_BxLxNxH = _constrain(apply_rope(q_BxLxNxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "heads", "head_dim"))
     k_BxLxKxH = _constrain(apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH), ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxKxH = _constrain(v_BxLxKxH, ("batch", "length", "kv_heads", "head_dim"))
 
+    if cfg.query_scale is not None and cfg.query_scale != H:
+      # The kinds divide logits by sqrt(H); Gemma divides by sqrt(query_pre_attn_scalar).
+      q_BxLxNxH = q_BxLxNxH * jnp.asarray(math.sqrt(H / cfg.query_scale), dt)
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     kind = attention.KINDS[cfg.attention]
     out_BxLxKxGxH = kind.attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, sliding_window=cfg.sliding_window,
                                 block=getattr(cfg, kind.block_field), max_segment=self.max_segment,
-                                branches=cfg.branches)
+                                branches=cfg.branches, softcap=cfg.attn_softcap)
     out_TxNH = out_BxLxKxGxH.reshape(B * L, N * H)
     y_BxLxD = _project(out_TxNH, wo.reshape(N * H, D), ad["o"], cfg).reshape(B, L, D)
     if cfg.o_bias:
@@ -197,7 +248,8 @@ class MLP(nn.Module):
       if cfg.mlp_bias:
         gate_TxF += b_gate.astype(dt)
         up_TxF += b_up.astype(dt)
-      h_BxCxF = _constrain((nn.silu(gate_TxF) * up_TxF).reshape(B, C, F), ("batch", "length", "mlp"))
+      act = nn.silu if cfg.mlp_activation == "silu" else functools.partial(nn.gelu, approximate=True)
+      h_BxCxF = _constrain((act(gate_TxF) * up_TxF).reshape(B, C, F), ("batch", "length", "mlp"))
       y_TxD = _project(h_BxCxF.reshape(B * C, F), w_down, ad["down"], cfg)
       if cfg.mlp_bias:
         y_TxD += b_down.astype(dt)
@@ -226,12 +278,20 @@ class DecoderLayer(nn.Module):
   max_segment: int = 0
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array):
+  def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array,
+               window: Array | None = None):
     cfg = self.cfg
-    h = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(cfg, self.max_segment, name="attn")(h, info, cos_BxLxH, sin_BxLxH)
-    h = RMSNorm(cfg.rms_norm_eps, "embed", name="mlp_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h)
+    if window is not None:  # this layer's window (0: full), scanned with the layers
+      info = info._replace(window=window)
+    if cos_BxLxH.ndim == 4:  # sliding layers have their own rope (Gemma 3): [global, local]
+      cos_BxLxH, sin_BxLxH = cos_BxLxH[(window > 0).astype(jnp.int32)], sin_BxLxH[(window > 0).astype(jnp.int32)]
+    # Pre-norms (Llama) normalise each block's input, post-norms (OLMo 2) its output before the add.
+    h = _norm(cfg, "attn_norm")(x_BxLxD) if cfg.pre_norms else x_BxLxD
+    h = Attention(cfg, self.max_segment, name="attn")(h, info, cos_BxLxH, sin_BxLxH)
+    x_BxLxD = x_BxLxD + (_norm(cfg, "post_attn_norm")(h) if cfg.post_norms else h)
+    h = _norm(cfg, "mlp_norm")(x_BxLxD) if cfg.pre_norms else x_BxLxD
+    h = MLP(cfg, name="mlp")(h)
+    x_BxLxD = x_BxLxD + (_norm(cfg, "post_mlp_norm")(h) if cfg.post_norms else h)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
     return x_BxLxD, None  # (carry, per-layer output) for nn.scan
 
@@ -275,13 +335,14 @@ class RewardModel(nn.Module):
           layer_cls,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          # info, cos, sin are shared; per-layer windows (if any) are scanned with the layers
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast) + ((0,) if cfg.layer_windows else ()),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, self.max_segment, name="layers")
     else:
       self.layer_list = [layer_cls(cfg, self.max_segment, name=f"layer_{i}") for i in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed")
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, ("embed",), cfg.norm_scale_f32, cfg.norm_offset)
     self.score = self.param(
         "score",
         nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "labels")),
@@ -296,16 +357,22 @@ class RewardModel(nn.Module):
     cfg = self.cfg
     dt = cfg.compute_dtype
     x_BxLxD = jnp.take(self.embed, tokens_BxL, axis=0).astype(dt)
+    if cfg.embed_scale:  # Gemma: times sqrt(D), the factor rounded to the compute dtype as transformers does
+      x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
-    freqs_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
-    freqs_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
-    cos_BxLxH, sin_BxLxH = jnp.cos(freqs_BxLxH).astype(dt), jnp.sin(freqs_BxLxH).astype(dt)
+    cos_BxLxH, sin_BxLxH = rope_cos_sin(cfg, positions_BxL)  # [B, L, R]: R = H unless partial rotary
+    if cfg.local_rope is not None and cfg.sliding_window is not None:  # every layer slides
+      cos_BxLxH, sin_BxLxH = rope_cos_sin(cfg, positions_BxL, local=True)
+    elif cfg.local_rope is not None and cfg.layer_windows:  # [2, B, L, R]: global, local; each layer picks
+      cos_l, sin_l = rope_cos_sin(cfg, positions_BxL, local=True)
+      cos_BxLxH, sin_BxLxH = jnp.stack([cos_BxLxH, cos_l]), jnp.stack([sin_BxLxH, sin_l])
     info = attention.mask_info(cfg.attention, segment_ids_BxL, positions_BxL, branch_ids_BxL, cfg.sliding_window)
+    windows = (jnp.asarray(cfg.layer_windows, jnp.int32),) if cfg.layer_windows else ()
     if cfg.scan_layers:
-      x_BxLxD, _ = self.layers(x_BxLxD, info, cos_BxLxH, sin_BxLxH)
+      x_BxLxD, _ = self.layers(x_BxLxD, info, cos_BxLxH, sin_BxLxH, *windows)
     else:
-      for layer in self.layer_list:
-        x_BxLxD, _ = layer(x_BxLxD, info, cos_BxLxH, sin_BxLxH)
+      for i, layer in enumerate(self.layer_list):
+        x_BxLxD, _ = layer(x_BxLxD, info, cos_BxLxH, sin_BxLxH, *(w[i] for w in windows))
     return self.final_norm(x_BxLxD)
 
   def __call__(

@@ -123,8 +123,9 @@ def model(cfg: ConfigDict, shardings_fn: Any) -> Loaded:
   unknown = sorted(set(m.random.keys()) - {f.name for f in dataclasses.fields(ModelConfig)})
   if unknown:
     raise JbtError(f"model.random has unknown fields {unknown}")
+  fields = families.default_features(m.random.family) | m.random.to_dict()  # the family's features, then sizes
   model_cfg = ModelConfig(vocab_size=len(tokenizer), num_labels=m.num_labels,
-                          pad_token_id=data.resolve_pad_token_id(tokenizer), **m.random.to_dict(), **runtime_fields(cfg))
+                          pad_token_id=data.resolve_pad_token_id(tokenizer), **fields, **runtime_fields(cfg))
   return Loaded(model_cfg, None, {}, align_pad(tokenizer, model_cfg, m.tokenizer))
 
 

@@ -1,5 +1,6 @@
 """Attention kinds, by name (ModelConfig.attention). To add a kernel: a module with an
-`attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, *, sliding_window, block, max_segment, branches)` function,
+`attend(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, *, sliding_window, block, max_segment, branches, softcap)`
+function,
 one Kind entry below, and its case in tests/test_attention.py (values and gradients against the
 dense reference).
 
@@ -12,7 +13,8 @@ dense reference).
 - "pallas_gpu": jax's Pallas (Triton) flash attention with segment ids (fused.py), one call per
   branch. The GPU default.
 
-The fused kernels do not take sliding windows: "auto" picks "xla" for such a model, with a warning.
+The fused kernels take neither sliding windows (one for all layers or per layer) nor Gemma 2's
+attention-logit soft-capping: "auto" picks "xla" for such a model, with a warning.
 """
 
 from __future__ import annotations
@@ -46,22 +48,27 @@ FUSED = ("splash", "pallas_gpu")  # kinds that cannot apply a sliding window
 SAVED_NAMES = tuple(n for k in KINDS.values() for n in k.saved_names)
 
 
-def resolve(kind: str, backend: str | None = None, sliding_window: int | None = None) -> str:
+def resolve(kind: str, backend: str | None = None, sliding_window: int | None = None,
+            softcap: float | None = None) -> str:
   """A name of KINDS; "auto" becomes the default of `backend` (JAX's default backend if None),
-  or "xla" where that default is a fused kernel and the model has a sliding window."""
+  or "xla" where that default is a fused kernel and the model has a sliding window or soft-capping."""
+  needs = ([f"the model's sliding window ({sliding_window})"] if sliding_window is not None else []) + (
+      [f"attention-logit soft-capping ({softcap})"] if softcap is not None else [])
   if kind == "auto":
     backend = backend or jax.default_backend()
     kind = DEFAULT_BY_BACKEND.get(backend, "xla")
-    if kind in FUSED and sliding_window is not None:
-      logging.getLogger("jbt").warning(
-          "attention: %s does not take the model's sliding window (%d); using xla attention on %s",
-          kind, sliding_window, backend)
+    if kind in FUSED and needs:
+      logging.getLogger("jbt").warning("attention: %s does not take %s; using xla attention on %s",
+                                       kind, " or ".join(needs), backend)
       kind = "xla"
     return kind
   if kind not in KINDS:
     raise ValueError(f"attention must be auto or one of {', '.join(KINDS)}, got {kind!r}")
   if kind in FUSED and sliding_window is not None:
     raise ValueError(f"attention {kind!r} does not take sliding windows (the model's is {sliding_window}); "
+                     "use attention='xla' or 'auto'")
+  if kind in FUSED and softcap is not None:
+    raise ValueError(f"attention {kind!r} does not take attention-logit soft-capping ({softcap}); "
                      "use attention='xla' or 'auto'")
   return kind
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jbt.model.attention.mask import MaskInfo
+from jbt.model.attention.mask import MaskInfo, layer_window
 
 Array = jax.Array
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -49,6 +49,9 @@ def _block_mask(info: MaskInfo, qs: Array, ks: Array, block: int, sliding_window
   if sliding_window is not None:
     pos_q, pos_k = _slice_tokens(info.positions_BxL, qs, block), _slice_tokens(info.positions_BxL, ks, block)
     mask &= (pos_q[:, :, None] - pos_k[:, None, :]) < sliding_window
+  if info.window is not None:
+    mask = layer_window(mask, _slice_tokens(info.positions_BxL, qs, block), _slice_tokens(info.positions_BxL, ks, block),
+                        info.window)
   return mask
 
 
@@ -74,9 +77,11 @@ def _pad_tokens(x: Array, n: int, value: int = 0) -> Array:
 
 
 def _visit_key_blocks(q_BxKxGxQxH: Array, k_BxKxLxH: Array, v_BxKxLxH: Array, info: MaskInfo, qs: Array,
-                      first: Array, last: Array, block: int, sliding_window: int | None, visit, init):
+                      first: Array, last: Array, block: int, sliding_window: int | None, visit, init,
+                      softcap: float | None = None):
   """Folds visit(carry, ks, mask, k block, v block, scaled scores) over the key blocks first..last
-  of the query block at qs, skipping those whose mask is all false."""
+  of the query block at qs, skipping those whose mask is all false. With softcap the scores are
+  cap * tanh(scores / cap) (Gemma 2)."""
   scale = 1.0 / math.sqrt(q_BxKxGxQxH.shape[-1])
 
   def key_block(j, carry):
@@ -87,6 +92,8 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, k_BxKxLxH: Array, v_BxKxLxH: Array, in
       k_BxKxSxH = jax.lax.dynamic_slice_in_dim(k_BxKxLxH, ks, block, axis=2)
       v_BxKxSxH = jax.lax.dynamic_slice_in_dim(v_BxKxLxH, ks, block, axis=2)
       s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BxKxGxQxH, k_BxKxSxH, preferred_element_type=jnp.float32) * scale
+      if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
       return visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s)
 
     return jax.lax.cond(mask_BxQxS.any(), go, lambda c: c, carry)
@@ -105,7 +112,7 @@ def _tokens_major(x_BxKx_xLxH: Array) -> Array:
 
 
 def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, block: int, max_segment: int,
-             sliding_window: int | None) -> tuple[Array, Array]:
+             sliding_window: int | None, softcap: float | None = None) -> tuple[Array, Array]:
   """(output [B, L, K, G, H] in q's dtype, log-sum-exp [B, K, G, L] float32); L a multiple of block."""
   B, L, K, G, H = q_BxLxKxGxH.shape
   f32 = jnp.float32
@@ -129,7 +136,8 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
     init = (jnp.full((B, K, G, block), _NEG, f32), jnp.zeros((B, K, G, block), f32),
             jnp.zeros((B, K, G, block, H), f32))
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = _visit_key_blocks(
-        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
+        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init,
+        softcap)
     o_BxKxGxQxH = (acc_BxKxGxQxH / l_BxKxGxQ[..., None]).astype(q_BxLxKxGxH.dtype)
     out_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(out_BxKxGxLxH, o_BxKxGxQxH, qs, axis=3)
     lse_BxKxGxL = jax.lax.dynamic_update_slice_in_dim(lse_BxKxGxL, m_BxKxGxQ + jnp.log(l_BxKxGxQ), qs, axis=3)
@@ -142,7 +150,7 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
 
 def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, out_BxLxKxGxH: Array,
               lse_BxKxGxL: Array, dout_BxLxKxGxH: Array, block: int, max_segment: int,
-              sliding_window: int | None) -> tuple[Array, Array, Array]:
+              sliding_window: int | None, softcap: float | None = None) -> tuple[Array, Array, Array]:
   B, L, K, G, H = q_BxLxKxGxH.shape
   f32 = jnp.float32
   scale = 1.0 / math.sqrt(H)
@@ -165,7 +173,10 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
       p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
       dv = jnp.einsum("BKGQS,BKGQH->BKSH", p.astype(do_BxKxGxQxH.dtype), do_BxKxGxQxH, preferred_element_type=f32)
       dp = jnp.einsum("BKGQH,BKSH->BKGQS", do_BxKxGxQxH, v_BxKxSxH, preferred_element_type=f32)
-      ds = (p * (dp - d_BxKxGxQ[..., None]) * scale).astype(q_BxKxGxQxH.dtype)
+      ds = p * (dp - d_BxKxGxQ[..., None]) * scale
+      if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - (capped / cap)^2
+        ds *= 1.0 - jnp.square(s / softcap)
+      ds = ds.astype(q_BxKxGxQxH.dtype)
       dq_BxKxGxQxH += jnp.einsum("BKGQS,BKSH->BKGQH", ds, k_BxKxSxH, preferred_element_type=f32)
       dk = jnp.einsum("BKGQS,BKGQH->BKSH", ds, q_BxKxGxQxH, preferred_element_type=f32)
       dk_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(
@@ -176,7 +187,8 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
 
     init = (jnp.zeros((B, K, G, block, H), f32), dk_BxKxLxH, dv_BxKxLxH)
     dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH = _visit_key_blocks(
-        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init)
+        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init,
+        softcap)
     dq_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(dq_BxKxGxLxH, dq_BxKxGxQxH, qs, axis=3)
     return dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH
 
@@ -192,31 +204,31 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
 OUT_NAME, LSE_NAME = "flash_out", "flash_lse"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window, softcap):
   """out, with the attention's gradients to q, k and v (out and lse are the forward's results)."""
-  del q, k, v, info, lse, block, max_segment, sliding_window
+  del q, k, v, info, lse, block, max_segment, sliding_window, softcap
   return out
 
 
-def _with_grads_fwd(q, k, v, info, out, lse, block, max_segment, sliding_window):
-  del block, max_segment, sliding_window
+def _with_grads_fwd(q, k, v, info, out, lse, block, max_segment, sliding_window, softcap):
+  del block, max_segment, sliding_window, softcap
   return out, (q, k, v, info, out, lse)
 
 
-def _with_grads_bwd(block, max_segment, sliding_window, res, dout):
+def _with_grads_bwd(block, max_segment, sliding_window, softcap, res, dout):
   q, k, v, info, out, lse = res
-  dq, dk, dv = _backward(q, k, v, info, out, lse, dout, block, max_segment, sliding_window)
+  dq, dk, dv = _backward(q, k, v, info, out, lse, dout, block, max_segment, sliding_window, softcap)
   return dq, dk, dv, jax.tree.map(lambda _: None, info), jnp.zeros_like(out), jnp.zeros_like(lse)
 
 
 _with_grads.defvjp(_with_grads_fwd, _with_grads_bwd)
 
 
-def _flash(q, k, v, info, block, max_segment, sliding_window):
-  out, lse = jax.lax.stop_gradient(_forward(q, k, v, info, block, max_segment, sliding_window))
+def _flash(q, k, v, info, block, max_segment, sliding_window, softcap):
+  out, lse = jax.lax.stop_gradient(_forward(q, k, v, info, block, max_segment, sliding_window, softcap))
   out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
-  return _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window)
+  return _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window, softcap)
 
 
 def flash_attention(
@@ -228,30 +240,37 @@ def flash_attention(
     branch_ids_BxL: Array | None = None,
     *,
     sliding_window: int | None = None,
+    window: Array | None = None,
     block: int = 64,
     max_segment: int = 0,
+    softcap: float | None = None,
 ) -> Array:
   """Masked softmax(q k^T / sqrt(H)) v over the blocks the mask leaves, [B, L, K, G, H].
 
+  sliding_window: a static window; window: a traced int32 scalar one (a layer's, 0 = full).
   block: the query and key block size (rows are padded to a multiple of it internally).
+  softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2).
   max_segment > 0 promises that no segment is longer, bounding how far back a block looks.
   """
-  if sliding_window is not None and positions_BxL is None:
+  windowed = sliding_window is not None or window is not None
+  if windowed and positions_BxL is None:
     raise ValueError("a sliding window needs positions")
   L = q_BxLxKxGxH.shape[1]
   block = max(1, min(block, L))
   extra = -L % block
   info = MaskInfo(_pad_tokens(segment_ids_BxL, extra),
                   None if branch_ids_BxL is None else _pad_tokens(branch_ids_BxL, extra),
-                  _pad_tokens(positions_BxL, extra) if sliding_window is not None else None)
+                  _pad_tokens(positions_BxL, extra) if windowed else None,
+                  window=None if window is None else jnp.asarray(window, jnp.int32))
   out = _flash(_pad_tokens(q_BxLxKxGxH, extra), _pad_tokens(k_BxLxKxH, extra), _pad_tokens(v_BxLxKxH, extra), info,
-               block, max_segment, sliding_window)
+               block, max_segment, sliding_window, softcap)
   return out[:, :L]
 
 
 def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *, sliding_window: int | None,
-           block: int, max_segment: int, branches: int = 2) -> Array:
+           block: int, max_segment: int, branches: int = 2, softcap: float | None = None) -> Array:
   """The attention registry's entry point (the mask handles any number of branches)."""
   del branches
   return flash_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info.segment_ids_BxL, info.positions_BxL,
-                         info.branch_ids_BxL, sliding_window=sliding_window, block=block, max_segment=max_segment)
+                         info.branch_ids_BxL, sliding_window=sliding_window, window=info.window, block=block,
+                         max_segment=max_segment, softcap=softcap)

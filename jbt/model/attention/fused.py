@@ -165,9 +165,12 @@ def gpu_call(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, seg_BxL: Ar
 
 
 def _attend(call, q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *,
-            sliding_window: int | None, block: int, max_segment: int, branches: int = 2) -> Array:
-  if sliding_window is not None:
+            sliding_window: int | None, block: int, max_segment: int, branches: int = 2,
+            softcap: float | None = None) -> Array:
+  if sliding_window is not None or info.window is not None:
     raise ValueError("the fused attention kernels do not support sliding windows; use attention='xla'")
+  if softcap is not None:
+    raise ValueError("the fused attention kernels do not support attention-logit soft-capping; use attention='xla'")
   kernel = functools.partial(call, block=block, max_segment=max_segment)
   out = branch_calls(functools.partial(_sharded, kernel), q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, branches)
   return checkpoint_name(out, OUT_NAME)

@@ -25,6 +25,14 @@ class MaskInfo(NamedTuple):
   branch_ids_BxL: Array | None
   positions_BxL: Array | None
   dense_BxLxS: Array | None = None
+  window: Array | None = None  # this layer's window, int32 scalar, 0 = full (models with mixed layer kinds)
+
+
+def layer_window(mask_BxQxS: Array, pos_q_BxQ: Array, pos_k_BxS: Array, window: Array | None) -> Array:
+  """The mask restricted to a per-layer window (traced; 0 leaves it whole)."""
+  if window is None:
+    return mask_BxQxS
+  return mask_BxQxS & (((pos_q_BxQ[:, :, None] - pos_k_BxS[:, None, :]) < window) | (window <= 0))
 
 
 def dense_mask(
