@@ -202,7 +202,7 @@ def test_a_branch_call_is_what_lets_the_fused_kernels_see_branches():
   from jbt.model.attention import fused
 
   rng = np.random.default_rng(3)
-  seg, br, pos = packed_rows(rng, 1, 128, 2)  # chosen and rejected branches (True gives one branch)
+  seg, br, pos = packed_rows(rng, 1, 128, True)  # chosen and rejected branches
   q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 128, 1, 1, 16), (1, 128, 1, 16), (1, 128, 1, 16)))
   call = lambda q, k, v, s: fused.splash_call(q, k, v, s, block=32, max_segment=0)  # noqa: E731
   ref = blocked_attention(q, k, v, dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, jnp.asarray(br)), 0, 0)
