@@ -78,7 +78,7 @@ def main() -> None:
   r1 = resource.getrusage(resource.RUSAGE_SELF)
   sys_s, faults = (r1.ru_stime - r0.ru_stime) / a.repeats, (r1.ru_minflt - r0.ru_minflt) // a.repeats
   rss = r1.ru_maxrss / 2**20
-  print(f"rows {R} x {L} dtype={a.dtype} remat={a.remat} attention={cfg.attention_impl} max_segment={a.max_segment}: "
+  print(f"rows {R} x {L} dtype={a.dtype} remat={a.remat} attention={cfg.attention} max_segment={a.max_segment}: "
         f"backward {step:.2f} s (kernel {sys_s:.2f} s, {faults} page faults), compile {compile_s:.0f} s, "
         f"peak RSS {rss:.1f} GiB")
 

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jbt.runtime import hugepages as host
@@ -53,3 +54,42 @@ def test_cpu_info_names_the_model_and_the_matmul_features():
                                 "avx512_bf16 amx_tile amx_bf16 amx_int8)")
   assert cpu.cpu_info("")["model"] == "unknown"
   assert cpu.dot_rate(64, 32, 48, seconds=0.05) > 0
+
+
+def test_a_measured_cpu_choice_is_made_once_kept_and_needs_a_clear_margin(tmp_path, monkeypatch):
+  from jbt.runtime import cpu
+
+  monkeypatch.setenv("JBT_CPU_CHOICES", str(tmp_path / "choices.json"))
+  calls = []
+
+  def timer(name, seconds):
+    return lambda: calls.append(name) or seconds
+
+  # "b" is 5% faster: not enough to leave the preferred "a"
+  assert cpu.choose("t1", {"a": timer("a", 1.0), "b": timer("b", 0.95)}, prefer="a") == "a"
+  # 30% faster: chosen, and kept: a second call measures nothing and agrees even if times change
+  assert cpu.choose("t2", {"a": timer("a", 1.0), "b": timer("b", 0.7)}, prefer="a") == "b"
+  n = len(calls)
+  assert cpu.choose("t2", {"a": timer("a", 0.1), "b": timer("b", 0.7)}, prefer="a") == "b"
+  assert len(calls) == n == 4
+  kept = (tmp_path / "choices.json").read_text()
+  assert '"choice": "b"' in kept and "t2 | " in kept and "jaxlib" in kept
+  # a damaged file is measured again, not an error
+  (tmp_path / "choices.json").write_text("{not json")
+  assert cpu.choose("t2", {"a": timer("a", 1.0), "b": timer("b", 0.5)}, prefer="a") == "b" and len(calls) == 6
+
+
+def test_the_cpu_matmul_kind_is_measured_and_both_kinds_compute_the_same_gradient():
+  import jax.numpy as jnp
+
+  from jbt.model import matmul
+
+  assert matmul.resolve("auto", "cpu") in matmul.CPU_KINDS
+  assert all(matmul.grad_seconds(k, tokens=64, hidden=32, inner=48, repeats=1) > 0 for k in matmul.CPU_KINDS)
+  import jax
+  x = jax.random.normal(jax.random.key(0), (64, 32), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (32, 48), jnp.float32)
+  grads = [jax.grad(lambda x, w, k=k: matmul.matmul(x, w, jnp.bfloat16, k).astype(jnp.float32).sum(), (0, 1))(x, w)
+           for k in matmul.CPU_KINDS]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)

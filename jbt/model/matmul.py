@@ -3,10 +3,21 @@
 - "xla": x @ w in the compute dtype.
 - "bf16_f32": on XLA's CPU backend a bfloat16 x bfloat16 -> bfloat16 dot is computed by converting
   both sides to float32 (float32 speed, plus the converts), while bfloat16 inputs with a float32
-  result run at about twice float32's speed. This kind computes the forward and both backward
-  dots with bfloat16 inputs and float32 accumulation, and keeps the weight gradient float32. The
-  values equal the plain bfloat16 matmul's (XLA's CPU dot accumulates in float32 too). Float32
-  compute uses the plain matmul in either kind.
+  result run several times faster (AVX-512 BF16, AMX). This kind computes the forward and both
+  backward dots with bfloat16 inputs and float32 accumulation, and keeps the weight gradient
+  float32. The values equal the plain bfloat16 matmul's (XLA's CPU dot accumulates in float32
+  too). Float32 compute uses the plain matmul in either kind.
+  Each backward dot reads one operand transposed, and XLA folds a transpose into the dot that
+  reads it. Its CPU dot is fast when the folded operand is the right-hand one (dx = g w^T) but
+  about six times slower when the left-hand one contracts its major axis (dw = x^T g contracts
+  the tokens), so dw contracts the tokens split in two ([2, T/2]): XLA then makes one bfloat16
+  transposing copy of x and runs a plain dot.
+- "bf16_f32_gather": the same dots, with both transposed operands laid out by a gather of the rows
+  in order (which XLA does not fold; it runs in float32 inside the gather's fusion).
+
+"auto" on a CPU is whichever of the two bf16_f32 kinds a short measurement on this CPU finds
+faster ("bf16_f32" unless the other is clearly so; jbt.runtime.cpu.choose, cached per CPU model,
+features and jaxlib). Elsewhere "xla".
 
 Remat "dots" keeps bf16_f32's float32 result, not its bfloat16 cast: XLA's CPU backend updates
 a layer scan's stacked bfloat16 residuals by converting the whole stack to float32 and back at
@@ -15,44 +26,60 @@ every layer, while a float32 stack is updated in place (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
+import time
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
-KINDS = ("xla", "bf16_f32")
-DEFAULT_BY_BACKEND = {"cpu": "bf16_f32"}  # others: "xla"
+KINDS = ("xla", "bf16_f32", "bf16_f32_gather")
+CPU_KINDS = ("bf16_f32", "bf16_f32_gather")  # what "auto" measures on a CPU, the first preferred
 MATMUL_NAME = "matmul_out"  # a custom-VJP matmul's output, which remat "dots" cannot recognise as a dot
 
 
 def resolve(kind: str, backend: str | None = None) -> str:
-  """A kind of KINDS; "auto" becomes the default of `backend` (JAX's default backend if None)."""
+  """A kind of KINDS; "auto" becomes the kind for `backend` (JAX's default backend if None): on a
+  CPU the faster CPU_KINDS one there, measured once per CPU; "xla" elsewhere."""
   if kind == "auto":
-    return DEFAULT_BY_BACKEND.get(backend or jax.default_backend(), "xla")
+    return measured_cpu_kind() if (backend or jax.default_backend()) == "cpu" else "xla"
   if kind not in KINDS:
     raise ValueError(f"matmul must be auto or one of {', '.join(KINDS)}, got {kind!r}")
   return kind
 
 
-@jax.custom_vjp
-def _dot_f32_acc(x_TxI: Array, w_IxO: Array) -> Array:
-  """x @ w with bfloat16 inputs and the float32 result (cast by the caller)."""
-  return jax.lax.dot(x_TxI, w_IxO.astype(x_TxI.dtype), preferred_element_type=jnp.float32)
-
-
-def _dot_f32_acc_fwd(x_TxI: Array, w_IxO: Array) -> tuple[Array, tuple[Array, Array]]:
-  return _dot_f32_acc(x_TxI, w_IxO), (x_TxI, w_IxO)
+def _dot_fwd(x_TxI: Array, w_IxO: Array) -> tuple[Array, tuple[Array, Array]]:
+  return jax.lax.dot(x_TxI, w_IxO.astype(x_TxI.dtype), preferred_element_type=jnp.float32), (x_TxI, w_IxO)
 
 
 def _transposed(a_MxN: Array) -> Array:
-  """a.T laid out row-major. XLA folds a plain transpose into the dot that reads it, and its CPU
-  backend then computes that (transposed-operand) bfloat16 dot in float32; a gather of the rows
-  in order is not folded, so the dot keeps bfloat16 inputs."""
+  """a.T laid out row-major by a gather of its rows in order, which XLA does not fold into the
+  dot that reads it."""
   return jnp.take(a_MxN.T, jnp.arange(a_MxN.shape[1]), axis=0)
 
 
-def _dot_f32_acc_bwd(res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Array]:
+def _token_split(T: int) -> int:
+  """The smallest factor of T in 2..16, or 1 where there is none."""
+  return next((c for c in range(2, 17) if T % c == 0), 1)
+
+
+def _bwd_folded(res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Array]:
+  x_TxI, w_IxO = res
+  g_TxO, f32 = g_TxO.astype(x_TxI.dtype), jnp.float32
+  dx_TxI = jax.lax.dot_general(g_TxO, w_IxO.astype(x_TxI.dtype), (((1,), (1,)), ((), ())), preferred_element_type=f32)
+  T, c = x_TxI.shape[0], _token_split(x_TxI.shape[0])
+  if c > 1:
+    dw_IxO = jax.lax.dot_general(x_TxI.reshape(c, T // c, -1), g_TxO.reshape(c, T // c, -1),
+                                 (((0, 1), (0, 1)), ((), ())), preferred_element_type=f32)
+  else:
+    dw_IxO = jax.lax.dot(_transposed(x_TxI), g_TxO, preferred_element_type=f32)
+  return dx_TxI.astype(x_TxI.dtype), dw_IxO.astype(w_IxO.dtype)
+
+
+def _bwd_gathered(res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Array]:
   x_TxI, w_IxO = res
   g_TxO = g_TxO.astype(x_TxI.dtype)
   dx_TxI = jax.lax.dot(g_TxO, _transposed(w_IxO.astype(x_TxI.dtype)), preferred_element_type=jnp.float32)
@@ -60,11 +87,50 @@ def _dot_f32_acc_bwd(res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Arr
   return dx_TxI.astype(x_TxI.dtype), dw_IxO.astype(w_IxO.dtype)
 
 
-_dot_f32_acc.defvjp(_dot_f32_acc_fwd, _dot_f32_acc_bwd)
+def _dot_f32_acc(bwd: Callable) -> Callable[[Array, Array], Array]:
+  """x @ w with bfloat16 inputs and the float32 result (cast by the caller), differentiated by `bwd`."""
+  f = jax.custom_vjp(lambda x_TxI, w_IxO: _dot_fwd(x_TxI, w_IxO)[0])
+  f.defvjp(_dot_fwd, bwd)
+  return f
+
+
+_DOTS = {"bf16_f32": _dot_f32_acc(_bwd_folded), "bf16_f32_gather": _dot_f32_acc(_bwd_gathered)}
 
 
 def matmul(x_TxI: Array, w_IxO: Array, dt: jnp.dtype, kind: str = "xla") -> Array:
   """x @ w in the compute dtype `dt`, for a float32 parameter w, computed the `kind` way."""
   if dt == jnp.float32 or kind == "xla":
     return x_TxI @ w_IxO.astype(dt)
-  return checkpoint_name(_dot_f32_acc(x_TxI.astype(dt), w_IxO), MATMUL_NAME).astype(dt)
+  return checkpoint_name(_DOTS[kind](x_TxI.astype(dt), w_IxO), MATMUL_NAME).astype(dt)
+
+
+def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 1536, repeats: int = 5) -> float:
+  """Best of `repeats` timings of one gradient through an up and a down projection (hidden <->
+  inner, bfloat16 compute, jbt's CPU compiler options) computed the `kind` way."""
+  from jbt.runtime import xla_options
+
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k1, (tokens, hidden), jnp.bfloat16)
+  w1 = jax.random.normal(k2, (hidden, inner), jnp.float32) * 0.05
+  w2 = jax.random.normal(k3, (inner, hidden), jnp.float32) * 0.05
+
+  def loss(x, w1, w2):
+    return matmul(matmul(x, w1, jnp.bfloat16, kind), w2, jnp.bfloat16, kind).astype(jnp.float32).sum()
+
+  f = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w2).compile(
+      compiler_options=xla_options.compiler_options("bfloat16"))
+  jax.block_until_ready(f(x, w1, w2))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(x, w1, w2))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+@functools.cache
+def measured_cpu_kind() -> str:
+  """The CPU_KINDS kind whose gradient runs faster on this CPU (measured once, then cached)."""
+  from jbt.runtime import cpu
+
+  return cpu.choose("matmul", {k: functools.partial(grad_seconds, k) for k in CPU_KINDS}, prefer=CPU_KINDS[0])

@@ -1,4 +1,5 @@
-"""What the CPU is and how fast XLA multiplies on it: the figures a CPU benchmark names.
+"""What the CPU is, how fast XLA multiplies on it (the figures a CPU benchmark names), and the
+CPU-specific choices jbt makes by measuring them once per CPU.
 
 Sessions and users land on different x86 CPUs (AMD Zen with AVX-512 BF16, Intel Xeon with AMX),
 whose bfloat16 matmul speeds differ several-fold, so a speed figure means little without the
@@ -8,9 +9,14 @@ XLA reaches on the same CPU.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 # The features that decide bfloat16 matmul speed on x86.
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -64,3 +70,65 @@ def dot_rate(m: int = 2048, k: int = 576, n: int = 1536, seconds: float = 1.0) -
     elapsed = time.perf_counter() - start
     if elapsed >= seconds:
       return 2.0 * m * k * n * reps / elapsed / 1e9
+
+
+def choices_path() -> Path:
+  """Where measured CPU choices are kept: $JBT_CPU_CHOICES, else $XDG_CACHE_HOME (~/.cache)/jbt/cpu_choices.json."""
+  if os.environ.get("JBT_CPU_CHOICES"):
+    return Path(os.environ["JBT_CPU_CHOICES"]).expanduser()
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt" / "cpu_choices.json"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+  """An exclusive lock on path's lock file, so that processes starting together on one machine
+  measure once and agree; no lock where the directory cannot be written."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path.with_name(path.name + ".lock"), "a")
+  except OSError:
+    yield
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+
+
+def _read(path: Path) -> dict[str, Any]:
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+  return data if isinstance(data, dict) else {}
+
+
+def choose(name: str, timers: dict[str, Callable[[], float]], prefer: str, margin: float = 0.1) -> str:
+  """The option of `timers` to use on this CPU for choice `name`: each timer returns the seconds
+  its option takes; `prefer` is kept unless another is faster by more than `margin` (so that
+  noise does not flip it). Measured once per CPU model, features, jax and jaxlib and kept in
+  choices_path() (with the times, for reading), so every later process makes the same choice."""
+  import jax
+  import jaxlib
+
+  info = cpu_info()
+  key = f"{name} | {info['model']} | {' '.join(info['features'])} | jax {jax.__version__} jaxlib {jaxlib.__version__}"
+  path = choices_path()
+  log = logging.getLogger("jbt")
+  with _locked(path):
+    known = _read(path).get(key)
+    if isinstance(known, dict) and known.get("choice") in timers:
+      return known["choice"]
+    seconds = {option: timer() for option, timer in timers.items()}
+    best = min(seconds, key=seconds.get)
+    choice = best if seconds[best] < (1 - margin) * seconds[prefer] else prefer
+    data = _read(path)
+    data[key] = {"choice": choice, "seconds": seconds}
+    try:
+      tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+      tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+      tmp.replace(path)
+    except OSError as e:
+      log.warning("%s: could not keep the measured %s choice (%s)", path, name, e.strerror or e)
+  log.info("%s: %s on this CPU (measured: %s; kept in %s)", name, choice,
+           ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()), path)
+  return choice
