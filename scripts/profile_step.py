@@ -1,6 +1,7 @@
 """Time one backward pass of SmolLM2-135M's shape at a fixed batch shape (random weights).
 
     python scripts/profile_step.py ROWS LENGTH [--remat none|full|attention|dots] [--attn_block 128] [--max_segment 0]
+    python scripts/profile_step.py --report TRACE_DIR [TOP]   # a trace of --trace or train.profile
 
 Prints seconds per jax.grad of the summed rewards, the kernel time and page faults per pass,
 compile time and peak resident memory. Like `python -m jbt.train` it first restarts itself under
@@ -8,7 +9,9 @@ glibc's huge-page tunable (jbt/runtime/hugepages.py; JBT_NO_HUGEPAGES=1: 4 KiB p
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.
 With --trace DIR one more backward pass runs under the JAX profiler (per-op events, so slower
 than untraced), the trace is written to DIR and the ops' own times are printed, largest first,
-grouped by what they compute (their source op name from the optimized HLO).
+grouped by what they compute (their source op name from the optimized HLO) and by kind
+(jbt/runtime/trace.py). A real training step: `python -m jbt.train ... --config.train.profile=3:5`
+traces steps 3 and 4 into {run dir}/profile; --report reads it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,8 @@ if __name__ == "__main__":
   hugepages.restart_with_hugepages()
 
 import argparse
-import collections
-import glob
-import gzip
-import json
-import re
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -34,11 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbt import model as M
-from jbt.runtime import xla_options
+from jbt.runtime import trace, xla_options
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  if sys.argv[1:2] == ["--report"]:  # a trace directory written by --trace or train.profile
+    top = int(sys.argv[3]) if len(sys.argv) > 3 else 40
+    print(trace.report(sys.argv[2], top))
+    return
   ap.add_argument("rows", type=int)
   ap.add_argument("length", type=int)
   ap.add_argument("--remat", default="none")
@@ -92,72 +95,10 @@ def main() -> None:
 def trace_ops(compiled, args: tuple, trace_dir: str, top: int) -> None:
   """Run a compiled program once under the profiler and print its ops' self times (the op names
   come from that same executable's optimized HLO)."""
-  options = jax.profiler.ProfileOptions()
-  options.host_tracer_level, options.python_tracer_level = 3, 0  # level 3: one event per XLA op
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=trace.options()):
     jax.block_until_ready(compiled(*args))
-  hlo_text = compiled.as_text()
-  Path(trace_dir, "optimized_hlo.txt").write_text(hlo_text)  # for regrouping the trace later
-  print_op_times(trace_dir, hlo_text, top)
-
-
-def op_sources(hlo_text: str) -> dict[str, str]:
-  """Each optimized-HLO instruction's source op name; ops XLA made without one (fusions of
-  several ops) get their computation's most common source, else their shape."""
-  source, shape, comp_of = {}, {}, {}
-  by_comp: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  comp = ""
-  for line in hlo_text.splitlines():
-    head = re.match(r"(?:ENTRY )?%(\S+) .*\{\s*$", line)
-    if head and not line.startswith(" "):
-      comp = head.group(1)
-      continue
-    inst = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+)", line)
-    if not inst:
-      continue
-    name, comp_of[name], shape[name] = inst.group(1), comp, inst.group(2)
-    meta = re.search(r'op_name="([^"]*)"', line)
-    if meta:
-      src = re.sub(r"jit\([^)]*\)/|jvp\(|\)|RewardModel\.hidden/|while/body/|closed_call/?|checkpoint/", "",
-                   meta.group(1).replace("transpose(", "bwd "))
-      src = re.sub(r"layer_\d+", "layer_*", src)  # unrolled layers (model.scan_layers=False) add up
-      source[name] = src
-      by_comp[comp][src] += 1
-  out = {}
-  for name in shape:
-    common = by_comp.get(comp_of[name])
-    out[name] = source.get(name) or (common.most_common(1)[0][0] + " (fused)" if common else shape[name])
-  return out
-
-
-def print_op_times(trace_dir: str, hlo_text: str, top: int) -> None:
-  """Self time (own time minus nested ops') of each source op in the traced backward pass."""
-  path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
-  with gzip.open(path) as f:
-    events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
-  sources = op_sources(hlo_text)
-  per_thread = collections.defaultdict(list)
-  for e in events:
-    per_thread[e["tid"]].append(e)
-  totals: collections.Counter = collections.Counter()
-  for evs in per_thread.values():
-    evs.sort(key=lambda e: (e["ts"], -e["dur"]))
-    stack: list[dict] = []
-    for e in evs:
-      while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
-        stack.pop()
-      e["self"] = e["dur"]
-      if stack:
-        stack[-1]["self"] -= e["dur"]
-      stack.append(e)
-  for e in events:
-    op = e["args"]["hlo_op"]
-    kind = "dot" if op.startswith("ynn") else re.sub(r"\.\d+$", "", op)
-    totals[f"{sources.get(op, op)} [{kind}]"] += e["self"]
-  total = sum(totals.values())
-  print(f"op self time in the traced pass: {total / 1e6:.2f} s over {len(per_thread)} threads (trace: {path})")
-  for name, us in totals.most_common(top):
-    print(f"{us / 1e6:8.3f} s {100 * us / total:5.1f}%  {name}")
+  Path(trace_dir, trace.HLO_FILE).write_text(compiled.as_text())  # for regrouping the trace later
+  print(trace.report(trace_dir, top))
 
 
 def time_optimizers(params, repeats: int) -> None:

@@ -1,31 +1,74 @@
-"""scripts/profile_step.py's per-op table: HLO source names and self times from a real trace."""
+"""Where a step's time goes: jbt.runtime.trace's op table (HLO source names and self times from a
+real trace), scripts/profile_step.py --trace, and train.profile on a real training run."""
 
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scripts import profile_step  # noqa: E402
+
+from jbt.errors import JbtError  # noqa: E402
+from jbt.runtime import trace  # noqa: E402
 
 
 def _step(x, w):
   return jnp.tanh(x @ w).sum()
 
 
+def _rows(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.strip() and line.split()[0].replace(".", "").isdigit()]
+
+
 def test_op_times_name_the_source_ops(tmp_path, capsys):
   x, w = jnp.ones((256, 256)), jnp.ones((256, 256)) * 0.01
   compiled = jax.jit(jax.grad(_step, argnums=1)).lower(x, w).compile()
-  sources = profile_step.op_sources(compiled.as_text())
+  sources = trace.op_sources(compiled.as_text())
   assert any("dot_general" in s for s in sources.values()), sources
   assert any(s.startswith("bwd ") for s in sources.values()), sources  # the transposed (backward) ops
 
   profile_step.trace_ops(compiled, (x, w), str(tmp_path), top=5)
-  out = capsys.readouterr().out.splitlines()
-  assert out[0].startswith("op self time in the traced pass:")
-  rows = out[1:]
+  out = capsys.readouterr().out
+  assert out.startswith("op self time in the trace:")
+  assert "| matmuls |" in out  # the kinds table
+  rows = _rows(out)
   assert 1 <= len(rows) <= 5
   seconds = [float(r.split()[0]) for r in rows]
   assert seconds == sorted(seconds, reverse=True) and seconds[0] > 0
   assert any("dot_general" in r for r in rows), rows
+  assert (tmp_path / trace.HLO_FILE).exists()  # --report reads the directory again
+  assert trace.report(tmp_path, 5) == out.rstrip("\n")
+  with pytest.raises(FileNotFoundError, match="not a JAX profiler trace directory"):
+    trace.report(tmp_path / "nothing")
+
+
+def test_profile_steps_are_parsed_and_bad_ones_refused():
+  assert trace.parse_steps("") is None and trace.parse_steps("3:5") == (3, 5)
+  for bad in ("5:3", "0:2", "3", "a:b"):
+    with pytest.raises(ValueError, match="START:END"):
+      trace.parse_steps(bad)
+
+
+def test_train_profile_traces_the_chosen_steps_of_a_real_run(tmp_path, capsys):
+  from test_train import tiny
+
+  from jbt.train import run
+  from jbt.train.setup import validate
+
+  cfg = tiny(tmp_path, **{"train.max_steps": 3, "train.eval_every": 0, "train.profile": "2:3",
+                          "ckpt.export_final": False})
+  run(cfg)
+  out = Path(cfg.ckpt.cache_dir) / "tiny" / "profile"
+  assert f"python scripts/profile_step.py --report {out}" in capsys.readouterr().out
+  hlo = list(out.glob(f"*{trace.HLO_FILE}"))
+  assert len(hlo) == 1 and "ENTRY" in hlo[0].read_text()
+  t = trace.op_times(out)
+  assert t["total"] > 0 and t["categories"]["matmuls"] > 0, t["categories"]
+  assert any("RewardModel" in name for name in t["ops"]), list(t["ops"])[:10]
+  cfg.train.profile = "4:2"
+  with pytest.raises(JbtError, match="train.profile: expected START:END"):
+    validate(cfg)

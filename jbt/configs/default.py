@@ -57,6 +57,10 @@ def get_config() -> ConfigDict:
   c.train.seed = 1
   c.train.compilation_cache = "auto"  # persistent XLA cache: auto = {ckpt.cache_dir}/xla_cache, a path, or "" (off)
   c.train.log_every = 1  # steps between metric lines
+  # "A:B": trace optimizer steps A..B-1 with the JAX profiler into {run dir}/profile (TensorBoard's
+  # profile plugin, Perfetto), with the step's optimized HLO; `python scripts/profile_step.py
+  # --report DIR` prints where the time went. "" = off.
+  c.train.profile = ""
   c.train.inject_nan_at_step = -1  # testing hook: poison the rewards of this micro-step with NaN
   # Parameters that do not train (no gradient, no optimizer state): "embed", "head_only",
   # "layers:N" (first N layers; model.scan_layers=False) or regexes over param paths such as

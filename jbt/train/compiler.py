@@ -58,6 +58,10 @@ class StepCompiler:
     state, metrics = self._compiled[key](state, batch)
     return state, metrics, waited
 
+  def compiled_text(self, batch: dict[str, jax.Array]) -> str:
+    """The optimized HLO of the program compiled for `batch`'s shapes."""
+    return self._compiled[_key(batch)].as_text()
+
   @property
   def compiled_shapes(self) -> int:
     return len(self._compiled)

@@ -17,6 +17,7 @@ from jbt.hf.files import align_pad, load_tokenizer
 from jbt.loss import RANKINGS
 from jbt.model import ModelConfig, attention
 from jbt.model.config import LORA_TARGETS, REMAT
+from jbt.runtime import trace
 from jbt.runtime.mesh import data_parallel_size
 from jbt.train import trainable
 from jbt.train.batches import length_bucket
@@ -44,6 +45,10 @@ def validate(cfg: ConfigDict) -> None:
                                      or cfg.loss.margin):
     raise JbtError("loss.ranking=plackett_luce has no margin and no tie term: use it with loss.margin=0, "
                    "loss.margin_from_data=False and data.ties=drop, or use loss.ranking=all_pairs")
+  try:
+    trace.parse_steps(t.get("profile", ""))
+  except ValueError as e:
+    raise JbtError(f"train.profile: {e}") from None
   if t.batch_size <= 0 or o.grad_accum <= 0 or t.batch_size % o.grad_accum:
     raise JbtError(f"train.batch_size ({t.batch_size}) must be a positive multiple of opt.grad_accum ({o.grad_accum})")
   if m.num_labels not in (1, 2):

@@ -32,6 +32,7 @@ from jbt.data import ensure_chat_template, max_responses
 from jbt.errors import Interrupted, JbtError
 from jbt.hf.adapter import write_adapter_dir
 from jbt.runtime import mesh as mesh_lib
+from jbt.runtime import trace
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
 from jbt.tools import normalization
 from jbt.tools.convert import export_hf
@@ -203,7 +204,9 @@ class Trainer:
       for micro in range(self.micro_done, total):
         batch, stats = ahead
         self.data_state = self.iterator.get_state()
+        self._profile(micro, batch, start=True)
         self.state, metrics, waited = self.train_step(self.state, batch)
+        self._profile(micro, batch, start=False)
         if micro + 1 < total:
           ahead = self._read_ahead()
         compile_s += waited
@@ -216,6 +219,30 @@ class Trainer:
     self.stops.in_loop = False
     if self.progress is not None:
       self.progress.close()
+
+  def _profile(self, micro: int, batch: dict[str, jax.Array], start: bool) -> None:
+    """train.profile "A:B": the JAX profiler traces optimizer steps A..B-1 into {run dir}/profile,
+    with the traced steps' optimized HLO (for scripts/profile_step.py --report)."""
+    steps = trace.parse_steps(self.cfg.train.get("profile", ""))
+    if steps is None:
+      return
+    first, end = ((s - 1) * self.accum for s in steps)
+    out = self.run_dir / "profile"
+    if start and micro == first:
+      jax.block_until_ready(self.state)
+      out.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(out), create_perfetto_trace=True, profiler_options=trace.options())
+      self._profiled = []
+    elif not start and first <= micro < end:
+      self._profiled.append(batch)
+      if micro + 1 == end or micro + 1 == self.updates * self.accum:
+        jax.block_until_ready(self.state)
+        jax.profiler.stop_trace()
+        texts = {self.train_step.compiled_text(b) for b in self._profiled}
+        for i, text in enumerate(sorted(texts) if is_primary() else []):
+          (out / f"train_step_{i}.{trace.HLO_FILE}").write_text(text)
+        log(f"profile of steps {steps[0]}..{min(steps[1], self.updates + 1) - 1} in {out}: "
+            f"python scripts/profile_step.py --report {out}")
 
   def _stop(self, update: int) -> None:
     """Saves the state after `update` (unless save_every just did), waits for it, and raises."""

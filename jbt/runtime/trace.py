@@ -1,0 +1,138 @@
+"""Where a step's time goes: JAX profiler traces of jbt's programs, read back as a table of ops.
+
+`python -m jbt.train ... --config.train.profile=3:5` traces optimizer steps 3 and 4 into
+{run dir}/profile (TensorBoard's profile plugin and Perfetto read it) and keeps the traced step's
+optimized HLO beside it; `python scripts/profile_step.py --report DIR` prints the ops' own times
+from such a directory, grouped by what they compute (their source op in the model) and by kind
+(matmuls, attention, the layer scan's saved stacks, the optimizer, the rest).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+HLO_FILE = "optimized_hlo.txt"
+
+
+def options() -> Any:
+  import jax
+
+  opts = jax.profiler.ProfileOptions()
+  opts.host_tracer_level, opts.python_tracer_level = 3, 0  # level 3: one event per XLA op
+  return opts
+
+
+def parse_steps(spec: str) -> tuple[int, int] | None:
+  """"A:B" -> (A, B) (trace optimizer steps A..B-1, 1-based); "" -> None. ValueError otherwise."""
+  if not spec:
+    return None
+  m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
+  if not m or not 1 <= int(m.group(1)) < int(m.group(2)):
+    raise ValueError(f"expected START:END with 1 <= START < END (optimizer steps START..END-1), got {spec!r}")
+  return int(m.group(1)), int(m.group(2))
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """Each optimized-HLO instruction's source op name; ops XLA made without one (fusions of
+  several ops) get their computation's most common source, else their shape."""
+  source, shape, comp_of = {}, {}, {}
+  by_comp: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  comp = ""
+  for line in hlo_text.splitlines():
+    head = re.match(r"(?:ENTRY )?%(\S+) .*\{\s*$", line)
+    if head and not line.startswith(" "):
+      comp = head.group(1)
+      continue
+    inst = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+)", line)
+    if not inst:
+      continue
+    name, comp_of[name], shape[name] = inst.group(1), comp, inst.group(2)
+    meta = re.search(r'op_name="([^"]*)"', line)
+    if meta:
+      src = re.sub(r"jit\([^)]*\)/|jvp\(|\)|RewardModel\.hidden/|while/body/|closed_call/?|checkpoint/", "",
+                   meta.group(1).replace("transpose(", "bwd "))
+      src = re.sub(r"layer_\d+", "layer_*", src)  # unrolled layers (model.scan_layers=False) add up
+      source[name] = src
+      by_comp[comp][src] += 1
+  out = {}
+  for name in shape:
+    common = by_comp.get(comp_of[name])
+    out[name] = source.get(name) or (common.most_common(1)[0][0] + " (fused)" if common else shape[name])
+  return out
+
+
+def category(source: str, op: str) -> str:
+  """A coarse kind for an op: what a step's time is spent on."""
+  dot = op.startswith(("ynn", "dot", "onednn")) or "[dot]" in op
+  if re.search(r"attn/(?!dot_general)|flash|/attention", source) and not re.search(r"attn/dot_general", source):
+    return "attention (scores, softmax, layouts)"
+  if dot:
+    return "matmuls"
+  if "dynamic_update_slice" in source or "dynamic-update-slice" in op or "dynamic-slice" in op:
+    return "layer scan: saved stacks"
+  if re.search(r"optax|adam|clip|opt/|apply_updates|update", source, re.I):
+    return "optimizer"
+  if re.search(r"norm|rsqrt|mean|square", source):
+    return "norms"
+  if "convert" in source or "convert" in op:
+    return "dtype converts"
+  return "other elementwise"
+
+
+def _events(trace_dir: str | Path) -> tuple[list[dict], str]:
+  paths = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
+  if not paths:
+    raise FileNotFoundError(f"{trace_dir}: no *.trace.json.gz under it (not a JAX profiler trace directory)")
+  with gzip.open(paths[-1]) as f:
+    events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+  per_thread = collections.defaultdict(list)
+  for e in events:
+    per_thread[e["tid"]].append(e)
+  for evs in per_thread.values():  # self time: own time minus nested events'
+    evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+    stack: list[dict] = []
+    for e in evs:
+      while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+        stack.pop()
+      e["self"] = e["dur"]
+      if stack:
+        stack[-1]["self"] -= e["dur"]
+      stack.append(e)
+  return events, paths[-1]
+
+
+def op_times(trace_dir: str | Path, hlo_text: str | None = None) -> dict[str, Any]:
+  """{"ops": Counter(source [kind] -> seconds), "categories": Counter(category -> seconds),
+  "total": seconds, "trace": path} of the traced ops' self times. The HLO (for source names) is
+  `hlo_text` or trace_dir's optimized_hlo.txt files (all of them, for several programs)."""
+  if hlo_text is None:
+    hlo_text = "\n".join(p.read_text() for p in sorted(Path(trace_dir).glob(f"*{HLO_FILE}")))
+  events, path = _events(trace_dir)
+  sources = op_sources(hlo_text)
+  ops: collections.Counter = collections.Counter()
+  cats: collections.Counter = collections.Counter()
+  for e in events:
+    op = e["args"]["hlo_op"]
+    kind = "dot" if op.startswith("ynn") else re.sub(r"\.\d+$", "", op)
+    src = sources.get(op, op)
+    ops[f"{src} [{kind}]"] += e["self"] / 1e6
+    cats[category(src, f"{op} [{kind}]")] += e["self"] / 1e6
+  return {"ops": ops, "categories": cats, "total": sum(ops.values()), "trace": path}
+
+
+def report(trace_dir: str | Path, top: int = 30, hlo_text: str | None = None) -> str:
+  """The op table as text: categories, then the `top` ops, largest first."""
+  t = op_times(trace_dir, hlo_text)
+  total = t["total"] or 1.0
+  lines = [f"op self time in the trace: {t['total']:.2f} s (summed over threads; trace: {t['trace']})", "",
+           "| kind | s | share |", "|---|---|---|"]
+  lines += [f"| {k} | {s:.3f} | {100 * s / total:.1f}% |" for k, s in t["categories"].most_common()]
+  lines.append("")
+  lines += [f"{s:8.3f} s {100 * s / total:5.1f}%  {name}" for name, s in t["ops"].most_common(top)]
+  return "\n".join(lines)
