@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -129,6 +130,6 @@ def choose(name: str, timers: dict[str, Callable[[], float]], prefer: str, margi
       tmp.replace(path)
     except OSError as e:
       log.warning("%s: could not keep the measured %s choice (%s)", path, name, e.strerror or e)
-  log.info("%s: %s on this CPU (measured: %s; kept in %s)", name, choice,
-           ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()), path)
+  print(f"{name}: {choice} on this CPU (measured once: "
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()) + f"; kept in {path})", file=sys.stderr)
   return choice

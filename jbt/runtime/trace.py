@@ -123,7 +123,40 @@ def op_times(trace_dir: str | Path, hlo_text: str | None = None) -> dict[str, An
     src = sources.get(op, op)
     ops[f"{src} [{kind}]"] += e["self"] / 1e6
     cats[category(src, f"{op} [{kind}]")] += e["self"] / 1e6
-  return {"ops": ops, "categories": cats, "total": sum(ops.values()), "trace": path}
+  return {"ops": ops, "categories": cats, "total": sum(ops.values()), "trace": path, **_busy(events, sources)}
+
+
+def _busy(events: list[dict], sources: dict[str, str], resolution_us: float = 50.0) -> dict[str, Any]:
+  """How many threads ran an op at each moment of the traced span: {"span": seconds,
+  "busy": [share of the span with 0, 1, 2, ... threads busy], "alone": Counter(category ->
+  seconds some op of it ran while no other thread did)}."""
+  import numpy as np
+
+  if not events:
+    return {"span": 0.0, "busy": [], "alone": collections.Counter()}
+  t0 = min(e["ts"] for e in events)
+  n = int((max(e["ts"] + e["dur"] for e in events) - t0) / resolution_us) + 1
+  threads = sorted({e["tid"] for e in events})
+  busy = np.zeros((len(threads), n), bool)
+  kind = np.full((len(threads), n), -1, np.int16)
+  names: list[str] = []
+  for e in events:
+    op = e["args"]["hlo_op"]
+    c = category(sources.get(op, op), op)
+    if c not in names:
+      names.append(c)
+    i, j = int((e["ts"] - t0) / resolution_us), int((e["ts"] + e["dur"] - t0) / resolution_us) + 1
+    row = threads.index(e["tid"])
+    busy[row, i:j] = True
+    kind[row, i:j] = names.index(c)  # the innermost op last (events are sorted by start)
+  count = busy.sum(0)
+  alone: collections.Counter = collections.Counter()
+  for row in range(len(threads)):
+    ks = kind[row][(count == 1) & busy[row]]
+    for k, m in zip(*np.unique(ks, return_counts=True)):
+      alone[names[k]] += m * resolution_us / 1e6
+  return {"span": n * resolution_us / 1e6, "busy": [float((count == k).mean()) for k in range(len(threads) + 1)],
+          "alone": alone}
 
 
 def report(trace_dir: str | Path, top: int = 30, hlo_text: str | None = None) -> str:
@@ -133,6 +166,8 @@ def report(trace_dir: str | Path, top: int = 30, hlo_text: str | None = None) ->
   lines = [f"op self time in the trace: {t['total']:.2f} s (summed over threads; trace: {t['trace']})", "",
            "| kind | s | share |", "|---|---|---|"]
   lines += [f"| {k} | {s:.3f} | {100 * s / total:.1f}% |" for k, s in t["categories"].most_common()]
-  lines.append("")
+  lines += ["", f"traced span {t['span']:.2f} s; share of it with " + ", ".join(
+      f"{k} threads busy {100 * b:.0f}%" for k, b in enumerate(t["busy"])),
+      "one thread busy, by kind: " + ", ".join(f"{k} {v:.2f} s" for k, v in t["alone"].most_common()), ""]
   lines += [f"{s:8.3f} s {100 * s / total:5.1f}%  {name}" for name, s in t["ops"].most_common(top)]
   return "\n".join(lines)

@@ -114,7 +114,7 @@ class Trainer:
     ensure_chat_template(self.tokenizer)
     mc = self.model_cfg
     log(f"model: {mc.family}, {mc.num_layers} layers, {mc.num_params() / 1e6:.1f}M parameters, {mc.dtype} compute, "
-        f"{mc.attention} attention, mesh {dict(self.mesh.shape)} over {jax.device_count()} "
+        f"{mc.attention} attention, {mc.matmul} matmuls, mesh {dict(self.mesh.shape)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices")
     ds = setup.datasets(cfg, self.tokenizer)
     for line in ds.messages:

@@ -1,0 +1,98 @@
+"""bfloat16 dot rates on this CPU: each form a training step's matmuls take, under each XLA dot library.
+
+    python scripts/bench_dots.py [--m 2048 --k 576 --n 1536] [--seconds 1]
+
+Forms, for x [m, k], w [k, n], g [m, n] (bfloat16): the forward x w and the input gradient
+g w^T (float32 results, as jbt.model.matmul computes them), the weight gradient x^T g written
+plainly (XLA folds the transpose: the left operand contracts its major axis) and as jbt computes
+it (the tokens split in two), a bfloat16-result forward and a float32 one. Libraries: XLA's
+defaults, jbt's options (jbt/runtime/xla_options.py), YNNPACK's fused kind, and oneDNN where this
+jaxlib accepts its options. Then each jbt.model.matmul CPU kind's gradient time (the measurement
+`model.matmul=auto` makes once per CPU). GFLOP/s, 2 m k n per product; the CPU is named first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jbt.model import matmul
+from jbt.runtime import cpu, xla_options
+
+LIBRARIES = {
+    "xla defaults": {},
+    "jbt (ynn single dots)": xla_options.CPU_OPTIONS["bfloat16"],
+    "ynn fused dots": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "onednn": {"xla_cpu_use_onednn": True},
+    "onednn custom call": {"xla_cpu_experimental_onednn_custom_call": True},
+}
+
+
+def _split_dw(x, g):
+  T = x.shape[0]
+  return jax.lax.dot_general(x.reshape(2, T // 2, -1), g.reshape(2, T // 2, -1), (((0, 1), (0, 1)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+FORMS = {
+    "x w": lambda x, w, g: jax.lax.dot(x, w, preferred_element_type=jnp.float32),
+    "g w^T": lambda x, w, g: jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32),
+    "x^T g plain": lambda x, w, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())),
+                                                       preferred_element_type=jnp.float32),
+    "x^T g split": lambda x, w, g: _split_dw(x, g),
+    "x w -> bf16": lambda x, w, g: x @ w,
+    "float32": lambda x, w, g: x.astype(jnp.float32) @ w.astype(jnp.float32),
+}
+
+
+def rate(f, args, flop: float, seconds: float) -> float:
+  jax.block_until_ready(f(*args))
+  reps, start = 0, time.perf_counter()
+  while True:
+    jax.block_until_ready(f(*args))
+    reps += 1
+    elapsed = time.perf_counter() - start
+    if elapsed >= seconds:
+      return flop * reps / elapsed / 1e9
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--m", type=int, default=2048)
+  ap.add_argument("--k", type=int, default=576)
+  ap.add_argument("--n", type=int, default=1536)
+  ap.add_argument("--seconds", type=float, default=1.0)
+  a = ap.parse_args()
+  print(cpu.describe(), flush=True)
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (a.m, a.k), jnp.bfloat16)
+  w = jax.random.normal(keys[1], (a.k, a.n), jnp.bfloat16)
+  g = jax.random.normal(keys[2], (a.m, a.n), jnp.bfloat16)
+  flop = 2.0 * a.m * a.k * a.n
+  print(f"\nGFLOP/s, x [{a.m}, {a.k}], w [{a.k}, {a.n}]\n")
+  print("| library | " + " | ".join(FORMS) + " |")
+  print("|---|" + "---|" * len(FORMS))
+  for name, options in LIBRARIES.items():
+    cells = []
+    for form in FORMS.values():
+      try:
+        f = jax.jit(form).lower(x, w, g).compile(compiler_options=options)
+      except Exception:  # an option this jaxlib does not know
+        if not options:
+          raise
+        cells.append("n/a")
+        continue
+      cells.append(f"{rate(f, (x, w, g), flop, a.seconds):,.0f}")
+    print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+  print("\njbt.model.matmul CPU kinds, one gradient through an up and a down projection (576 <-> 1536, "
+        "1024 tokens), best of 5:")
+  for kind in matmul.CPU_KINDS:
+    print(f"  {kind}: {matmul.grad_seconds(kind) * 1e3:.1f} ms")
+  print(f"model.matmul=auto on this CPU: {matmul.resolve('auto', 'cpu')} ({cpu.choices_path()})")
+
+
+if __name__ == "__main__":
+  main()
