@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jbt.atomic import atomic_dir
+from jbt.atomic import atomic_dir, atomic_file
 from jbt.errors import JbtError
 from jbt.hf import families
 from jbt.hf.config import hf_config_for_export, is_seq_cls, model_config_from_hf
@@ -25,6 +25,30 @@ def tokenizer_cache_dir(gguf: Path) -> Path:
   st = gguf.stat()
   root = os.environ.get("JBT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt"
   return Path(root) / "gguf_tokenizers" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def load_gguf_config(gguf: Path) -> Any:
+  """The transformers config of a GGUF file, kept beside its converted tokenizer
+  (tokenizer_cache_dir): reading it from the file parses all of the file's metadata, the
+  vocabulary included (about 14 s for Gemma 3's 262k tokens), once per read."""
+  import transformers
+
+  kept = tokenizer_cache_dir(gguf) / "gguf_config.json"
+  if kept.is_file():
+    try:
+      return transformers.AutoConfig.for_model(**json.loads(kept.read_text()))
+    except (ValueError, KeyError, TypeError):
+      pass  # damaged or from another transformers: read the file again
+  try:
+    config = transformers.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+  except Exception as e:
+    raise JbtError(f"{gguf}: cannot read the GGUF config ({type(e).__name__}: {e})") from None
+  try:
+    with atomic_file(kept) as f:
+      f.write(config.to_json_string())
+  except (OSError, JbtError):
+    pass  # a cache that cannot be written only costs the parse next time
+  return config
 
 
 def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
@@ -72,13 +96,11 @@ def read_hf(
     raise JbtError(f"{path}: no such file or directory")
   gguf = find_gguf(path)
   if gguf is not None:
-    try:
-      hf_cfg = transformers.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).to_dict()
-    except Exception as e:
-      raise JbtError(f"{gguf}: cannot read the GGUF config ({type(e).__name__}: {e})") from None
+    tokenizer = load_tokenizer(gguf.parent, gguf.name)  # first: its cache directory is written whole
+    hf_config = load_gguf_config(gguf)
+    hf_cfg = hf_config.to_dict()
     cfg = model_config_from_hf(hf_cfg, num_labels=num_labels, **overrides)
-    tokenizer = load_tokenizer(gguf.parent, gguf.name)
-    source = gguf_source(gguf)
+    source = gguf_source(gguf, hf_config)
     has_head = False
   elif path.is_dir():
     if not (path / "config.json").exists():

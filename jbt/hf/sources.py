@@ -122,13 +122,16 @@ def find_gguf(path: Path) -> Path | None:
   return None
 
 
-def gguf_source(gguf: Path) -> TensorSource:
-  """GGUF tensors are quantised: transformers dequantises them to float32 on the host."""
+def gguf_source(gguf: Path, config: Any = None) -> TensorSource:
+  """GGUF tensors are quantised: transformers dequantises them to float32 on the host. `config`:
+  the file's transformers config, if already read (each read parses the whole file's metadata,
+  seconds for a 262k-token vocabulary)."""
   import torch
   import transformers
 
   try:
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, config=config,
+                                                              dtype=torch.float32)
   except Exception as e:
     raise JbtError(f"{gguf}: cannot load GGUF weights ({type(e).__name__}: {e})") from None
   state = {k: v for k, v in model.state_dict().items()}

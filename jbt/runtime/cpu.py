@@ -74,10 +74,12 @@ def dot_rate(m: int = 2048, k: int = 576, n: int = 1536, seconds: float = 1.0) -
 
 
 def choices_path() -> Path:
-  """Where measured CPU choices are kept: $JBT_CPU_CHOICES, else $XDG_CACHE_HOME (~/.cache)/jbt/cpu_choices.json."""
+  """Where measured CPU choices are kept: $JBT_CPU_CHOICES, else cpu_choices.json in $JBT_CACHE or
+  $XDG_CACHE_HOME/jbt (~/.cache/jbt)."""
   if os.environ.get("JBT_CPU_CHOICES"):
     return Path(os.environ["JBT_CPU_CHOICES"]).expanduser()
-  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt" / "cpu_choices.json"
+  root = os.environ.get("JBT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt"
+  return Path(root) / "cpu_choices.json"
 
 
 @contextlib.contextmanager
