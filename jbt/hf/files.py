@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -25,6 +27,33 @@ def tokenizer_cache_dir(gguf: Path) -> Path:
   st = gguf.stat()
   root = os.environ.get("JBT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt"
   return Path(root) / "gguf_tokenizers" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+@contextlib.contextmanager
+def gguf_metadata_read_once() -> Iterator[None]:
+  """Inside: transformers' GGUF metadata reads (its tokenizer and its config each parse the whole
+  file's metadata, vocabulary included, in Python: about 14 s for Gemma 3's 262k tokens) share
+  one parse per file. The weights' read, which needs the tensors, still parses on its own."""
+  try:
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+  except ImportError:
+    yield
+    return
+  original = gguf_utils.load_gguf_checkpoint
+  parsed: dict[str, Any] = {}
+
+  def once(path: Any, return_tensors: bool = False, **kw: Any) -> Any:
+    if return_tensors or kw:
+      return original(path, return_tensors=return_tensors, **kw)
+    if str(path) not in parsed:
+      parsed[str(path)] = original(path, return_tensors=False)
+    return copy.deepcopy(parsed[str(path)])  # callers may edit what they get
+
+  gguf_utils.load_gguf_checkpoint = once
+  try:
+    yield
+  finally:
+    gguf_utils.load_gguf_checkpoint = original
 
 
 def load_gguf_config(gguf: Path) -> Any:
@@ -96,8 +125,9 @@ def read_hf(
     raise JbtError(f"{path}: no such file or directory")
   gguf = find_gguf(path)
   if gguf is not None:
-    tokenizer = load_tokenizer(gguf.parent, gguf.name)  # first: its cache directory is written whole
-    hf_config = load_gguf_config(gguf)
+    with gguf_metadata_read_once():
+      tokenizer = load_tokenizer(gguf.parent, gguf.name)  # first: its cache directory is written whole
+      hf_config = load_gguf_config(gguf)
     hf_cfg = hf_config.to_dict()
     cfg = model_config_from_hf(hf_cfg, num_labels=num_labels, **overrides)
     source = gguf_source(gguf, hf_config)
