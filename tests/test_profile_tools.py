@@ -1,5 +1,5 @@
 """Where a step's time goes: jbt.runtime.trace's op table (HLO source names and self times from a
-real trace), scripts/profile_step.py --trace, and train.profile on a real training run."""
+real trace), scripts/profile_step.py --trace, and train.profile's setting."""
 
 import sys
 from pathlib import Path
@@ -47,28 +47,15 @@ def test_op_times_name_the_source_ops(tmp_path, capsys):
 
 
 def test_profile_steps_are_parsed_and_bad_ones_refused():
+  """(A real run's trace: tests/test_train.py's margins test runs with train.profile=2:3.)"""
+  from test_train import tiny
+
+  from jbt.train.setup import validate
+
   assert trace.parse_steps("") is None and trace.parse_steps("3:5") == (3, 5)
   for bad in ("5:3", "0:2", "3", "a:b"):
     with pytest.raises(ValueError, match="START:END"):
       trace.parse_steps(bad)
-
-
-def test_train_profile_traces_the_chosen_steps_of_a_real_run(tmp_path, capsys):
-  from test_train import tiny
-
-  from jbt.train import run
-  from jbt.train.setup import validate
-
-  cfg = tiny(tmp_path, **{"train.max_steps": 3, "train.eval_every": 0, "train.profile": "2:3",
-                          "ckpt.export_final": False})
-  run(cfg)
-  out = Path(cfg.ckpt.cache_dir) / "tiny" / "profile"
-  assert f"python scripts/profile_step.py --report {out}" in capsys.readouterr().out
-  hlo = list(out.glob(f"*{trace.HLO_FILE}"))
-  assert len(hlo) == 1 and "ENTRY" in hlo[0].read_text()
-  t = trace.op_times(out)
-  assert t["total"] > 0 and t["categories"]["matmuls"] > 0, t["categories"]
-  assert any("RewardModel" in name for name in t["ops"]), list(t["ops"])[:10]
-  cfg.train.profile = "4:2"
+  cfg = tiny(Path("/nonexistent"), **{"train.profile": "4:2"})
   with pytest.raises(JbtError, match="train.profile: expected START:END"):
     validate(cfg)

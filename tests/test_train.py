@@ -355,10 +355,20 @@ def test_margins_from_data_train_end_to_end_as_the_same_margin_given_in_the_conf
   run(tiny(tmp_path / "a", **base, **{"data.train": (str(margins),), "loss.margin_from_data": True}))
   said = capsys.readouterr().out
   assert "margins from data: 392 of 392 train pairs carry one" in said, said
-  run(tiny(tmp_path / "b", **base, **{"loss.margin": 0.5}))
+  run(tiny(tmp_path / "b", **base, **{"loss.margin": 0.5, "train.profile": "2:3"}))  # traced: the same numbers
   a, b = losses(tmp_path / "a" / "runs" / "tiny"), losses(tmp_path / "b" / "runs" / "tiny")
   assert sorted(a) == [1, 2] and a == pytest.approx(b, abs=1e-6)
   assert a[1] > 0.9  # softplus(0.5) at a near-zero start; without the margin it would be about log 2
+  # train.profile=2:3 traced step 2 of run b into its run directory, with the step's optimized HLO
+  from jbt.runtime import trace
+
+  out = tmp_path / "b" / "runs" / "tiny" / "profile"
+  assert f"python scripts/profile_step.py --report {out}" in capsys.readouterr().out
+  hlo = list(out.glob(f"*{trace.HLO_FILE}"))
+  assert len(hlo) == 1 and "ENTRY" in hlo[0].read_text()
+  t = trace.op_times(out)
+  assert t["total"] > 0 and t["categories"]["matmuls"] > 0 and sum(t["busy"]) == pytest.approx(1.0)
+  assert any("RewardModel" in name for name in t["ops"]), list(t["ops"])[:10]
 
 
 def test_davidson_tie_loss_reduces_to_bradley_terry_and_prefers_zero_gaps_for_ties():
