@@ -19,6 +19,13 @@ from typing import IO, Iterator
 from jbt.errors import JbtError
 
 
+def cache_dir() -> Path:
+  """jbt's own cache (converted GGUF tokenizers and configs, measured CPU choices): $JBT_CACHE, else
+  $XDG_CACHE_HOME/jbt (~/.cache/jbt)."""
+  root = os.environ.get("JBT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt"
+  return Path(root)
+
+
 def umask() -> int:
   """The process's umask (read without changing it for longer than one call)."""
   mask = os.umask(0o022)

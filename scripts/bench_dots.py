@@ -31,18 +31,12 @@ LIBRARIES = {
 }
 
 
-def _split_dw(x, g):
-  T = x.shape[0]
-  return jax.lax.dot_general(x.reshape(2, T // 2, -1), g.reshape(2, T // 2, -1), (((0, 1), (0, 1)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
 FORMS = {
     "x w": lambda x, w, g: jax.lax.dot(x, w, preferred_element_type=jnp.float32),
     "g w^T": lambda x, w, g: jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32),
     "x^T g plain": lambda x, w, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())),
                                                        preferred_element_type=jnp.float32),
-    "x^T g split": lambda x, w, g: _split_dw(x, g),
+    "x^T g split": lambda x, w, g: matmul.tokens_contracted(x, g),
     "x w -> bf16": lambda x, w, g: x @ w,
     "float32": lambda x, w, g: x.astype(jnp.float32) @ w.astype(jnp.float32),
 }

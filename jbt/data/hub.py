@@ -46,13 +46,18 @@ def hub_split(name: str, split: str) -> str:
 
 
 def _convert_rows(rows: Iterable[dict], where: str, report: DataReport, on_error: str,
-                  convert: Callable[[dict, str], Pair]) -> list[Pair]:
-  """Converts rows one by one; a bad row is counted (or raised) with its location."""
-  pairs = []
+                  convert: Callable[[dict, str], Pair | list[Pair]]) -> list[Pair]:
+  """Converts rows one by one (a row gives a pair, or a ranked record's pairs); a bad row is
+  counted (or raised) with its location."""
+  pairs: list[Pair] = []
   for i, row in enumerate(rows):
     location = f"{where}:{i}"
     try:
-      pairs.append(convert(row, location))
+      out = convert(row, location)
+      if isinstance(out, list):
+        pairs.extend(out)
+      else:
+        pairs.append(out)
     except BadRecord as e:
       report.handle(e, location, on_error)
   return pairs
@@ -166,14 +171,7 @@ def convert_ultrafeedback_rows(rows: Iterable[dict], where: str, report: DataRep
   """openbmb/UltraFeedback, all completions kept: each row is a ranked record (jbt.data.records.
   convert_ranked) of its completions scored by their `fine-grained_score` (the mean of the four
   aspect ratings, the score ultrafeedback_binarized picks its pair by), instead of one pair."""
-  pairs = []
-  for i, row in enumerate(rows):
-    location = f"{where}:{i}"
-    try:
-      pairs.extend(_ultrafeedback_record(row, location))
-    except BadRecord as e:
-      report.handle(e, location, on_error)
-  return pairs
+  return _convert_rows(rows, where, report, on_error, _ultrafeedback_record)
 
 
 def _download(repo: str, data_dir: str | None, split: str) -> Any:

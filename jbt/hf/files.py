@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from jbt.atomic import atomic_dir, atomic_file
+from jbt.atomic import atomic_dir, atomic_file, cache_dir
 from jbt.errors import JbtError
 from jbt.hf import families
 from jbt.hf.config import hf_config_for_export, is_seq_cls, model_config_from_hf
@@ -25,8 +24,7 @@ def tokenizer_cache_dir(gguf: Path) -> Path:
   the file to build it (about 7 s for SmolLM2's), a saved copy loads in well under a second. Keyed
   by the file's name, size and modification time; $JBT_CACHE or $XDG_CACHE_HOME/jbt (~/.cache/jbt)."""
   st = gguf.stat()
-  root = os.environ.get("JBT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt"
-  return Path(root) / "gguf_tokenizers" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+  return cache_dir() / "gguf_tokenizers" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
 
 
 @contextlib.contextmanager

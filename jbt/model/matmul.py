@@ -66,17 +66,23 @@ def _token_split(T: int) -> int:
   return next((c for c in range(2, 17) if T % c == 0), 1)
 
 
+def tokens_contracted(x_TxI: Array, g_TxO: Array) -> Array:
+  """x^T g in float32 with the tokens split in two or more ([c, T/c]), which XLA's CPU backend
+  computes as a bfloat16 transposing copy and a plain dot; a gathered transpose where T has no
+  small factor."""
+  T, c = x_TxI.shape[0], _token_split(x_TxI.shape[0])
+  if c == 1:
+    return jax.lax.dot(_transposed(x_TxI), g_TxO, preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(x_TxI.reshape(c, T // c, -1), g_TxO.reshape(c, T // c, -1),
+                             (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _bwd_folded(res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Array]:
   x_TxI, w_IxO = res
-  g_TxO, f32 = g_TxO.astype(x_TxI.dtype), jnp.float32
-  dx_TxI = jax.lax.dot_general(g_TxO, w_IxO.astype(x_TxI.dtype), (((1,), (1,)), ((), ())), preferred_element_type=f32)
-  T, c = x_TxI.shape[0], _token_split(x_TxI.shape[0])
-  if c > 1:
-    dw_IxO = jax.lax.dot_general(x_TxI.reshape(c, T // c, -1), g_TxO.reshape(c, T // c, -1),
-                                 (((0, 1), (0, 1)), ((), ())), preferred_element_type=f32)
-  else:
-    dw_IxO = jax.lax.dot(_transposed(x_TxI), g_TxO, preferred_element_type=f32)
-  return dx_TxI.astype(x_TxI.dtype), dw_IxO.astype(w_IxO.dtype)
+  g_TxO = g_TxO.astype(x_TxI.dtype)
+  dx_TxI = jax.lax.dot_general(g_TxO, w_IxO.astype(x_TxI.dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  return dx_TxI.astype(x_TxI.dtype), tokens_contracted(x_TxI, g_TxO).astype(w_IxO.dtype)
 
 
 def _bwd_gathered(res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Array]:

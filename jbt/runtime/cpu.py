@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from jbt.atomic import atomic_file, cache_dir
+from jbt.errors import JbtError
+
 # The features that decide bfloat16 matmul speed on x86.
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -78,8 +81,7 @@ def choices_path() -> Path:
   $XDG_CACHE_HOME/jbt (~/.cache/jbt)."""
   if os.environ.get("JBT_CPU_CHOICES"):
     return Path(os.environ["JBT_CPU_CHOICES"]).expanduser()
-  root = os.environ.get("JBT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbt"
-  return Path(root) / "cpu_choices.json"
+  return cache_dir() / "cpu_choices.json"
 
 
 @contextlib.contextmanager
@@ -127,11 +129,10 @@ def choose(name: str, timers: dict[str, Callable[[], float]], prefer: str, margi
     data = _read(path)
     data[key] = {"choice": choice, "seconds": seconds}
     try:
-      tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-      tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-      tmp.replace(path)
-    except OSError as e:
-      log.warning("%s: could not keep the measured %s choice (%s)", path, name, e.strerror or e)
+      with atomic_file(path) as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    except (OSError, JbtError) as e:
+      log.warning("%s: could not keep the measured %s choice (%s)", path, name, getattr(e, "strerror", None) or e)
   print(f"{name}: {choice} on this CPU (measured once: "
         + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()) + f"; kept in {path})", file=sys.stderr)
   return choice

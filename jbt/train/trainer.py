@@ -152,6 +152,7 @@ class Trainer:
                                 tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
                                 config=cfg.to_dict(), enabled=is_primary())
     self._build_steps()
+    self.profile_steps = trace.parse_steps(cfg.train.get("profile", ""))  # train.profile, checked by setup.validate
     self.last: dict[str, Any] = {}
     self.eval_last: dict[str, Any] = {}
 
@@ -223,7 +224,7 @@ class Trainer:
   def _profile(self, micro: int, batch: dict[str, jax.Array], start: bool) -> None:
     """train.profile "A:B": the JAX profiler traces optimizer steps A..B-1 into {run dir}/profile,
     with the traced steps' optimized HLO (for scripts/profile_step.py --report)."""
-    steps = trace.parse_steps(self.cfg.train.get("profile", ""))
+    steps = self.profile_steps
     if steps is None:
       return
     first, end = ((s - 1) * self.accum for s in steps)
