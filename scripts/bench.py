@@ -41,6 +41,7 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     "jbt-shared-fp32": {"kind": "jbt", "layout": "shared_prompt", "dtype": "float32"},
     # without the restart under glibc's huge-page tunable (jbt/host.py): 4 KiB pages
     "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "hugepages": False},
+    "jbt-shared-2dev": {"kind": "jbt", "layout": "shared_prompt", "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}},
     # TRL's defaults: gradient checkpointing on, bf16 autocast (RewardConfig.bf16 defaults to True)
     "trl": {"kind": "trl", "gradient_checkpointing": True, "bf16": True},
     "trl-no-gc": {"kind": "trl", "gradient_checkpointing": False, "bf16": True},
@@ -180,6 +181,7 @@ def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path, profil
   env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
   if not VARIANTS[name].get("hugepages", True):
     env.pop("GLIBC_TUNABLES", None)
+  env.update(VARIANTS[name].get("env", {}))
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   stdout, stderr = p.communicate()
   lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]

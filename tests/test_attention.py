@@ -262,3 +262,53 @@ def test_fused_kernels_run_per_shard_under_a_mesh(kind):
     val, dq = fn(*args)
   np.testing.assert_allclose(val, ref, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(np.asarray(dq), np.asarray(ref_dq), atol=5e-5)
+
+
+def test_saved_attention_output_is_kept_as_bits_and_changes_nothing(capsys):
+  """Under remat the flash output is saved as uint16 bits (XLA's CPU backend writes bfloat16
+  slices of a layer scan's saved stack by converting the whole stack); values and gradients are
+  those of the unsaved computation."""
+  from jax.ad_checkpoint import checkpoint_name
+
+  from jbt.model.attention import flash
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.bfloat16)
+  policy = jax.checkpoint_policies.save_only_these_names("kept")
+
+  def f(x, saver):
+    y = jax.lax.stop_gradient(jnp.sin(x))
+    return (saver(y, "kept") * x).astype(jnp.float32).sum()
+
+  bits = jax.checkpoint(lambda x: f(x, flash.saved_bits), policy=policy)
+  plain = jax.checkpoint(lambda x: f(x, checkpoint_name), policy=policy)
+  jax.ad_checkpoint.print_saved_residuals(bits, x)
+  saved = capsys.readouterr().out.splitlines()
+  assert any(r.startswith("u16[4,8]") for r in saved), saved
+  assert all(r.startswith(("u16", "bf16[4,8] from the argument")) for r in saved), saved
+  np.testing.assert_array_equal(jax.grad(bits)(x), jax.grad(plain)(x))
+  assert bits(x) == plain(x)
+
+
+def test_first_key_block_equals_the_running_maximum():
+  from jbt.model.attention import flash
+
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    L, block = 96, 16
+    lengths = rng.integers(1, 30, 8)
+    seg = np.zeros((2, L), np.int32)
+    for b in range(2):
+      at = 0
+      for i, n in enumerate(rng.permutation(lengths)):
+        n = min(n, L - at)
+        seg[b, at:at + n] = i + 1
+        at += n
+    for max_segment in (0, 20):
+      got = np.asarray(flash._first_key_block(jnp.asarray(seg), block, max_segment))
+      idx = np.arange(L)
+      starts = np.concatenate([np.ones((2, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+      first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+      first = np.where(seg == 0, idx, first)
+      if max_segment:
+        first = np.maximum(first, idx - max_segment + 1)
+      np.testing.assert_array_equal(got, first.reshape(2, L // block, block).min(axis=(0, 2)) // block)

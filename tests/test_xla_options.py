@@ -34,3 +34,55 @@ def test_product_reduction_stays_with_xla(dtype):
   compiled = f.lower(a, b).compile()
   assert "__ynn_fusion" not in compiled.as_text()
   np.testing.assert_allclose(compiled(a, b), (np.asarray(a) * np.asarray(b)).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_update_options_only_for_cpu(monkeypatch):
+  assert xla_options.update_options("gpu") is None and xla_options.update_options("tpu") is None
+  assert xla_options.update_options("cpu") == xla_options.UPDATE_CPU_OPTIONS
+  monkeypatch.setattr(xla_options, "UPDATE_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_KIND"})
+  assert xla_options.update_options("cpu") is None  # unknown to this jaxlib: the step stays one program
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's two-program step")
+def test_two_program_step_trains_as_the_one_program_step():
+  """On a CPU jbt.train runs the step as two programs (gradients, then the update compiled with
+  YNNPACK's reductions); two steps of it give the one-program step's params, optimizer state and
+  metrics."""
+  from jbt import model
+  from jbt.configs import default
+  from jbt.runtime import mesh as mesh_lib
+  from jbt.train import optim
+  from jbt.train.state import init_state, state_shardings
+  from jbt.train.step import TwoPrograms, jit_train_step, make_train_step
+
+  cfg = default.get_config()
+  mc = model.ModelConfig(dtype="float32", num_layers=2)
+  tx, lr = optim.make_optimizer(cfg.opt, 10)
+  mesh = mesh_lib.make_mesh([1, 1, 1], devices=jax.devices()[:1])
+  rules = mesh_lib.DEFAULT_RULES
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, mc.vocab_size, (4, 16)).astype(np.int32)
+  batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens), positions=np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+               chosen_index=np.arange(2, dtype=np.int32) * 16 + 15, rejected_index=np.arange(2, 4, dtype=np.int32) * 16 + 15,
+               pair_mask=np.ones(2, np.float32))
+  results = []
+  for two in (False, True):
+    with jax.set_mesh(mesh):
+      state, _ = init_state(mc, tx, mesh, rules, seed=0)
+      start = jax.device_get(state.params)
+      if two:
+        jitted = jit_train_step(cfg, mc, tx, lr, mesh, rules, state_shardings(mc, tx, mesh, rules))
+        assert isinstance(jitted, TwoPrograms)
+        step = jitted.lower(state, batch).compile()
+        assert "ENTRY" in step.as_text()
+      else:
+        step = jax.jit(make_train_step(mc, tx, lr))
+      for _ in range(2):
+        state, metrics = step(state, batch)
+    results.append(jax.device_get((state, metrics)))
+  (s1, m1), (s2, m2) = results
+  assert int(s1.step) == int(s2.step) == 2
+  assert set(m1) == set(m2) and {"grad_norm", "param_norm", "update_norm", "loss/train", "n_pairs"} <= set(m1)
+  for a, b in zip(jax.tree.leaves((s1.params, s1.opt_state, m1)), jax.tree.leaves((s2.params, s2.opt_state, m2))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert not np.allclose(s2.params["score"], start["score"])  # it trained

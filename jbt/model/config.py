@@ -128,6 +128,16 @@ class ModelConfig:
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 
+  @property
+  def carry_dtype(self) -> jnp.dtype:
+    """The layer scan's carry (the residual stream between layers, saved per layer for the
+    backward pass). float32 with the CPU matmul kinds: XLA's CPU backend writes a bfloat16 slice
+    of the saved stack by converting the whole stack and back, every layer. The values are the
+    compute dtype's either way (each layer rounds its output to it)."""
+    from jbt.model import matmul
+
+    return jnp.dtype(jnp.float32) if self.matmul in matmul.CPU_KINDS else self.compute_dtype
+
   def replace(self, **kw: Any) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 

@@ -158,10 +158,14 @@ def apply_rope(x_BxLxNxH: Array, cos_BxLxR: Array, sin_BxLxR: Array) -> Array:
   """HF's rotate_half layout: (x1, x2) halves, x*cos + (-x2, x1)*sin. No weight permutation needed.
   Partial rotary (R < H): the first R dims rotate, the rest pass through."""
   R = cos_BxLxR.shape[-1]
-  x_rot, x_pass = x_BxLxNxH[..., :R], x_BxLxNxH[..., R:]
+  f32 = jnp.float32
+  x_rot, x_pass = x_BxLxNxH[..., :R].astype(f32), x_BxLxNxH[..., R:]
   x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x_rot * cos_BxLxR[:, :, None, :] + rotated * sin_BxLxR[:, :, None, :]
+  # In float32, rounded once: XLA's CPU backend computes bfloat16 elementwise ops in float32 with a
+  # rounding after each, several times slower; the one rounding is also the more accurate result.
+  out = (x_rot * cos_BxLxR[:, :, None, :].astype(f32) + rotated * sin_BxLxR[:, :, None, :].astype(f32))
+  out = out.astype(x_BxLxNxH.dtype)
   return out if R == x_BxLxNxH.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
@@ -249,7 +253,9 @@ class MLP(nn.Module):
         gate_TxF += b_gate.astype(dt)
         up_TxF += b_up.astype(dt)
       act = nn.silu if cfg.mlp_activation == "silu" else functools.partial(nn.gelu, approximate=True)
-      h_BxCxF = _constrain((act(gate_TxF) * up_TxF).reshape(B, C, F), ("batch", "length", "mlp"))
+      # float32 inside, rounded once (as torch computes a bfloat16 activation; see apply_rope)
+      h_TxF = (act(gate_TxF.astype(jnp.float32)) * up_TxF.astype(jnp.float32)).astype(dt)
+      h_BxCxF = _constrain(h_TxF.reshape(B, C, F), ("batch", "length", "mlp"))
       y_TxD = _project(h_BxCxF.reshape(B * C, F), w_down, ad["down"], cfg)
       if cfg.mlp_bias:
         y_TxD += b_down.astype(dt)
@@ -281,6 +287,8 @@ class DecoderLayer(nn.Module):
   def __call__(self, x_BxLxD: Array, info: attention.MaskInfo, cos_BxLxH: Array, sin_BxLxH: Array,
                window: Array | None = None):
     cfg = self.cfg
+    carry_dtype = x_BxLxD.dtype
+    x_BxLxD = x_BxLxD.astype(cfg.compute_dtype)
     if window is not None:  # this layer's window (0: full), scanned with the layers
       info = info._replace(window=window)
     if cos_BxLxH.ndim == 4:  # sliding layers have their own rope (Gemma 3): [global, local]
@@ -293,7 +301,7 @@ class DecoderLayer(nn.Module):
     h = MLP(cfg, name="mlp")(h)
     x_BxLxD = x_BxLxD + (_norm(cfg, "post_mlp_norm")(h) if cfg.post_norms else h)
     x_BxLxD = _constrain(x_BxLxD, ("batch", "length", "embed"))
-    return x_BxLxD, None  # (carry, per-layer output) for nn.scan
+    return x_BxLxD.astype(carry_dtype), None  # (carry, per-layer output) for nn.scan
 
 
 _KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(*attention.SAVED_NAMES)
@@ -369,7 +377,8 @@ class RewardModel(nn.Module):
     info = attention.mask_info(cfg.attention, segment_ids_BxL, positions_BxL, branch_ids_BxL, cfg.sliding_window)
     windows = (jnp.asarray(cfg.layer_windows, jnp.int32),) if cfg.layer_windows else ()
     if cfg.scan_layers:
-      x_BxLxD, _ = self.layers(x_BxLxD, info, cos_BxLxH, sin_BxLxH, *windows)
+      x_BxLxD, _ = self.layers(x_BxLxD.astype(cfg.carry_dtype), info, cos_BxLxH, sin_BxLxH, *windows)
+      x_BxLxD = x_BxLxD.astype(dt)
     else:
       for i, layer in enumerate(self.layer_list):
         x_BxLxD, _ = layer(x_BxLxD, info, cos_BxLxH, sin_BxLxH, *(w[i] for w in windows))

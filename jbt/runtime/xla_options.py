@@ -37,6 +37,19 @@ def _accepted(items: tuple[tuple[str, str], ...]) -> bool:
   return True
 
 
+UPDATE_CPU_OPTIONS = {_YNN: "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def update_options(backend: str | None = None) -> dict[str, Any] | None:
+  """Options for the optimizer update's own program on a CPU (jbt.train.step.TwoPrograms):
+  YNNPACK's reductions, which compute the update's whole-tree norms (gradient clipping, the
+  logged norms) many times faster than XLA's own loops; None elsewhere or where this jaxlib lacks
+  the option (the step then stays one program)."""
+  if (backend or jax.default_backend()) != "cpu":
+    return None
+  return dict(UPDATE_CPU_OPTIONS) if _accepted(tuple(sorted(UPDATE_CPU_OPTIONS.items()))) else None
+
+
 def compiler_options(dtype: str = "float32", backend: str | None = None) -> dict[str, Any] | None:
   """Options for `jax.jit(..., compiler_options=...)` of a model computing in `dtype` on `backend`
   (default: JAX's default backend); None where jbt sets none."""

@@ -90,21 +90,31 @@ def make_train_step(
   def trainable_loss(train_p: Any, frozen_p: Any, batch: dict[str, jax.Array], step: jax.Array):
     return loss_fn(trainable.merge(mask, train_p, frozen_p), batch, step)
 
-  def step(state: TrainState, batch: dict[str, jax.Array]):
+  def gradients(state: TrainState, batch: dict[str, jax.Array]):
+    """(the trainable params' gradients, the loss metrics): the model's part of the step."""
     train_p, frozen_p = trainable.split(state.params, mask)
     (_, m), grads = jax.value_and_grad(trainable_loss, has_aux=True)(train_p, frozen_p, batch, state.step)
-    grads = trainable.zero_rows(grads, frozen_rows)
+    metrics = {f"{k}/train" if k == "loss" else f"rewards_train/{k}": v for k, v in m.items()}
+    metrics["n_pairs"] = batch["pair_mask"].sum()
+    return trainable.zero_rows(grads, frozen_rows), metrics
+
+  def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
+    """The optimizer's part: the new state, and the metrics with the norms and learning rate."""
+    train_p, frozen_p = trainable.split(state.params, mask)
     updates, opt_state = tx.update(grads, state.opt_state, train_p)
     updates = trainable.zero_rows(updates, frozen_rows)  # AdamW's weight decay would move them too
     params = trainable.merge(mask, optax.apply_updates(train_p, updates), frozen_p)
-    metrics = {f"{k}/train" if k == "loss" else f"rewards_train/{k}": v for k, v in m.items()}
+    metrics = dict(metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["param_norm"] = optax.tree.norm(params)
     metrics["update_norm"] = optax.tree.norm(updates)
     metrics["counters/lr"] = lr_fn(state.step // grad_accum)
-    metrics["n_pairs"] = batch["pair_mask"].sum()
     return TrainState(state.step + 1, params, opt_state), metrics
 
+  def step(state: TrainState, batch: dict[str, jax.Array]):
+    return update(state, *gradients(state, batch))
+
+  step.parts = (gradients, update)  # for running the two as separate programs (jit_train_step)
   return step
 
 
@@ -138,5 +148,48 @@ def jit_train_step(cfg: ConfigDict, model_cfg: ModelConfig, tx: optax.GradientTr
                          mask=trainable.trainable_mask(model_cfg, cfg.train.get("freeze", ())),
                          frozen_rows=trainable.frozen_rows(model_cfg, cfg.train.get("freeze", ())))
   batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
-  return jax.jit(ruled(step, rules), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                 donate_argnums=0, compiler_options=xla_options.compiler_options(model_cfg.dtype, backend))
+  options = xla_options.compiler_options(model_cfg.dtype, backend)
+  update_options = xla_options.update_options(backend)
+  if update_options is None:
+    return jax.jit(ruled(step, rules), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0, compiler_options=options)
+  gradients, update = step.parts
+  return TwoPrograms(
+      jax.jit(ruled(gradients, rules), in_shardings=(state_sh, batch_sh), compiler_options=options),
+      jax.jit(ruled(update, rules), out_shardings=(state_sh, None), donate_argnums=0,
+              compiler_options=update_options))
+
+
+class TwoPrograms:
+  """The train step as two programs, the model's gradients and the optimizer's update, each
+  compiled with its own options (xla_options.update_options: on a CPU the update's whole-tree
+  norms run several times faster with reductions that the model's program must not take). It
+  stands where the one jitted step would: lower(state, batch).compile() gives the callable."""
+
+  def __init__(self, gradients: Any, update: Any):
+    self.gradients, self.update = gradients, update
+
+  def lower(self, state: Any, batch: Any) -> "TwoPrograms._Lowered":
+    return TwoPrograms._Lowered(self, state, batch)
+
+  class _Lowered:
+    def __init__(self, programs: "TwoPrograms", state: Any, batch: Any):
+      self.programs, self.state = programs, state
+      self.gradients = programs.gradients.lower(state, batch)
+
+    def compile(self) -> "TwoPrograms._Compiled":
+      gradients = self.gradients.compile()
+      outs = jax.tree.map(lambda o, sh: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sh),
+                          self.gradients.out_info, gradients.output_shardings)
+      update = self.programs.update.lower(self.state, *outs).compile()
+      return TwoPrograms._Compiled(gradients, update)
+
+  class _Compiled:
+    def __init__(self, gradients: Any, update: Any):
+      self.gradients, self.update = gradients, update
+
+    def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
+      return self.update(state, *self.gradients(state, batch))
+
+    def as_text(self) -> str:
+      return self.gradients.as_text() + "\n" + self.update.as_text()

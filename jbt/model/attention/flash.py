@@ -65,7 +65,8 @@ def _first_key_block(segment_ids_BxL: Array, block: int, max_segment: int) -> Ar
   B, L = segment_ids_BxL.shape
   idx_L = jnp.arange(L)
   starts_BxL = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
-  first_BxL = jax.lax.cummax(jnp.where(starts_BxL, idx_L, 0), axis=1)
+  # A log-depth scan: lax.cummax lowers to a reduce-window that XLA's CPU backend runs in L^2.
+  first_BxL = jax.lax.associative_scan(jnp.maximum, jnp.where(starts_BxL, idx_L, 0), axis=1)
   first_BxL = jnp.where(segment_ids_BxL == 0, idx_L, first_BxL)
   if max_segment > 0:
     first_BxL = jnp.maximum(first_BxL, idx_L - max_segment + 1)
@@ -225,9 +226,18 @@ def _with_grads_bwd(block, max_segment, sliding_window, softcap, res, dout):
 _with_grads.defvjp(_with_grads_fwd, _with_grads_bwd)
 
 
+def saved_bits(x: Array, name: str) -> Array:
+  """checkpoint_name(x, name) with x kept as its bits (an unsigned integer of its width), for a
+  value with no gradient. A layer scan saves each layer's named values into one stacked buffer;
+  XLA's CPU backend writes a bfloat16 slice of it by converting the whole stack to float32 and back
+  (every layer: the layers' count squared in copies), an integer slice in place."""
+  bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+  return jax.lax.bitcast_convert_type(checkpoint_name(jax.lax.bitcast_convert_type(x, bits), name), x.dtype)
+
+
 def _flash(q, k, v, info, block, max_segment, sliding_window, softcap):
   out, lse = jax.lax.stop_gradient(_forward(q, k, v, info, block, max_segment, sliding_window, softcap))
-  out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+  out, lse = saved_bits(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
   return _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window, softcap)
 
 
