@@ -9,6 +9,8 @@ it (the tokens split in two), a bfloat16-result forward and a float32 one. Libra
 defaults, jbt's options (jbt/runtime/xla_options.py), YNNPACK's fused kind, and oneDNN where this
 jaxlib accepts its options. Then each jbt.model.matmul CPU kind's gradient time (the measurement
 `model.matmul=auto` makes once per CPU). GFLOP/s, 2 m k n per product; the CPU is named first.
+Last, the read rate of a whole-leaf sum of squares (the update's norms) under the model's and
+the update program's options (jbt.train.step.TwoPrograms).
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ def main() -> None:
   for kind in matmul.CPU_KINDS:
     print(f"  {kind}: {matmul.grad_seconds(kind) * 1e3:.1f} ms")
   print(f"model.matmul=auto on this CPU: {matmul.resolve('auto', 'cpu')} ({cpu.choices_path()})")
+  # The optimizer update's whole-tree norms (clipping, logged norms): one stacked MLP weight's
+  # gradient, [30, 576, 1536] float32, its sum of squares under the model's and the update's options.
+  t = jax.random.normal(keys[0], (30, 576, 1536), jnp.float32)
+  print("\nsum of squares of a [30, 576, 1536] float32 tree leaf (GB/s read):")
+  for name, options in (("jbt model program", xla_options.compiler_options("bfloat16", "cpu")),
+                        ("jbt update program", xla_options.update_options("cpu"))):
+    f = jax.jit(lambda t: jnp.sum(t * t)).lower(t).compile(compiler_options=options)
+    print(f"  {name} {options}: {rate(f, (t,), t.size * 4, a.seconds):,.1f}")
 
 
 if __name__ == "__main__":
