@@ -59,3 +59,27 @@ def test_profile_steps_are_parsed_and_bad_ones_refused():
   cfg = tiny(Path("/nonexistent"), **{"train.profile": "4:2"})
   with pytest.raises(JbtError, match="train.profile: expected START:END"):
     validate(cfg)
+
+
+def test_op_sources_of_two_programs_are_kept_apart():
+  """A two-program step (jbt.train.step.TwoPrograms) writes both programs' HLO into one file;
+  their instruction names repeat, so a traced op is looked up by its program (hlo_module) first."""
+  x = jnp.ones((64, 64))
+
+  def first_program(x):  # the same computation, so the same instruction names; other source names
+    with jax.named_scope("alpha"):
+      return jnp.tanh(x) * 2.0
+
+  def second_program(x):
+    with jax.named_scope("beta"):
+      return jnp.tanh(x) * 2.0
+
+  texts = [jax.jit(f).lower(x).compile().as_text() for f in (first_program, second_program)]
+  sources = trace.op_sources("\n".join(texts))
+  mine = {k.split("/", 1)[1]: v for k, v in sources.items() if k.startswith("jit_second_program/")}
+  shared = [op for op in mine if "beta" in mine[op] and "alpha" in sources.get(f"jit_first_program/{op}", "")]
+  assert mine and shared, (sorted(sources), texts)  # the same instruction name in both programs
+  op = shared[0]
+  event = {"args": {"hlo_op": op, "hlo_module": "jit_second_program"}}
+  assert trace._source(sources, event) == (op, sources[f"jit_second_program/{op}"])
+  assert trace._source(sources, {"args": {"hlo_op": op}}) == (op, sources[op])  # no module: the first program's

@@ -39,20 +39,27 @@ def parse_steps(spec: str) -> tuple[int, int] | None:
 
 
 def op_sources(hlo_text: str) -> dict[str, str]:
-  """Each optimized-HLO instruction's source op name; ops XLA made without one (fusions of
-  several ops) get their computation's most common source, else their shape."""
+  """Each optimized-HLO instruction's source op name, by "module/instruction" (the text may hold
+  several programs, whose instruction names repeat) and by instruction name alone (the first
+  program's); ops XLA made without one (fusions of several ops) get their computation's most
+  common source, else their shape."""
   source, shape, comp_of = {}, {}, {}
   by_comp: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  comp = ""
+  comp = module = ""
   for line in hlo_text.splitlines():
+    mod = re.match(r"HloModule (\S+?),? ", line)
+    if mod:
+      module = mod.group(1)
+      continue
     head = re.match(r"(?:ENTRY )?%(\S+) .*\{\s*$", line)
     if head and not line.startswith(" "):
-      comp = head.group(1)
+      comp = f"{module}/{head.group(1)}"
       continue
     inst = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+)", line)
     if not inst:
       continue
-    name, comp_of[name], shape[name] = inst.group(1), comp, inst.group(2)
+    name = f"{module}/{inst.group(1)}"
+    comp_of[name], shape[name] = comp, inst.group(2)
     meta = re.search(r'op_name="([^"]*)"', line)
     if meta:
       src = re.sub(r"jit\([^)]*\)/|jvp\(|\)|RewardModel\.hidden/|while/body/|closed_call/?|checkpoint/", "",
@@ -64,7 +71,14 @@ def op_sources(hlo_text: str) -> dict[str, str]:
   for name in shape:
     common = by_comp.get(comp_of[name])
     out[name] = source.get(name) or (common.most_common(1)[0][0] + " (fused)" if common else shape[name])
+    out.setdefault(name.split("/", 1)[1], out[name])
   return out
+
+
+def _source(sources: dict[str, str], event: dict) -> tuple[str, str]:
+  """(the event's instruction name, its source op name)."""
+  op = event["args"]["hlo_op"]
+  return op, sources.get(f"{event['args'].get('hlo_module', '')}/{op}") or sources.get(op, op)
 
 
 def category(source: str, op: str) -> str:
@@ -118,9 +132,8 @@ def op_times(trace_dir: str | Path, hlo_text: str | None = None) -> dict[str, An
   ops: collections.Counter = collections.Counter()
   cats: collections.Counter = collections.Counter()
   for e in events:
-    op = e["args"]["hlo_op"]
+    op, src = _source(sources, e)
     kind = "dot" if op.startswith("ynn") else re.sub(r"\.\d+$", "", op)
-    src = sources.get(op, op)
     ops[f"{src} [{kind}]"] += e["self"] / 1e6
     cats[category(src, f"{op} [{kind}]")] += e["self"] / 1e6
   return {"ops": ops, "categories": cats, "total": sum(ops.values()), "trace": path, **_busy(events, sources)}
@@ -141,8 +154,8 @@ def _busy(events: list[dict], sources: dict[str, str], resolution_us: float = 50
   kind = np.full((len(threads), n), -1, np.int16)
   names: list[str] = []
   for e in events:
-    op = e["args"]["hlo_op"]
-    c = category(sources.get(op, op), op)
+    op, src = _source(sources, e)
+    c = category(src, op)
     if c not in names:
       names.append(c)
     i, j = int((e["ts"] - t0) / resolution_us), int((e["ts"] + e["dur"] - t0) / resolution_us) + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -19,7 +20,9 @@ from jbt.train.state import TrainState
 
 
 def ruled(fn: Any, rules: tuple) -> Any:
-  """fn traced under the config's logical-axis rules, so the model's constraints meet the mesh."""
+  """fn traced under the config's logical-axis rules, so the model's constraints meet the mesh
+  (named as fn: a program's name says which part of the step it is)."""
+  @functools.wraps(fn)
   def wrapped(*args):
     with nn.logical_axis_rules(rules):
       return fn(*args)
