@@ -295,20 +295,27 @@ def test_mlp_chunks_change_memory_not_results():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_the_layer_carry_is_float32_with_the_cpu_matmul_kinds_and_changes_no_value():
+def test_the_layer_carry_is_float32_with_the_cpu_matmul_kinds_and_changes_no_value(monkeypatch):
   """XLA's CPU backend writes bfloat16 slices of a scan's saved stack by converting the whole
   stack, so the CPU kinds carry the residual stream between layers in float32 (each layer still
-  rounds to the compute dtype): the rewards equal the unscanned layers' bit for bit."""
+  rounds to the compute dtype): rewards and gradients equal a bfloat16 carry's bit for bit."""
   assert model.ModelConfig(dtype="bfloat16", matmul="bf16_f32").carry_dtype == jnp.float32
   assert model.ModelConfig(dtype="bfloat16", matmul="xla").carry_dtype == jnp.bfloat16
-  cfg = model.ModelConfig(dtype="bfloat16", matmul="bf16_f32", num_layers=2)
+  assert model.ModelConfig(dtype="float32", matmul="xla").carry_dtype == jnp.float32
+  cfg = model.ModelConfig(dtype="bfloat16", matmul="bf16_f32", num_layers=2, remat="dots")
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 16)), jnp.int32)
   seg, pos = jnp.ones_like(tokens), jnp.tile(jnp.arange(16, dtype=jnp.int32), (2, 1))
   params = model.RewardModel(cfg).init(jax.random.key(0), tokens, seg, pos)["params"]
-  scanned = model.RewardModel(cfg).apply({"params": params}, tokens, seg, pos)
-  unrolled_cfg = cfg.replace(scan_layers=False)
-  unrolled = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(cfg.num_layers):
-    unrolled[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-  np.testing.assert_array_equal(scanned, model.RewardModel(unrolled_cfg).apply({"params": unrolled}, tokens, seg, pos))
+
+  def rewards_and_grads():
+    f = lambda p: model.RewardModel(cfg).apply({"params": p}, tokens, seg, pos)  # noqa: E731
+    return jax.jit(f)(params), jax.jit(jax.grad(lambda p: f(p).astype(jnp.float32).sum()))(params)
+
+  r32, g32 = rewards_and_grads()
+  monkeypatch.setattr(model.ModelConfig, "carry_dtype", property(lambda self: self.compute_dtype))
+  r16, g16 = rewards_and_grads()
+  assert float(jnp.abs(r32).max()) > 0
+  np.testing.assert_array_equal(r32, r16)
+  for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
+    np.testing.assert_array_equal(a, b)
