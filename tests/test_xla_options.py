@@ -86,3 +86,25 @@ def test_two_program_step_trains_as_the_one_program_step():
   for a, b in zip(jax.tree.leaves((s1.params, s1.opt_state, m1)), jax.tree.leaves((s2.params, s2.opt_state, m2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   assert not np.allclose(s2.params["score"], start["score"])  # it trained
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's two-program step")
+def test_the_update_program_is_compiled_once_for_every_batch_shape():
+  from jbt.train.step import TwoPrograms
+
+  calls = []
+
+  def gradients(state, batch):
+    return {"w": state["w"] * batch.sum()}, {"n": batch.sum()}
+
+  def update(state, grads, metrics):
+    calls.append(1)  # traced once per compile
+    return {"w": state["w"] - grads["w"]}, metrics
+
+  two = TwoPrograms(jax.jit(gradients), jax.jit(update, donate_argnums=0))
+  state = {"w": jnp.ones(3)}
+  for n in (2, 5, 2):
+    state, metrics = two.lower(state, jnp.ones(n)).compile()(state, jnp.ones(n))
+    assert float(metrics["n"]) == n
+  assert len(calls) == 1  # three batches, two shapes, one update program
+  np.testing.assert_allclose(state["w"], ((1 - 2) * (1 - 5)) * (1 - 2) * np.ones(3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -171,9 +172,20 @@ class TwoPrograms:
 
   def __init__(self, gradients: Any, update: Any):
     self.gradients, self.update = gradients, update
+    self._updates: dict[str, Any] = {}  # the update's shapes do not depend on the batch's: one compile
+    self._lock = threading.Lock()
 
   def lower(self, state: Any, batch: Any) -> "TwoPrograms._Lowered":
     return TwoPrograms._Lowered(self, state, batch)
+
+  def _compiled_update(self, state: Any, grads_and_metrics: Any) -> Any:
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        (state, *grads_and_metrics))
+    key = str(jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), args))
+    with self._lock:
+      if key not in self._updates:
+        self._updates[key] = self.update.lower(*args).compile()
+      return self._updates[key]
 
   class _Lowered:
     def __init__(self, programs: "TwoPrograms", state: Any, batch: Any):
@@ -184,8 +196,7 @@ class TwoPrograms:
       gradients = self.gradients.compile()
       outs = jax.tree.map(lambda o, sh: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sh),
                           self.gradients.out_info, gradients.output_shardings)
-      update = self.programs.update.lower(self.state, *outs).compile()
-      return TwoPrograms._Compiled(gradients, update)
+      return TwoPrograms._Compiled(gradients, self.programs._compiled_update(self.state, outs))
 
   class _Compiled:
     def __init__(self, gradients: Any, update: Any):
