@@ -170,6 +170,7 @@ def _env(devices: int = 8) -> dict[str, str]:
   return env
 
 
+@pytest.mark.heavy  # about 51 s
 @needs_smollm2
 def test_sigkill_after_a_checkpoint_then_resume_gives_identical_params(tmp_path):
   extra = ["--config.ckpt.save_every=4", "--config.train.max_steps=16", "--config.mesh.shape=(1,8,1)"]
