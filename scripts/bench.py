@@ -41,6 +41,7 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     "jbt-shared-fp32": {"kind": "jbt", "layout": "shared_prompt", "dtype": "float32"},
     # without the restart under glibc's huge-page tunable (jbt/host.py): 4 KiB pages
     "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "hugepages": False},
+    # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side
     "jbt-shared-2dev": {"kind": "jbt", "layout": "shared_prompt", "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}},
     # TRL's defaults: gradient checkpointing on, bf16 autocast (RewardConfig.bf16 defaults to True)
     "trl": {"kind": "trl", "gradient_checkpointing": True, "bf16": True},

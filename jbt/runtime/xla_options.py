@@ -37,6 +37,11 @@ def _accepted(items: tuple[tuple[str, str], ...]) -> bool:
   return True
 
 
+def _if_accepted(options: dict[str, Any]) -> dict[str, Any] | None:
+  """A copy of options, or None where this jaxlib does not know one of them."""
+  return dict(options) if _accepted(tuple(sorted(options.items()))) else None
+
+
 UPDATE_CPU_OPTIONS = {_YNN: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
@@ -47,7 +52,7 @@ def update_options(backend: str | None = None) -> dict[str, Any] | None:
   the option (the step then stays one program)."""
   if (backend or jax.default_backend()) != "cpu":
     return None
-  return dict(UPDATE_CPU_OPTIONS) if _accepted(tuple(sorted(UPDATE_CPU_OPTIONS.items()))) else None
+  return _if_accepted(UPDATE_CPU_OPTIONS)
 
 
 def compiler_options(dtype: str = "float32", backend: str | None = None) -> dict[str, Any] | None:
@@ -56,4 +61,4 @@ def compiler_options(dtype: str = "float32", backend: str | None = None) -> dict
   options = CPU_OPTIONS.get(str(dtype))
   if options is None or (backend or jax.default_backend()) != "cpu":
     return None
-  return dict(options) if _accepted(tuple(sorted(options.items()))) else None
+  return _if_accepted(options)
