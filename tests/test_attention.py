@@ -312,3 +312,23 @@ def test_first_key_block_equals_the_running_maximum():
       if max_segment:
         first = np.maximum(first, idx - max_segment + 1)
       np.testing.assert_array_equal(got, first.reshape(2, L // block, block).min(axis=(0, 2)) // block)
+
+
+def test_flash_block_helpers_equal_the_plain_ops():
+  """The tree row maximum and the bit-level block slice that flash's loops use instead of
+  x.max(-1) and a dynamic slice (both slow on XLA's CPU backend) give exactly the same values."""
+  from jbt.model.attention import flash
+
+  rng = np.random.default_rng(0)
+  for n in (1, 5, 32, 64):
+    x = rng.normal(size=(2, 3, n)).astype(np.float32)
+    x[0, 0, 0] = flash._NEG
+    x[1, 2, :] = -np.inf
+    np.testing.assert_array_equal(np.asarray(jax.jit(flash._row_max)(jnp.asarray(x))), x.max(-1))
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+    x = jnp.asarray(rng.normal(size=(2, 3, 40, 8)), dtype)
+    for start, axis in ((8, 2), (16, 2), (4, 3)):
+      got = jax.jit(flash._slice, static_argnums=(2, 3))(x, jnp.int32(start), 4, axis)
+      assert got.dtype == x.dtype
+      np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                    np.asarray(jax.lax.dynamic_slice_in_dim(x, start, 4, axis=axis), np.float32))

@@ -58,31 +58,45 @@ def _block_mask(info: MaskInfo, qs: Array, ks: Array, block: int, sliding_window
 def _first_key_block(segment_ids_BxL: Array, block: int, max_segment: int) -> Array:
   """[L / block] int32: for each query block, the first key block any of its queries can see.
 
-  A token's earliest key is the start of its segment (itself for padding); segments are
-  contiguous runs, so the block's minimum over rows and queries is a loop bound. max_segment > 0
-  (a promise that no segment is longer) caps how far back that can be.
+  A token's earliest key is the start of its segment (itself for padding). Segments are
+  contiguous runs, so that start never decreases along a row and a block's earliest is its first
+  token's: the last segment start at or before it. max_segment > 0 (a promise that no segment is
+  longer) caps how far back that can be.
   """
   B, L = segment_ids_BxL.shape
   idx_L = jnp.arange(L)
   starts_BxL = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
-  # A log-depth scan: lax.cummax lowers to a reduce-window that XLA's CPU backend runs in L^2.
-  first_BxL = jax.lax.associative_scan(jnp.maximum, jnp.where(starts_BxL, idx_L, 0), axis=1)
-  first_BxL = jnp.where(segment_ids_BxL == 0, idx_L, first_BxL)
+  starts_BxL |= segment_ids_BxL == 0  # a padding token starts its own run
+  at_N = idx_L[::block]
+  # [B, N, L] against the N block starts (no scan: XLA's CPU backend runs a cumulative max over L
+  # as L^2 reduce-window work, and a log-depth scan as dozens of small ops, every layer).
+  first_BxN = jnp.where(starts_BxL[:, None, :] & (idx_L[None, None, :] <= at_N[None, :, None]), idx_L, 0).max(-1)
   if max_segment > 0:
-    first_BxL = jnp.maximum(first_BxL, idx_L - max_segment + 1)
-  return (first_BxL.reshape(B, L // block, block).min(axis=(0, 2)) // block).astype(jnp.int32)
+    first_BxN = jnp.maximum(first_BxN, at_N - max_segment + 1)
+  return (first_BxN.min(axis=0) // block).astype(jnp.int32)
 
 
 def _pad_tokens(x: Array, n: int, value: int = 0) -> Array:
   return x if n == 0 else jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
 
-def _visit_key_blocks(q_BxKxGxQxH: Array, k_BxKxLxH: Array, v_BxKxLxH: Array, info: MaskInfo, qs: Array,
+def _row_max(x: Array) -> Array:
+  """x.max(-1) as a tree of elementwise maxima: XLA's CPU backend runs a max-reduction over the minor
+  axis element by element (NaN checks), several times slower than vectorised jnp.maximum."""
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    top = jnp.maximum(x[..., :half], x[..., half:2 * half])
+    x = top if x.shape[-1] % 2 == 0 else jnp.concatenate([top, x[..., -1:]], axis=-1)
+  return x[..., 0]
+
+
+def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, int]], info: MaskInfo, qs: Array,
                       first: Array, last: Array, block: int, sliding_window: int | None, visit, init,
                       softcap: float | None = None):
-  """Folds visit(carry, ks, mask, k block, v block, scaled scores) over the key blocks first..last
-  of the query block at qs, skipping those whose mask is all false. With softcap the scores are
-  cap * tanh(scores / cap) (Gemma 2)."""
+  """Folds visit(carry, ks, mask, blocks, scaled scores) over the key blocks first..last of the
+  query block at qs, skipping those whose mask is all false. keys maps names to (array, token
+  axis); blocks maps the same names to each array's block at ks. keys["kT"] are the keys
+  transposed, [B, K, H, L]. With softcap the scores are cap * tanh(scores / cap) (Gemma 2)."""
   scale = 1.0 / math.sqrt(q_BxKxGxQxH.shape[-1])
 
   def key_block(j, carry):
@@ -90,20 +104,35 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, k_BxKxLxH: Array, v_BxKxLxH: Array, in
     mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
 
     def go(c):
-      k_BxKxSxH = jax.lax.dynamic_slice_in_dim(k_BxKxLxH, ks, block, axis=2)
-      v_BxKxSxH = jax.lax.dynamic_slice_in_dim(v_BxKxLxH, ks, block, axis=2)
-      s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BxKxGxQxH, k_BxKxSxH, preferred_element_type=jnp.float32) * scale
+      blocks = {name: _slice(x, ks, block, axis) for name, (x, axis) in keys.items()}
+      s = jnp.einsum("BKGQH,BKHS->BKGQS", q_BxKxGxQxH, blocks["kT"], preferred_element_type=jnp.float32) * scale
       if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
-      return visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s)
+      return visit(c, ks, mask_BxQxS, blocks, s)
 
     return jax.lax.cond(mask_BxQxS.any(), go, lambda c: c, carry)
 
   return jax.lax.fori_loop(first, last + 1, key_block, init)
 
 
-# Inside the loops q, k, v and their gradients are kept head-major ([B, K, (G,) L, H]): a block is
-# then a contiguous slice that the block matmuls read as is, with no per-block transposes.
+# Inside the loops every block matmul reads its operands in the layout XLA's CPU dot kernels take
+# as is (batch, rows, contracted | batch, contracted, columns), so no block is transposed per
+# visit: q, k, v and dO head-major ([B, K, (G,) L, H]), keys and values also transposed once per
+# layer ([B, K, H, L]), a query block's q and dO transposed once per query block, and the key
+# gradients gathered transposed.
+def _slice(x: Array, start: Array, size: int, axis: int) -> Array:
+  """dynamic_slice_in_dim, of a 16-bit float array through its bits: XLA's CPU backend slices a
+  bfloat16 array by converting the whole array to float32 and the slice back (per slice)."""
+  if x.dtype.itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+  bits = jax.lax.dynamic_slice_in_dim(jax.lax.bitcast_convert_type(x, jnp.uint16), start, size, axis=axis)
+  return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+def _transposed(x_BxKx_xLxH: Array) -> Array:
+  return jnp.swapaxes(x_BxKx_xLxH, -1, -2)
+
+
 def _heads_major(x_BxLxKx_xH: Array) -> Array:
   return jnp.moveaxis(x_BxLxKx_xH, 1, -2)
 
@@ -119,12 +148,14 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
   f32 = jnp.float32
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
   q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
+  keys = {"kT": (_transposed(k_BxKxLxH), 3), "v": (v_BxKxLxH, 2)}
 
-  def visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s):
-    del ks, k_BxKxSxH
+  def visit(c, ks, mask_BxQxS, blocks, s):
+    del ks
+    v_BxKxSxH = blocks["v"]
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = c
     keep = mask_BxQxS[:, None, None]
-    m_new = jnp.maximum(m_BxKxGxQ, jnp.where(keep, s, _NEG).max(-1))
+    m_new = jnp.maximum(m_BxKxGxQ, _row_max(jnp.where(keep, s, _NEG)))
     p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m_BxKxGxQ - m_new)
     pv = jnp.einsum("BKGQS,BKSH->BKGQH", p.astype(v_BxKxSxH.dtype), v_BxKxSxH, preferred_element_type=f32)
@@ -133,20 +164,21 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
   def query_block(i, outputs):
     out_BxKxGxLxH, lse_BxKxGxL = outputs
     qs = i * block
-    q_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(q_BxKxGxLxH, qs, block, axis=3)
+    q_BxKxGxQxH = _slice(q_BxKxGxLxH, qs, block, 3)
     init = (jnp.full((B, K, G, block), _NEG, f32), jnp.zeros((B, K, G, block), f32),
             jnp.zeros((B, K, G, block, H), f32))
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = _visit_key_blocks(
-        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init,
-        softcap)
-    o_BxKxGxQxH = (acc_BxKxGxQxH / l_BxKxGxQ[..., None]).astype(q_BxLxKxGxH.dtype)
+        q_BxKxGxQxH, keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init, softcap)
+    o_BxKxGxQxH = acc_BxKxGxQxH / l_BxKxGxQ[..., None]
     out_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(out_BxKxGxLxH, o_BxKxGxQxH, qs, axis=3)
     lse_BxKxGxL = jax.lax.dynamic_update_slice_in_dim(lse_BxKxGxL, m_BxKxGxQ + jnp.log(l_BxKxGxQ), qs, axis=3)
     return out_BxKxGxLxH, lse_BxKxGxL
 
-  init = (jnp.zeros_like(q_BxKxGxLxH), jnp.zeros((B, K, G, L), f32))
+  # The output is gathered in float32 and rounded once: XLA's CPU backend writes a bfloat16 block
+  # into a bfloat16 buffer by converting the whole buffer (per query block).
+  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros((B, K, G, L), f32))
   out_BxKxGxLxH, lse_BxKxGxL = jax.lax.fori_loop(0, L // block, query_block, init)
-  return _tokens_major(out_BxKxGxLxH), lse_BxKxGxL
+  return _tokens_major(out_BxKxGxLxH).astype(q_BxLxKxGxH.dtype), lse_BxKxGxL
 
 
 def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, out_BxLxKxGxH: Array,
@@ -161,40 +193,44 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
   q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
   do_BxKxGxLxH = _heads_major(dout_BxLxKxGxH)
 
+  keys = {"kT": (_transposed(k_BxKxLxH), 3), "vT": (_transposed(v_BxKxLxH), 3), "k": (k_BxKxLxH, 2)}
+
   def query_block(i, grads):
-    dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH = grads
+    dq_BxKxGxLxH, dkT_BxKxHxL, dvT_BxKxHxL = grads
     qs = i * block
-    q_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(q_BxKxGxLxH, qs, block, axis=3)
-    do_BxKxGxQxH = jax.lax.dynamic_slice_in_dim(do_BxKxGxLxH, qs, block, axis=3)
+    q_BxKxGxQxH = _slice(q_BxKxGxLxH, qs, block, 3)
+    do_BxKxGxQxH = _slice(do_BxKxGxLxH, qs, block, 3)
+    qT_BxKxHxGxQ, doT_BxKxHxGxQ = (jnp.moveaxis(x, -1, 2) for x in (q_BxKxGxQxH, do_BxKxGxQxH))
     lse_BxKxGxQ = jax.lax.dynamic_slice_in_dim(lse_BxKxGxL, qs, block, axis=3)
     d_BxKxGxQ = jax.lax.dynamic_slice_in_dim(d_BxKxGxL, qs, block, axis=3)
 
-    def visit(c, ks, mask_BxQxS, k_BxKxSxH, v_BxKxSxH, s):
-      dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH = c
+    def add_block(xT_BxKxHxL, ks, xT_BxKxHxS):
+      return jax.lax.dynamic_update_slice_in_dim(
+          xT_BxKxHxL, jax.lax.dynamic_slice_in_dim(xT_BxKxHxL, ks, block, axis=3) + xT_BxKxHxS, ks, axis=3)
+
+    def visit(c, ks, mask_BxQxS, blocks, s):
+      dq_BxKxGxQxH, dkT_BxKxHxL, dvT_BxKxHxL = c
       p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
-      dv = jnp.einsum("BKGQS,BKGQH->BKSH", p.astype(do_BxKxGxQxH.dtype), do_BxKxGxQxH, preferred_element_type=f32)
-      dp = jnp.einsum("BKGQH,BKSH->BKGQS", do_BxKxGxQxH, v_BxKxSxH, preferred_element_type=f32)
+      dvT = jnp.einsum("BKHGQ,BKGQS->BKHS", doT_BxKxHxGxQ, p.astype(do_BxKxGxQxH.dtype), preferred_element_type=f32)
+      dp = jnp.einsum("BKGQH,BKHS->BKGQS", do_BxKxGxQxH, blocks["vT"], preferred_element_type=f32)
       ds = p * (dp - d_BxKxGxQ[..., None]) * scale
       if softcap is not None:  # d(cap * tanh(x / cap)) / dx = 1 - (capped / cap)^2
         ds *= 1.0 - jnp.square(s / softcap)
       ds = ds.astype(q_BxKxGxQxH.dtype)
-      dq_BxKxGxQxH += jnp.einsum("BKGQS,BKSH->BKGQH", ds, k_BxKxSxH, preferred_element_type=f32)
-      dk = jnp.einsum("BKGQS,BKGQH->BKSH", ds, q_BxKxGxQxH, preferred_element_type=f32)
-      dk_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(
-          dk_BxKxLxH, jax.lax.dynamic_slice_in_dim(dk_BxKxLxH, ks, block, axis=2) + dk, ks, axis=2)
-      dv_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(
-          dv_BxKxLxH, jax.lax.dynamic_slice_in_dim(dv_BxKxLxH, ks, block, axis=2) + dv, ks, axis=2)
-      return dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH
+      dq_BxKxGxQxH += jnp.einsum("BKGQS,BKSH->BKGQH", ds, blocks["k"], preferred_element_type=f32)
+      dkT = jnp.einsum("BKHGQ,BKGQS->BKHS", qT_BxKxHxGxQ, ds, preferred_element_type=f32)
+      return dq_BxKxGxQxH, add_block(dkT_BxKxHxL, ks, dkT), add_block(dvT_BxKxHxL, ks, dvT)
 
-    init = (jnp.zeros((B, K, G, block, H), f32), dk_BxKxLxH, dv_BxKxLxH)
-    dq_BxKxGxQxH, dk_BxKxLxH, dv_BxKxLxH = _visit_key_blocks(
-        q_BxKxGxQxH, k_BxKxLxH, v_BxKxLxH, info, qs, first_key_block[i], i, block, sliding_window, visit, init,
-        softcap)
+    init = (jnp.zeros((B, K, G, block, H), f32), dkT_BxKxHxL, dvT_BxKxHxL)
+    dq_BxKxGxQxH, dkT_BxKxHxL, dvT_BxKxHxL = _visit_key_blocks(
+        q_BxKxGxQxH, keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init, softcap)
     dq_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(dq_BxKxGxLxH, dq_BxKxGxQxH, qs, axis=3)
-    return dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH
+    return dq_BxKxGxLxH, dkT_BxKxHxL, dvT_BxKxHxL
 
-  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros(k_BxKxLxH.shape, f32), jnp.zeros(v_BxKxLxH.shape, f32))
-  dq, dk, dv = jax.lax.fori_loop(0, L // block, query_block, init)
+  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros(_transposed(k_BxKxLxH).shape, f32),
+          jnp.zeros(_transposed(v_BxKxLxH).shape, f32))
+  dq, dkT, dvT = jax.lax.fori_loop(0, L // block, query_block, init)
+  dk, dv = _transposed(dkT), _transposed(dvT)
   return (_tokens_major(dq).astype(q_BxLxKxGxH.dtype), _tokens_major(dk).astype(k_BxLxKxH.dtype),
           _tokens_major(dv).astype(v_BxLxKxH.dtype))
 
