@@ -206,6 +206,7 @@ def _smollm2_gguf() -> Path | None:
 
 @pytest.mark.smollm2
 @pytest.mark.slow
+@pytest.mark.heavy  # about 50 s
 def test_smollm2_gguf_matches_transformers(tmp_path):
   gguf = _smollm2_gguf()
   if gguf is None or not gguf.exists():
