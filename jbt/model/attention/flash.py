@@ -64,13 +64,18 @@ def _first_key_block(segment_ids_BxL: Array, block: int, max_segment: int) -> Ar
   longer) caps how far back that can be.
   """
   B, L = segment_ids_BxL.shape
+  N = L // block
   idx_L = jnp.arange(L)
   starts_BxL = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
   starts_BxL |= segment_ids_BxL == 0  # a padding token starts its own run
   at_N = idx_L[::block]
-  # [B, N, L] against the N block starts (no scan: XLA's CPU backend runs a cumulative max over L
-  # as L^2 reduce-window work, and a log-depth scan as dozens of small ops, every layer).
-  first_BxN = jnp.where(starts_BxL[:, None, :] & (idx_L[None, None, :] <= at_N[None, :, None]), idx_L, 0).max(-1)
+  # The last start at or before a block's first token: one that token itself, or the last start
+  # of the blocks before it ([N, N] per row; no scan: XLA's CPU backend runs a cumulative max as
+  # quadratic reduce-window work, and a log-depth scan as dozens of small ops, every layer).
+  last_BxN = jnp.where(starts_BxL, idx_L, -1).reshape(B, N, block).max(-1)
+  before_NxN = jnp.arange(N)[None, :] < jnp.arange(N)[:, None]
+  first_BxN = jnp.maximum(jnp.where(starts_BxL[:, ::block], at_N, -1),
+                          jnp.where(before_NxN[None], last_BxN[:, None, :], -1).max(-1))
   if max_segment > 0:
     first_BxN = jnp.maximum(first_BxN, at_N - max_segment + 1)
   return (first_BxN.min(axis=0) // block).astype(jnp.int32)
