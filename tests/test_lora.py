@@ -165,6 +165,7 @@ def test_freezing_the_first_layers_of_a_scanned_stack_keeps_them_bit_identical()
 
 
 @needs_smollm2
+@pytest.mark.heavy  # about 40 s
 def test_lora_run_learns_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path, capsys):
   # 8 steps, checkpoints at 4 and 8, evaluations before and after; FINAL/ is tested above (same export)
   cfg = tiny(tmp_path, **{"lora.rank": 8, "mesh.shape": (1, 2, 4), "train.max_steps": 8, "train.eval_every": 0,

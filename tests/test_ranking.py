@@ -64,6 +64,7 @@ def batches_of(data, n_slots, k):
   return out
 
 
+@pytest.mark.heavy  # about 38 s
 def test_k4_shared_prompt_rows_equal_separate_sequences_and_transformers():
   """Each record's prompt once and each of its 4 responses once (branches 1..4), against every
   pair's members as separate padded sequences and against transformers: rewards, both losses and
