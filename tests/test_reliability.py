@@ -128,6 +128,7 @@ def test_soak_reduced_kills_at_random_moments(tmp_path):
 
 
 @needs_smollm2
+@pytest.mark.heavy  # about 36 s
 def test_a_changed_config_refuses_to_resume_unless_told_never_or_force(tmp_path):
   base = {"ckpt.save_every": 4, "ckpt.async_save": False, "train.max_steps": 4, "opt.warmup_ratio": 0.0}
   run_dir = tmp_path / "runs" / "tiny"

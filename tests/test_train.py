@@ -391,6 +391,7 @@ def test_davidson_tie_loss_reduces_to_bradley_terry_and_prefers_zero_gaps_for_ti
 
 
 @needs_smollm2
+@pytest.mark.heavy  # about 33 s
 def test_planted_ties_train_to_near_zero_reward_gaps(tmp_path, capsys):
   """Tied pairs whose first response always carries one extra sentence: counted as wins, the model
   would learn that sentence; with data.ties=tie_loss their reward gaps go to about zero while the
