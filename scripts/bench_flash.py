@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbt.model.attention import flash
-from jbt.model.attention.mask import MaskInfo
+from jbt.model.attention.mask import MaskInfo, dense_mask
 from jbt.runtime import trace, xla_options
 
 
@@ -42,11 +42,10 @@ def shared_prompt_row(L: int, lo: int, hi: int, rng: np.random.Generator) -> tup
 
 def visits(seg: np.ndarray, br: np.ndarray, block: int) -> int:
   """The (query block, key block) pairs the loops compute: at or below the diagonal, any pair unmasked."""
-  idx = np.arange(seg.shape[1])
-  mask = (seg[0][:, None] == seg[0][None, :]) & (idx[:, None] >= idx[None, :])
-  mask &= (br[0][None, :] == 0) | (br[0][:, None] == br[0][None, :])
-  mask |= np.eye(len(idx), dtype=bool)
-  n = len(idx) // block
+  L = seg.shape[1]
+  mask = np.array(dense_mask(jnp.asarray(seg), None, None, jnp.asarray(br))[0])
+  mask &= (seg[0] != 0)[:, None] | np.eye(L, dtype=bool)  # flash's padding sees itself only
+  n = L // block
   return int(mask.reshape(n, block, n, block).any(axis=(1, 3)).sum())
 
 

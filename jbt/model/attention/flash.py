@@ -33,7 +33,7 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def _slice_tokens(x_BxL: Array | None, start: Array, size: int) -> Array | None:
-  return None if x_BxL is None else jax.lax.dynamic_slice_in_dim(x_BxL, start, size, axis=1)
+  return None if x_BxL is None else _slice(x_BxL, start, size, 1)
 
 
 def _block_mask(info: MaskInfo, qs: Array, ks: Array, block: int, sliding_window: int | None) -> Array:
@@ -120,11 +120,6 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, int]], in
   return jax.lax.fori_loop(first, last + 1, key_block, init)
 
 
-# Inside the loops every block matmul reads its operands in the layout XLA's CPU dot kernels take
-# as is (batch, rows, contracted | batch, contracted, columns), so no block is transposed per
-# visit: q, k, v and dO head-major ([B, K, (G,) L, H]), keys and values also transposed once per
-# layer ([B, K, H, L]), a query block's q and dO transposed once per query block, and the key
-# gradients gathered transposed.
 def _slice(x: Array, start: Array, size: int, axis: int) -> Array:
   """dynamic_slice_in_dim, of a 16-bit float array through its bits: XLA's CPU backend slices a
   bfloat16 array by converting the whole array to float32 and the slice back (per slice)."""
@@ -134,6 +129,11 @@ def _slice(x: Array, start: Array, size: int, axis: int) -> Array:
   return jax.lax.bitcast_convert_type(bits, x.dtype)
 
 
+# Inside the loops every block matmul reads its operands in the layout XLA's CPU dot kernels take
+# as is (batch, rows, contracted | batch, contracted, columns), so no block is transposed per
+# visit: q, k, v and dO head-major ([B, K, (G,) L, H]), keys and values also transposed once per
+# layer ([B, K, H, L]), a query block's q and dO transposed once per query block, and the key
+# gradients gathered transposed.
 def _transposed(x_BxKx_xLxH: Array) -> Array:
   return jnp.swapaxes(x_BxKx_xLxH, -1, -2)
 
@@ -232,8 +232,7 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
     dq_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(dq_BxKxGxLxH, dq_BxKxGxQxH, qs, axis=3)
     return dq_BxKxGxLxH, dkT_BxKxHxL, dvT_BxKxHxL
 
-  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros(_transposed(k_BxKxLxH).shape, f32),
-          jnp.zeros(_transposed(v_BxKxLxH).shape, f32))
+  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros(keys["kT"][0].shape, f32), jnp.zeros(keys["vT"][0].shape, f32))
   dq, dkT, dvT = jax.lax.fori_loop(0, L // block, query_block, init)
   dk, dv = _transposed(dkT), _transposed(dvT)
   return (_tokens_major(dq).astype(q_BxLxKxGxH.dtype), _tokens_major(dk).astype(k_BxLxKxH.dtype),
