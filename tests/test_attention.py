@@ -315,8 +315,8 @@ def test_first_key_block_equals_the_running_maximum():
 
 
 def test_flash_block_helpers_equal_the_plain_ops():
-  """The tree row maximum and the bit-level block slice that flash's loops use instead of
-  x.max(-1) and a dynamic slice (both slow on XLA's CPU backend) give exactly the same values."""
+  """The tree row maximum and the block-major, bit-level blocks that flash's loops use instead of
+  x.max(-1) and dynamic slices (both slow on XLA's CPU backend) give exactly the same values."""
   from jbt.model.attention import flash
 
   rng = np.random.default_rng(0)
@@ -325,10 +325,13 @@ def test_flash_block_helpers_equal_the_plain_ops():
     x[0, 0, 0] = flash._NEG
     x[1, 2, :] = -np.inf
     np.testing.assert_array_equal(np.asarray(jax.jit(flash._row_max)(jnp.asarray(x))), x.max(-1))
-  for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-    x = jnp.asarray(rng.normal(size=(2, 3, 40, 8)), dtype)
-    for start, axis in ((8, 2), (16, 2), (4, 3)):
-      got = jax.jit(flash._slice, static_argnums=(2, 3))(x, jnp.int32(start), 4, axis)
-      assert got.dtype == x.dtype
-      np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                    np.asarray(jax.lax.dynamic_slice_in_dim(x, start, 4, axis=axis), np.float32))
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32):
+    x = jnp.asarray(rng.normal(size=(2, 40, 3, 8)) * 100, dtype)  # [B, L, K, H]
+    for perm in (flash._KEYS, flash._KEYS_T):
+      blocks = jax.jit(flash._blocks, static_argnums=(1, 2))(x, 8, perm)
+      np.testing.assert_array_equal(np.asarray(jax.jit(flash._unblocks, static_argnums=1)(blocks, perm)), np.asarray(x))
+      for j in (0, 3, 4):
+        got = jax.jit(lambda b, j: flash._block(flash._bits(b), j))(blocks, jnp.int32(j))
+        assert got.dtype == x.dtype
+        want = jnp.transpose(x[:, 8 * j:8 * (j + 1)], (0, 2, 3, 1) if perm == flash._KEYS_T else (0, 2, 1, 3))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -33,7 +33,7 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def _slice_tokens(x_BxL: Array | None, start: Array, size: int) -> Array | None:
-  return None if x_BxL is None else _slice(x_BxL, start, size, 1)
+  return None if x_BxL is None else jax.lax.dynamic_slice_in_dim(x_BxL, start, size, axis=1)
 
 
 def _block_mask(info: MaskInfo, qs: Array, ks: Array, block: int, sliding_window: int | None) -> Array:
@@ -95,13 +95,13 @@ def _row_max(x: Array) -> Array:
   return x[..., 0]
 
 
-def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, int]], info: MaskInfo, qs: Array,
+def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, jnp.dtype]], info: MaskInfo, qs: Array,
                       first: Array, last: Array, block: int, sliding_window: int | None, visit, init,
                       softcap: float | None = None):
   """Folds visit(carry, ks, mask, blocks, scaled scores) over the key blocks first..last of the
-  query block at qs, skipping those whose mask is all false. keys maps names to (array, token
-  axis); blocks maps the same names to each array's block at ks. keys["kT"] are the keys
-  transposed, [B, K, H, L]. With softcap the scores are cap * tanh(scores / cap) (Gemma 2)."""
+  query block at qs, skipping those whose mask is all false. keys maps names to _blocks' results;
+  blocks maps the same names to each one's block j (at ks = j * block). keys["kT"] are the keys'
+  blocks transposed, [N, B, K, H, block]. With softcap the scores are cap * tanh(scores / cap) (Gemma 2)."""
   scale = 1.0 / math.sqrt(q_BxKxGxQxH.shape[-1])
 
   def key_block(j, carry):
@@ -109,7 +109,7 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, int]], in
     mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
 
     def go(c):
-      blocks = {name: _slice(x, ks, block, axis) for name, (x, axis) in keys.items()}
+      blocks = {name: _block(x, j) for name, x in keys.items()}
       s = jnp.einsum("BKGQH,BKHS->BKGQS", q_BxKxGxQxH, blocks["kT"], preferred_element_type=jnp.float32) * scale
       if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
@@ -120,30 +120,50 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, int]], in
   return jax.lax.fori_loop(first, last + 1, key_block, init)
 
 
-def _slice(x: Array, start: Array, size: int, axis: int) -> Array:
-  """dynamic_slice_in_dim, of a 16-bit float array through its bits: XLA's CPU backend slices a
-  bfloat16 array by converting the whole array to float32 and the slice back (per slice)."""
-  if x.dtype.itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-  bits = jax.lax.dynamic_slice_in_dim(jax.lax.bitcast_convert_type(x, jnp.uint16), start, size, axis=axis)
-  return jax.lax.bitcast_convert_type(bits, x.dtype)
+def _bits(x: Array) -> tuple[Array, jnp.dtype]:
+  """(x as its bits (uint16) if a 16-bit float, else x; x's dtype): _block's input."""
+  if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16), x.dtype
+  return x, x.dtype
 
 
-# Inside the loops every block matmul reads its operands in the layout XLA's CPU dot kernels take
-# as is (batch, rows, contracted | batch, contracted, columns), so no block is transposed per
-# visit: q, k, v and dO head-major ([B, K, (G,) L, H]), keys and values also transposed once per
-# layer ([B, K, H, L]), a query block's q and dO transposed once per query block, and the key
-# gradients gathered transposed.
-def _transposed(x_BxKx_xLxH: Array) -> Array:
-  return jnp.swapaxes(x_BxKx_xLxH, -1, -2)
+def _block(x_Nx_: tuple[Array, jnp.dtype], j: Array) -> Array:
+  """Block j of a block-major array ([N, ...], one contiguous piece) from _bits, in its dtype. A
+  block sliced as bits costs a copy of itself on XLA's CPU backend: a bfloat16 slice is computed by
+  converting the whole array to float32 and the slice back, and a slice fused with a bitcast of the
+  whole array is costed as the whole array, so the copy is split over two threads (a thread
+  wake-up a visit)."""
+  x, dtype = x_Nx_
+  return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False), dtype)
 
 
-def _heads_major(x_BxLxKx_xH: Array) -> Array:
-  return jnp.moveaxis(x_BxLxKx_xH, 1, -2)
+# Every block a loop reads or writes is one contiguous piece of a block-major array, laid out as
+# XLA's CPU dot kernels take their operands as is ((batch, rows, contracted) and (batch,
+# contracted, columns)), so no block is transposed per visit: each array is rearranged once a
+# layer, from [B, L, K, (G,) H] reshaped to [B, N, T, K, (G,) H] (N blocks of T tokens) by these
+# permutations.
+_KEYS_T = (1, 0, 3, 4, 2)  # [N, B, K, H, T]: keys for the scores, values for dP, dK and dV accumulated
+_KEYS = (1, 0, 3, 2, 4)  # [N, B, K, T, H]: values for the output, keys for dQ
+_QUERIES = (1, 0, 3, 4, 2, 5)  # [N, B, K, G, T, H]: queries, dO, the output and dQ accumulated
+_QUERIES_T = (1, 0, 3, 5, 4, 2)  # [N, B, K, H, G, T]: queries for dK, dO for dV
 
 
-def _tokens_major(x_BxKx_xLxH: Array) -> Array:
-  return jnp.moveaxis(x_BxKx_xLxH, -2, 1)
+def _add_block(x_Nx_: Array, j: Array, update: Array) -> Array:
+  """x_Nx_ with update added to its block j."""
+  block = jax.lax.dynamic_index_in_dim(x_Nx_, j, 0, keepdims=False)
+  return jax.lax.dynamic_update_index_in_dim(x_Nx_, block + update, j, 0)
+
+
+def _blocks(x_BxLx_: Array, block: int, perm: tuple[int, ...]) -> Array:
+  """x [B, L, ...] as blocks of `block` tokens, [B, N, block, ...] permuted by perm."""
+  B, L = x_BxLx_.shape[:2]
+  return jnp.transpose(x_BxLx_.reshape(B, L // block, block, *x_BxLx_.shape[2:]), perm)
+
+
+def _unblocks(x: Array, perm: tuple[int, ...]) -> Array:
+  """_blocks' inverse."""
+  y = jnp.transpose(x, tuple(perm.index(i) for i in range(len(perm))))
+  return y.reshape(y.shape[0], -1, *y.shape[3:])
 
 
 def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, block: int, max_segment: int,
@@ -152,8 +172,8 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
   B, L, K, G, H = q_BxLxKxGxH.shape
   f32 = jnp.float32
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
-  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
-  keys = {"kT": (_transposed(k_BxKxLxH), 3), "v": (v_BxKxLxH, 2)}
+  queries = _bits(_blocks(q_BxLxKxGxH, block, _QUERIES))
+  keys = {"kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T)), "v": _bits(_blocks(v_BxLxKxH, block, _KEYS))}
 
   def visit(c, ks, mask_BxQxS, blocks, s):
     del ks
@@ -167,23 +187,21 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
     return m_new, l_BxKxGxQ * corr + p.sum(-1), acc_BxKxGxQxH * corr[..., None] + pv
 
   def query_block(i, outputs):
-    out_BxKxGxLxH, lse_BxKxGxL = outputs
+    out_NxBxKxGxQxH, lse_BxKxGxL = outputs
     qs = i * block
-    q_BxKxGxQxH = _slice(q_BxKxGxLxH, qs, block, 3)
     init = (jnp.full((B, K, G, block), _NEG, f32), jnp.zeros((B, K, G, block), f32),
             jnp.zeros((B, K, G, block, H), f32))
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = _visit_key_blocks(
-        q_BxKxGxQxH, keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init, softcap)
-    o_BxKxGxQxH = acc_BxKxGxQxH / l_BxKxGxQ[..., None]
-    out_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(out_BxKxGxLxH, o_BxKxGxQxH, qs, axis=3)
+        _block(queries, i), keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init, softcap)
+    out_NxBxKxGxQxH = jax.lax.dynamic_update_index_in_dim(out_NxBxKxGxQxH, acc_BxKxGxQxH / l_BxKxGxQ[..., None], i, 0)
     lse_BxKxGxL = jax.lax.dynamic_update_slice_in_dim(lse_BxKxGxL, m_BxKxGxQ + jnp.log(l_BxKxGxQ), qs, axis=3)
-    return out_BxKxGxLxH, lse_BxKxGxL
+    return out_NxBxKxGxQxH, lse_BxKxGxL
 
   # The output is gathered in float32 and rounded once: XLA's CPU backend writes a bfloat16 block
   # into a bfloat16 buffer by converting the whole buffer (per query block).
-  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros((B, K, G, L), f32))
-  out_BxKxGxLxH, lse_BxKxGxL = jax.lax.fori_loop(0, L // block, query_block, init)
-  return _tokens_major(out_BxKxGxLxH).astype(q_BxLxKxGxH.dtype), lse_BxKxGxL
+  init = (jnp.zeros(queries[0].shape, f32), jnp.zeros((B, K, G, L), f32))
+  out_NxBxKxGxQxH, lse_BxKxGxL = jax.lax.fori_loop(0, L // block, query_block, init)
+  return _unblocks(out_NxBxKxGxQxH, _QUERIES).astype(q_BxLxKxGxH.dtype), lse_BxKxGxL
 
 
 def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, out_BxLxKxGxH: Array,
@@ -195,26 +213,23 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
   # D = rowsum(dO * O): the softmax backward's per-query term (FlashAttention-2's dS = P (dP - D)).
   d_BxKxGxL = jnp.einsum("BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(f32), out_BxLxKxGxH.astype(f32))
-  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = _heads_major(q_BxLxKxGxH), _heads_major(k_BxLxKxH), _heads_major(v_BxLxKxH)
-  do_BxKxGxLxH = _heads_major(dout_BxLxKxGxH)
-
-  keys = {"kT": (_transposed(k_BxKxLxH), 3), "vT": (_transposed(v_BxKxLxH), 3), "k": (k_BxKxLxH, 2)}
+  queries = {name: _bits(_blocks(x, block, perm)) for name, x, perm in (
+      ("q", q_BxLxKxGxH, _QUERIES), ("qT", q_BxLxKxGxH, _QUERIES_T), ("do", dout_BxLxKxGxH, _QUERIES),
+      ("doT", dout_BxLxKxGxH, _QUERIES_T))}
+  keys = {"kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T)), "vT": _bits(_blocks(v_BxLxKxH, block, _KEYS_T)),
+          "k": _bits(_blocks(k_BxLxKxH, block, _KEYS))}
 
   def query_block(i, grads):
-    dq_BxKxGxLxH, dkT_BxKxHxL, dvT_BxKxHxL = grads
+    dq_NxBxKxGxQxH, dkT_NxBxKxHxS, dvT_NxBxKxHxS = grads
     qs = i * block
-    q_BxKxGxQxH = _slice(q_BxKxGxLxH, qs, block, 3)
-    do_BxKxGxQxH = _slice(do_BxKxGxLxH, qs, block, 3)
-    qT_BxKxHxGxQ, doT_BxKxHxGxQ = (jnp.moveaxis(x, -1, 2) for x in (q_BxKxGxQxH, do_BxKxGxQxH))
+    q_BxKxGxQxH, qT_BxKxHxGxQ, do_BxKxGxQxH, doT_BxKxHxGxQ = (
+        _block(queries[name], i) for name in ("q", "qT", "do", "doT"))
     lse_BxKxGxQ = jax.lax.dynamic_slice_in_dim(lse_BxKxGxL, qs, block, axis=3)
     d_BxKxGxQ = jax.lax.dynamic_slice_in_dim(d_BxKxGxL, qs, block, axis=3)
 
-    def add_block(xT_BxKxHxL, ks, xT_BxKxHxS):
-      return jax.lax.dynamic_update_slice_in_dim(
-          xT_BxKxHxL, jax.lax.dynamic_slice_in_dim(xT_BxKxHxL, ks, block, axis=3) + xT_BxKxHxS, ks, axis=3)
-
     def visit(c, ks, mask_BxQxS, blocks, s):
-      dq_BxKxGxQxH, dkT_BxKxHxL, dvT_BxKxHxL = c
+      dq_BxKxGxQxH, dkT_NxBxKxHxS, dvT_NxBxKxHxS = c
+      j = ks // block
       p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
       dvT = jnp.einsum("BKHGQ,BKGQS->BKHS", doT_BxKxHxGxQ, p.astype(do_BxKxGxQxH.dtype), preferred_element_type=f32)
       dp = jnp.einsum("BKGQH,BKHS->BKGQS", do_BxKxGxQxH, blocks["vT"], preferred_element_type=f32)
@@ -224,19 +239,18 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
       ds = ds.astype(q_BxKxGxQxH.dtype)
       dq_BxKxGxQxH += jnp.einsum("BKGQS,BKSH->BKGQH", ds, blocks["k"], preferred_element_type=f32)
       dkT = jnp.einsum("BKHGQ,BKGQS->BKHS", qT_BxKxHxGxQ, ds, preferred_element_type=f32)
-      return dq_BxKxGxQxH, add_block(dkT_BxKxHxL, ks, dkT), add_block(dvT_BxKxHxL, ks, dvT)
+      return dq_BxKxGxQxH, _add_block(dkT_NxBxKxHxS, j, dkT), _add_block(dvT_NxBxKxHxS, j, dvT)
 
-    init = (jnp.zeros((B, K, G, block, H), f32), dkT_BxKxHxL, dvT_BxKxHxL)
-    dq_BxKxGxQxH, dkT_BxKxHxL, dvT_BxKxHxL = _visit_key_blocks(
+    init = (jnp.zeros((B, K, G, block, H), f32), dkT_NxBxKxHxS, dvT_NxBxKxHxS)
+    dq_BxKxGxQxH, dkT_NxBxKxHxS, dvT_NxBxKxHxS = _visit_key_blocks(
         q_BxKxGxQxH, keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init, softcap)
-    dq_BxKxGxLxH = jax.lax.dynamic_update_slice_in_dim(dq_BxKxGxLxH, dq_BxKxGxQxH, qs, axis=3)
-    return dq_BxKxGxLxH, dkT_BxKxHxL, dvT_BxKxHxL
+    return jax.lax.dynamic_update_index_in_dim(dq_NxBxKxGxQxH, dq_BxKxGxQxH, i, 0), dkT_NxBxKxHxS, dvT_NxBxKxHxS
 
-  init = (jnp.zeros(q_BxKxGxLxH.shape, f32), jnp.zeros(keys["kT"][0].shape, f32), jnp.zeros(keys["vT"][0].shape, f32))
+  init = (jnp.zeros(queries["q"][0].shape, f32), jnp.zeros(keys["kT"][0].shape, f32),
+          jnp.zeros(keys["vT"][0].shape, f32))
   dq, dkT, dvT = jax.lax.fori_loop(0, L // block, query_block, init)
-  dk, dv = _transposed(dkT), _transposed(dvT)
-  return (_tokens_major(dq).astype(q_BxLxKxGxH.dtype), _tokens_major(dk).astype(k_BxLxKxH.dtype),
-          _tokens_major(dv).astype(v_BxLxKxH.dtype))
+  return (_unblocks(dq, _QUERIES).astype(q_BxLxKxGxH.dtype), _unblocks(dkT, _KEYS_T).astype(k_BxLxKxH.dtype),
+          _unblocks(dvT, _KEYS_T).astype(v_BxLxKxH.dtype))
 
 
 # The forward runs outside the custom VJP and its results enter it as inputs: under a remat
