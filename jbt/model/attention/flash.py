@@ -113,7 +113,8 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, jnp.dtype
       s = jnp.einsum("BKGQH,BKHS->BKGQS", q_BxKxGxQxH, blocks["kT"], preferred_element_type=jnp.float32) * scale
       if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
-      return visit(c, ks, mask_BxQxS, blocks, s)
+      # Masked scores get _NEG added (a sum, not a select: no pass of its own over the block).
+      return visit(c, ks, jnp.where(mask_BxQxS, 0.0, _NEG)[:, None, None], blocks, s)
 
     return jax.lax.cond(mask_BxQxS.any(), go, lambda c: c, carry)
 
@@ -175,13 +176,13 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
   queries = _bits(_blocks(q_BxLxKxGxH, block, _QUERIES))
   keys = {"kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T)), "v": _bits(_blocks(v_BxLxKxH, block, _KEYS))}
 
-  def visit(c, ks, mask_BxQxS, blocks, s):
+  def visit(c, ks, bias, blocks, s):
     del ks
     v_BxKxSxH = blocks["v"]
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = c
-    keep = mask_BxQxS[:, None, None]
-    m_new = jnp.maximum(m_BxKxGxQ, _row_max(jnp.where(keep, s, _NEG)))
-    p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
+    s = s + bias
+    m_new = jnp.maximum(m_BxKxGxQ, _row_max(s))
+    p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m_BxKxGxQ - m_new)
     pv = jnp.einsum("BKGQS,BKSH->BKGQH", p.astype(v_BxKxSxH.dtype), v_BxKxSxH, preferred_element_type=f32)
     return m_new, l_BxKxGxQ * corr + p.sum(-1), acc_BxKxGxQxH * corr[..., None] + pv
@@ -227,10 +228,10 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
     lse_BxKxGxQ = jax.lax.dynamic_slice_in_dim(lse_BxKxGxL, qs, block, axis=3)
     d_BxKxGxQ = jax.lax.dynamic_slice_in_dim(d_BxKxGxL, qs, block, axis=3)
 
-    def visit(c, ks, mask_BxQxS, blocks, s):
+    def visit(c, ks, bias, blocks, s):
       dq_BxKxGxQxH, dkT_NxBxKxHxS, dvT_NxBxKxHxS = c
       j = ks // block
-      p = jnp.where(mask_BxQxS[:, None, None], jnp.exp(s - lse_BxKxGxQ[..., None]), 0.0)
+      p = jnp.exp(s + bias - lse_BxKxGxQ[..., None])
       dvT = jnp.einsum("BKHGQ,BKGQS->BKHS", doT_BxKxHxGxQ, p.astype(do_BxKxGxQxH.dtype), preferred_element_type=f32)
       dp = jnp.einsum("BKGQH,BKHS->BKGQS", do_BxKxGxQxH, blocks["vT"], preferred_element_type=f32)
       ds = p * (dp - d_BxKxGxQ[..., None]) * scale
