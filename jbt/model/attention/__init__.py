@@ -38,7 +38,7 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "flash": Kind(flash.attend, dense_mask=False, block_field="flash_block", saved_names=(flash.OUT_NAME, flash.LSE_NAME)),
+    "flash": Kind(flash.attend, dense_mask=False, block_field="flash_block", saved_names=(flash.OUT_NAME, flash.LSE_NAME, *flash.LAYOUT_NAMES.values())),
     "xla": Kind(xla.attend, dense_mask=True, block_field="attn_block", saved_names=(xla.OUT_NAME,)),
     "splash": Kind(fused.splash_attend, dense_mask=False, block_field="attn_block", saved_names=(fused.OUT_NAME,)),
     "pallas_gpu": Kind(fused.gpu_attend, dense_mask=False, block_field="attn_block", saved_names=(fused.OUT_NAME,)),

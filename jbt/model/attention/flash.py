@@ -7,7 +7,7 @@ start of its earliest segment up to the diagonal (a run-time loop bound), skips 
 whose mask is still all false (branches of a shared prompt, rows of a batch that differ), and
 keeps a running max and sum (FlashAttention's online softmax), so no [L, S] score matrix is
 ever materialised. The backward pass recomputes each visited block's probabilities from the
-saved log-sum-exp. The cost follows the segments' lengths, not the row's: one long row packed
+saved log-sum-exp and the forward's block-major inputs. The cost follows the segments' lengths, not the row's: one long row packed
 with many pairs costs what the pairs would alone, and a block's scores stay in cache on a CPU.
 
 Shapes follow jbt.model: B rows, L tokens, K key/value heads, G query heads per kv head, H head dim.
@@ -98,10 +98,14 @@ def _row_max(x: Array) -> Array:
 def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, jnp.dtype]], info: MaskInfo, qs: Array,
                       first: Array, last: Array, block: int, sliding_window: int | None, visit, init,
                       softcap: float | None = None):
-  """Folds visit(carry, ks, mask, blocks, scaled scores) over the key blocks first..last of the
-  query block at qs, skipping those whose mask is all false. keys maps names to _blocks' results;
-  blocks maps the same names to each one's block j (at ks = j * block). keys["kT"] are the keys'
-  blocks transposed, [N, B, K, H, block]. With softcap the scores are cap * tanh(scores / cap) (Gemma 2)."""
+  """Folds visit(carry, ks, bias, blocks, scaled scores) over the key blocks first..last of the
+  query block at qs, skipping those whose mask is all false. keys maps names to (block-major
+  array as _bits, dtype); blocks maps the same names to each one's block j (at ks = j * block).
+  keys["kT"] are the keys' blocks transposed, [N, B, K, H, block]. bias ([B, 1, 1, Q, S]) is 0
+  where the mask holds and _NEG where not, added to the scores: a row masked in all the blocks
+  visited so far gets a running max near _NEG and garbage sums, which exp(_NEG - max) = 0 erases
+  exactly at its first unmasked key (every row sees itself). With softcap the scores are
+  cap * tanh(scores / cap) (Gemma 2)."""
   scale = 1.0 / math.sqrt(q_BxKxGxQxH.shape[-1])
 
   def key_block(j, carry):
@@ -113,7 +117,7 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, jnp.dtype
       s = jnp.einsum("BKGQH,BKHS->BKGQS", q_BxKxGxQxH, blocks["kT"], preferred_element_type=jnp.float32) * scale
       if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
-      # Masked scores get _NEG added (a sum, not a select: no pass of its own over the block).
+      # A sum, not a select: no pass of its own over the block.
       return visit(c, ks, jnp.where(mask_BxQxS, 0.0, _NEG)[:, None, None], blocks, s)
 
     return jax.lax.cond(mask_BxQxS.any(), go, lambda c: c, carry)
@@ -167,14 +171,30 @@ def _unblocks(x: Array, perm: tuple[int, ...]) -> Array:
   return y.reshape(y.shape[0], -1, *y.shape[3:])
 
 
+def _layouts(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, block: int) -> dict[str, Array]:
+  """The forward's inputs block-major, as _bits: q [N, B, K, G, T, H], kT [N, B, K, H, T], v [N, B, K, T, H]
+  (T = block). Saved for the backward pass (LAYOUT_NAMES), which then needs neither q, k, v nor
+  the work that made them (RoPE, under remat)."""
+  return {"q": _bits(_blocks(q_BxLxKxGxH, block, _QUERIES))[0], "kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T))[0],
+          "v": _bits(_blocks(v_BxLxKxH, block, _KEYS))[0]}
+
+
 def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, block: int, max_segment: int,
              sliding_window: int | None, softcap: float | None = None) -> tuple[Array, Array]:
   """(output [B, L, K, G, H] in q's dtype, log-sum-exp [B, K, G, L] float32); L a multiple of block."""
-  B, L, K, G, H = q_BxLxKxGxH.shape
+  return _forward_blocks(_layouts(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, block), q_BxLxKxGxH.dtype, info, max_segment,
+                         sliding_window, softcap)
+
+
+def _forward_blocks(layouts: dict[str, Array], dtype: jnp.dtype, info: MaskInfo, max_segment: int,
+                    sliding_window: int | None, softcap: float | None = None) -> tuple[Array, Array]:
+  """_forward from _layouts' arrays of inputs in `dtype`."""
+  N, B, K, G, block, H = layouts["q"].shape
+  L = N * block
   f32 = jnp.float32
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
-  queries = _bits(_blocks(q_BxLxKxGxH, block, _QUERIES))
-  keys = {"kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T)), "v": _bits(_blocks(v_BxLxKxH, block, _KEYS))}
+  queries = (layouts["q"], dtype)
+  keys = {"kT": (layouts["kT"], dtype), "v": (layouts["v"], dtype)}
 
   def visit(c, ks, bias, blocks, s):
     del ks
@@ -202,23 +222,33 @@ def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskI
   # into a bfloat16 buffer by converting the whole buffer (per query block).
   init = (jnp.zeros(queries[0].shape, f32), jnp.zeros((B, K, G, L), f32))
   out_NxBxKxGxQxH, lse_BxKxGxL = jax.lax.fori_loop(0, L // block, query_block, init)
-  return _unblocks(out_NxBxKxGxQxH, _QUERIES).astype(q_BxLxKxGxH.dtype), lse_BxKxGxL
+  return _unblocks(out_NxBxKxGxQxH, _QUERIES).astype(dtype), lse_BxKxGxL
 
 
 def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, out_BxLxKxGxH: Array,
               lse_BxKxGxL: Array, dout_BxLxKxGxH: Array, block: int, max_segment: int,
               sliding_window: int | None, softcap: float | None = None) -> tuple[Array, Array, Array]:
-  B, L, K, G, H = q_BxLxKxGxH.shape
+  """(dq, dk, dv) from the forward's output and log-sum-exp and the output's gradient."""
+  return _backward_blocks(_layouts(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, block), info, out_BxLxKxGxH, lse_BxKxGxL,
+                          dout_BxLxKxGxH, max_segment, sliding_window, softcap)
+
+
+def _backward_blocks(layouts: dict[str, Array], info: MaskInfo, out_BxLxKxGxH: Array, lse_BxKxGxL: Array,
+                     dout_BxLxKxGxH: Array, max_segment: int, sliding_window: int | None,
+                     softcap: float | None = None) -> tuple[Array, Array, Array]:
+  """_backward from _layouts' arrays (of inputs in the output's dtype)."""
+  N, B, K, G, block, H = layouts["q"].shape
+  dtype = out_BxLxKxGxH.dtype
   f32 = jnp.float32
   scale = 1.0 / math.sqrt(H)
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
   # D = rowsum(dO * O): the softmax backward's per-query term (FlashAttention-2's dS = P (dP - D)).
   d_BxKxGxL = jnp.einsum("BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(f32), out_BxLxKxGxH.astype(f32))
-  queries = {name: _bits(_blocks(x, block, perm)) for name, x, perm in (
-      ("q", q_BxLxKxGxH, _QUERIES), ("qT", q_BxLxKxGxH, _QUERIES_T), ("do", dout_BxLxKxGxH, _QUERIES),
-      ("doT", dout_BxLxKxGxH, _QUERIES_T))}
-  keys = {"kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T)), "vT": _bits(_blocks(v_BxLxKxH, block, _KEYS_T)),
-          "k": _bits(_blocks(k_BxLxKxH, block, _KEYS))}
+  queries = {"q": (layouts["q"], dtype), "qT": (jnp.transpose(layouts["q"], (0, 1, 2, 5, 3, 4)), dtype),
+             "do": _bits(_blocks(dout_BxLxKxGxH, block, _QUERIES)),
+             "doT": _bits(_blocks(dout_BxLxKxGxH, block, _QUERIES_T))}
+  keys = {"kT": (layouts["kT"], dtype), "vT": (jnp.swapaxes(layouts["v"], -1, -2), dtype),
+          "k": (jnp.swapaxes(layouts["kT"], -1, -2), dtype)}
 
   def query_block(i, grads):
     dq_NxBxKxGxQxH, dkT_NxBxKxHxS, dvT_NxBxKxHxS = grads
@@ -249,33 +279,36 @@ def _backward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: Mask
 
   init = (jnp.zeros(queries["q"][0].shape, f32), jnp.zeros(keys["kT"][0].shape, f32),
           jnp.zeros(keys["vT"][0].shape, f32))
-  dq, dkT, dvT = jax.lax.fori_loop(0, L // block, query_block, init)
-  return (_unblocks(dq, _QUERIES).astype(q_BxLxKxGxH.dtype), _unblocks(dkT, _KEYS_T).astype(k_BxLxKxH.dtype),
-          _unblocks(dvT, _KEYS_T).astype(v_BxLxKxH.dtype))
+  dq, dkT, dvT = jax.lax.fori_loop(0, N, query_block, init)
+  return _unblocks(dq, _QUERIES).astype(dtype), _unblocks(dkT, _KEYS_T).astype(dtype), _unblocks(dvT, _KEYS_T).astype(dtype)
 
 
 # The forward runs outside the custom VJP and its results enter it as inputs: under a remat
 # policy that saves the names below (jbt.model's "attention" and "dots" do), the backward pass
-# then reuses the forward's output and log-sum-exp instead of running the forward loop again.
+# then reuses the forward's output, log-sum-exp and block-major inputs instead of running the
+# forward loop again or recomputing q, k and v.
 OUT_NAME, LSE_NAME = "flash_out", "flash_lse"
+LAYOUT_NAMES = {name: f"flash_{name}" for name in ("q", "kT", "v")}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window, softcap):
-  """out, with the attention's gradients to q, k and v (out and lse are the forward's results)."""
-  del q, k, v, info, lse, block, max_segment, sliding_window, softcap
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _with_grads(q, k, v, info, layouts, out, lse, block, max_segment, sliding_window, softcap):
+  """out, with the attention's gradients to q, k and v (layouts, out and lse: the forward's)."""
+  del q, k, v, info, layouts, lse, block, max_segment, sliding_window, softcap
   return out
 
 
-def _with_grads_fwd(q, k, v, info, out, lse, block, max_segment, sliding_window, softcap):
-  del block, max_segment, sliding_window, softcap
-  return out, (q, k, v, info, out, lse)
+def _with_grads_fwd(q, k, v, info, layouts, out, lse, block, max_segment, sliding_window, softcap):
+  del q, k, v, block, max_segment, sliding_window, softcap
+  return out, (info, layouts, out, lse)
 
 
 def _with_grads_bwd(block, max_segment, sliding_window, softcap, res, dout):
-  q, k, v, info, out, lse = res
-  dq, dk, dv = _backward(q, k, v, info, out, lse, dout, block, max_segment, sliding_window, softcap)
-  return dq, dk, dv, jax.tree.map(lambda _: None, info), jnp.zeros_like(out), jnp.zeros_like(lse)
+  del block
+  info, layouts, out, lse = res
+  dq, dk, dv = _backward_blocks(layouts, info, out, lse, dout, max_segment, sliding_window, softcap)
+  none = functools.partial(jax.tree.map, lambda _: None)
+  return dq, dk, dv, none(info), none(layouts), jnp.zeros_like(out), jnp.zeros_like(lse)
 
 
 _with_grads.defvjp(_with_grads_fwd, _with_grads_bwd)
@@ -291,9 +324,10 @@ def saved_bits(x: Array, name: str) -> Array:
 
 
 def _flash(q, k, v, info, block, max_segment, sliding_window, softcap):
-  out, lse = jax.lax.stop_gradient(_forward(q, k, v, info, block, max_segment, sliding_window, softcap))
+  layouts = {n: checkpoint_name(jax.lax.stop_gradient(x), LAYOUT_NAMES[n]) for n, x in _layouts(q, k, v, block).items()}
+  out, lse = jax.lax.stop_gradient(_forward_blocks(layouts, q.dtype, info, max_segment, sliding_window, softcap))
   out, lse = saved_bits(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
-  return _with_grads(q, k, v, info, out, lse, block, max_segment, sliding_window, softcap)
+  return _with_grads(q, k, v, info, layouts, out, lse, block, max_segment, sliding_window, softcap)
 
 
 def flash_attention(
