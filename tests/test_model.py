@@ -319,3 +319,25 @@ def test_the_layer_carry_is_float32_with_the_cpu_matmul_kinds_and_changes_no_val
   np.testing.assert_array_equal(r32, r16)
   for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_16_bit_norm_scale_gradient_sums_in_float32():
+  """RMSNorm's 16-bit scale product: the value and the gradient to x are the plain product's, bit
+  for bit; the gradient to the scale is the float32 sum over the leading axes, rounded once."""
+  from jbt.model.decoder import _scale_16
+
+  rng = np.random.default_rng(0)
+  for dtype, shape, w_dims in ((jnp.bfloat16, (2, 96, 24), 1), (jnp.float16, (2, 40, 3, 8), 2)):
+    x = jnp.asarray(rng.normal(size=shape), dtype)
+    w = jnp.asarray(rng.normal(size=shape[-w_dims:]), dtype)
+    g = jnp.asarray(rng.normal(size=shape), dtype)
+    y, vjp = jax.vjp(jax.jit(_scale_16), w, x)
+    y_plain, vjp_plain = jax.vjp(lambda w, x: w * x, w, x)
+    dw, dx = vjp(g)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_plain, np.float32))
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(vjp_plain(g)[1], np.float32))
+    lead = tuple(range(len(shape) - w_dims))
+    want = (np.asarray(g, np.float64) * np.asarray(x, np.float64)).sum(lead)
+    assert dw.dtype == dtype
+    np.testing.assert_allclose(np.asarray(dw, np.float64), want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_array_equal(np.asarray(dw), np.asarray(jnp.asarray(want, jnp.float32).astype(dtype)))
