@@ -331,7 +331,7 @@ def test_flash_block_helpers_equal_the_plain_ops():
       blocks = jax.jit(flash._blocks, static_argnums=(1, 2))(x, 8, perm)
       np.testing.assert_array_equal(np.asarray(jax.jit(flash._unblocks, static_argnums=1)(blocks, perm)), np.asarray(x))
       for j in (0, 3, 4):
-        got = jax.jit(lambda b, j: flash._block(flash._bits(b), j))(blocks, jnp.int32(j))
+        got = jax.jit(lambda b, j: flash._block(flash._bits(b), j, b.dtype))(blocks, jnp.int32(j))
         assert got.dtype == x.dtype
         want = jnp.transpose(x[:, 8 * j:8 * (j + 1)], (0, 2, 3, 1) if perm == flash._KEYS_T else (0, 2, 1, 3))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -7,8 +7,9 @@ start of its earliest segment up to the diagonal (a run-time loop bound), skips 
 whose mask is still all false (branches of a shared prompt, rows of a batch that differ), and
 keeps a running max and sum (FlashAttention's online softmax), so no [L, S] score matrix is
 ever materialised. The backward pass recomputes each visited block's probabilities from the
-saved log-sum-exp and the forward's block-major inputs. The cost follows the segments' lengths, not the row's: one long row packed
-with many pairs costs what the pairs would alone, and a block's scores stay in cache on a CPU.
+saved log-sum-exp and the forward's block-major inputs. The cost follows the segments' lengths,
+not the row's: one long row packed with many pairs costs what the pairs would alone, and a
+block's scores stay in cache on a CPU.
 
 Shapes follow jbt.model: B rows, L tokens, K key/value heads, G query heads per kv head, H head dim.
 The mask is jbt.model.attention.mask.dense_mask's (same segment, not in the future, trunk-or-own-branch,
@@ -95,12 +96,12 @@ def _row_max(x: Array) -> Array:
   return x[..., 0]
 
 
-def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, jnp.dtype]], info: MaskInfo, qs: Array,
+def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, Array], info: MaskInfo, qs: Array,
                       first: Array, last: Array, block: int, sliding_window: int | None, visit, init,
                       softcap: float | None = None):
   """Folds visit(carry, ks, bias, blocks, scaled scores) over the key blocks first..last of the
-  query block at qs, skipping those whose mask is all false. keys maps names to (block-major
-  array as _bits, dtype); blocks maps the same names to each one's block j (at ks = j * block).
+  query block at qs, skipping those whose mask is all false. keys maps names to block-major
+  arrays as _bits of q's dtype; blocks maps the same names to each one's block j (at ks = j * block).
   keys["kT"] are the keys' blocks transposed, [N, B, K, H, block]. bias ([B, 1, 1, Q, S]) is 0
   where the mask holds and _NEG where not, added to the scores: a row masked in all the blocks
   visited so far gets a running max near _NEG and garbage sums, which exp(_NEG - max) = 0 erases
@@ -113,7 +114,7 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, jnp.dtype
     mask_BxQxS = _block_mask(info, qs, ks, block, sliding_window)
 
     def go(c):
-      blocks = {name: _block(x, j) for name, x in keys.items()}
+      blocks = {name: _block(x, j, q_BxKxGxQxH.dtype) for name, x in keys.items()}
       s = jnp.einsum("BKGQH,BKHS->BKGQS", q_BxKxGxQxH, blocks["kT"], preferred_element_type=jnp.float32) * scale
       if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
@@ -125,21 +126,20 @@ def _visit_key_blocks(q_BxKxGxQxH: Array, keys: dict[str, tuple[Array, jnp.dtype
   return jax.lax.fori_loop(first, last + 1, key_block, init)
 
 
-def _bits(x: Array) -> tuple[Array, jnp.dtype]:
-  """(x as its bits (uint16) if a 16-bit float, else x; x's dtype): _block's input."""
+def _bits(x: Array) -> Array:
+  """x as its bits (uint16) if a 16-bit float, else x: _block's input."""
   if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
-    return jax.lax.bitcast_convert_type(x, jnp.uint16), x.dtype
-  return x, x.dtype
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
 
 
-def _block(x_Nx_: tuple[Array, jnp.dtype], j: Array) -> Array:
-  """Block j of a block-major array ([N, ...], one contiguous piece) from _bits, in its dtype. A
+def _block(x_Nx_: Array, j: Array, dtype: jnp.dtype) -> Array:
+  """Block j of a block-major array ([N, ...], one contiguous piece) from _bits, in dtype. A
   block sliced as bits costs a copy of itself on XLA's CPU backend: a bfloat16 slice is computed by
   converting the whole array to float32 and the slice back, and a slice fused with a bitcast of the
   whole array is costed as the whole array, so the copy is split over two threads (a thread
   wake-up a visit)."""
-  x, dtype = x_Nx_
-  return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False), dtype)
+  return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(x_Nx_, j, 0, keepdims=False), dtype)
 
 
 # Every block a loop reads or writes is one contiguous piece of a block-major array, laid out as
@@ -175,8 +175,8 @@ def _layouts(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, block: int)
   """The forward's inputs block-major, as _bits: q [N, B, K, G, T, H], kT [N, B, K, H, T], v [N, B, K, T, H]
   (T = block). Saved for the backward pass (LAYOUT_NAMES), which then needs neither q, k, v nor
   the work that made them (RoPE, under remat)."""
-  return {"q": _bits(_blocks(q_BxLxKxGxH, block, _QUERIES))[0], "kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T))[0],
-          "v": _bits(_blocks(v_BxLxKxH, block, _KEYS))[0]}
+  return {"q": _bits(_blocks(q_BxLxKxGxH, block, _QUERIES)), "kT": _bits(_blocks(k_BxLxKxH, block, _KEYS_T)),
+          "v": _bits(_blocks(v_BxLxKxH, block, _KEYS))}
 
 
 def _forward(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, block: int, max_segment: int,
@@ -193,8 +193,7 @@ def _forward_blocks(layouts: dict[str, Array], dtype: jnp.dtype, info: MaskInfo,
   L = N * block
   f32 = jnp.float32
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
-  queries = (layouts["q"], dtype)
-  keys = {"kT": (layouts["kT"], dtype), "v": (layouts["v"], dtype)}
+  keys = {"kT": layouts["kT"], "v": layouts["v"]}
 
   def visit(c, ks, bias, blocks, s):
     del ks
@@ -213,14 +212,15 @@ def _forward_blocks(layouts: dict[str, Array], dtype: jnp.dtype, info: MaskInfo,
     init = (jnp.full((B, K, G, block), _NEG, f32), jnp.zeros((B, K, G, block), f32),
             jnp.zeros((B, K, G, block, H), f32))
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = _visit_key_blocks(
-        _block(queries, i), keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init, softcap)
+        _block(layouts["q"], i, dtype), keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init,
+        softcap)
     out_NxBxKxGxQxH = jax.lax.dynamic_update_index_in_dim(out_NxBxKxGxQxH, acc_BxKxGxQxH / l_BxKxGxQ[..., None], i, 0)
     lse_BxKxGxL = jax.lax.dynamic_update_slice_in_dim(lse_BxKxGxL, m_BxKxGxQ + jnp.log(l_BxKxGxQ), qs, axis=3)
     return out_NxBxKxGxQxH, lse_BxKxGxL
 
   # The output is gathered in float32 and rounded once: XLA's CPU backend writes a bfloat16 block
   # into a bfloat16 buffer by converting the whole buffer (per query block).
-  init = (jnp.zeros(queries[0].shape, f32), jnp.zeros((B, K, G, L), f32))
+  init = (jnp.zeros(layouts["q"].shape, f32), jnp.zeros((B, K, G, L), f32))
   out_NxBxKxGxQxH, lse_BxKxGxL = jax.lax.fori_loop(0, L // block, query_block, init)
   return _unblocks(out_NxBxKxGxQxH, _QUERIES).astype(dtype), lse_BxKxGxL
 
@@ -244,17 +244,17 @@ def _backward_blocks(layouts: dict[str, Array], info: MaskInfo, out_BxLxKxGxH: A
   first_key_block = _first_key_block(info.segment_ids_BxL, block, max_segment)
   # D = rowsum(dO * O): the softmax backward's per-query term (FlashAttention-2's dS = P (dP - D)).
   d_BxKxGxL = jnp.einsum("BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(f32), out_BxLxKxGxH.astype(f32))
-  queries = {"q": (layouts["q"], dtype), "qT": (jnp.transpose(layouts["q"], (0, 1, 2, 5, 3, 4)), dtype),
+  # The layouts the forward did not need, from the ones it saved (_QUERIES_T, _KEYS, _KEYS_T).
+  queries = {"q": layouts["q"], "qT": jnp.transpose(layouts["q"], (0, 1, 2, 5, 3, 4)),
              "do": _bits(_blocks(dout_BxLxKxGxH, block, _QUERIES)),
              "doT": _bits(_blocks(dout_BxLxKxGxH, block, _QUERIES_T))}
-  keys = {"kT": (layouts["kT"], dtype), "vT": (jnp.swapaxes(layouts["v"], -1, -2), dtype),
-          "k": (jnp.swapaxes(layouts["kT"], -1, -2), dtype)}
+  keys = {"kT": layouts["kT"], "vT": jnp.swapaxes(layouts["v"], -1, -2), "k": jnp.swapaxes(layouts["kT"], -1, -2)}
 
   def query_block(i, grads):
     dq_NxBxKxGxQxH, dkT_NxBxKxHxS, dvT_NxBxKxHxS = grads
     qs = i * block
     q_BxKxGxQxH, qT_BxKxHxGxQ, do_BxKxGxQxH, doT_BxKxHxGxQ = (
-        _block(queries[name], i) for name in ("q", "qT", "do", "doT"))
+        _block(queries[name], i, dtype) for name in ("q", "qT", "do", "doT"))
     lse_BxKxGxQ = jax.lax.dynamic_slice_in_dim(lse_BxKxGxL, qs, block, axis=3)
     d_BxKxGxQ = jax.lax.dynamic_slice_in_dim(d_BxKxGxL, qs, block, axis=3)
 
@@ -277,10 +277,9 @@ def _backward_blocks(layouts: dict[str, Array], info: MaskInfo, out_BxLxKxGxH: A
         q_BxKxGxQxH, keys, info, qs, first_key_block[i], i, block, sliding_window, visit, init, softcap)
     return jax.lax.dynamic_update_index_in_dim(dq_NxBxKxGxQxH, dq_BxKxGxQxH, i, 0), dkT_NxBxKxHxS, dvT_NxBxKxHxS
 
-  init = (jnp.zeros(queries["q"][0].shape, f32), jnp.zeros(keys["kT"][0].shape, f32),
-          jnp.zeros(keys["vT"][0].shape, f32))
+  init = (jnp.zeros(queries["q"].shape, f32), jnp.zeros(keys["kT"].shape, f32), jnp.zeros(keys["vT"].shape, f32))
   dq, dkT, dvT = jax.lax.fori_loop(0, N, query_block, init)
-  return _unblocks(dq, _QUERIES).astype(dtype), _unblocks(dkT, _KEYS_T).astype(dtype), _unblocks(dvT, _KEYS_T).astype(dtype)
+  return tuple(_unblocks(x, perm).astype(dtype) for x, perm in ((dq, _QUERIES), (dkT, _KEYS_T), (dvT, _KEYS_T)))
 
 
 # The forward runs outside the custom VJP and its results enter it as inputs: under a remat
