@@ -69,6 +69,10 @@ def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path, capsys):
   run_dir = tmp_path / "runs" / "tiny"
   first_eval = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
   assert first_eval["step"] == 0 and first_eval["rewards_eval/accuracies"] < 0.6
+  # Each update says how many of its batches ran a shape for the first time: the first update's
+  # did, and over the run every compiled shape ran a first time exactly once.
+  new_shapes = [r["perf/new_shapes"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss/train" in r]
+  assert new_shapes[0] == 1 and sum(new_shapes) == out["compiled_shapes"] and len(new_shapes) == out["step"]
   # `jbt.evaluate --run` scores the run's final model on exactly the run's eval pairs: its numbers.
   from jbt.tools import evaluate
 
@@ -108,6 +112,20 @@ def test_tiny_learns_on_a_2x4_mesh_and_final_scores_like_jbt(tmp_path, capsys):
                                                   model.pool_index(ids, mask, mcfg.pad_token_id)))
   np.testing.assert_allclose(ours, ref, atol=1e-4)
   assert (ref[0::2] > ref[1::2]).all()  # it learned: chosen above rejected on new pairs
+
+
+def test_the_step_compiler_counts_each_shapes_first_run():
+  from jbt.train.compiler import StepCompiler
+
+  step = StepCompiler(jax.jit(lambda s, b: (s + b["x"].sum(), {"n": b["x"].shape[0]})), jax.make_mesh((1,), ("data",)))
+  state = jax.numpy.float32(0)
+  for n in (4, 4, 8, 4, 8, 16):
+    batch = {"x": jax.numpy.ones((n,), jax.numpy.float32)}
+    step.prepare(state, batch)
+    state, metrics, waited = step(state, batch)
+    assert metrics["n"] == n and waited >= 0
+  step.close()
+  assert (step.first_runs, step.compiled_shapes, float(state)) == (3, 3, 44.0)
 
 
 def test_losses_match_a_pytorch_reference(tmp_path):

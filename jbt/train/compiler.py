@@ -28,6 +28,10 @@ class StepCompiler:
     self._compiling: dict[tuple, Future] = {}
     self._pool: ThreadPoolExecutor | None = None
     self.seconds_waited = 0.0  # total time step() waited for compilation
+    # Calls that ran a shape's program for the first time. A first run costs more than the
+    # later ones (on a CPU, a program loaded from the persistent cache finishes linking on its
+    # first run, and a new shape's buffers are fresh memory): perf/new_shapes marks those steps.
+    self.first_runs = 0
 
   def _compile(self, state: Any, batch: dict[str, jax.Array]) -> Any:
     with jax.set_mesh(self.mesh):  # the mesh context is per thread
@@ -50,6 +54,7 @@ class StepCompiler:
     key = _key(batch)
     waited = 0.0
     if key not in self._compiled:
+      self.first_runs += 1
       t0 = time.time()
       future = self._compiling.pop(key, None)
       self._compiled[key] = future.result() if future is not None else self._compile(state, batch)

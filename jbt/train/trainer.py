@@ -200,6 +200,7 @@ class Trainer:
     self.throughput = Throughput(self.model_cfg)
     pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
     compile_s = 0.0  # seconds the current update waited for compilation (new batch shapes)
+    first_runs = self.train_step.first_runs  # before the current update's micro-batches
     self.stops.in_loop = True
     with jax.set_mesh(self.mesh):
       for micro in range(self.micro_done, total):
@@ -213,8 +214,8 @@ class Trainer:
         compile_s += waited
         pending.append((metrics, stats))
         if (micro + 1) % accum == 0:
-          self._end_update((micro + 1) // accum, pending, compile_s)
-          pending, compile_s = [], 0.0
+          self._end_update((micro + 1) // accum, pending, compile_s, self.train_step.first_runs - first_runs)
+          pending, compile_s, first_runs = [], 0.0, self.train_step.first_runs
           if micro + 1 < total and self.stops.requested():
             self._stop((micro + 1) // accum)
     self.stops.in_loop = False
@@ -283,11 +284,13 @@ class Trainer:
     out.update(self.throughput.update(pairs, tokens))
     return out
 
-  def _end_update(self, update: int, pending: list[tuple[dict[str, Any], dict[str, Any]]], compile_s: float) -> None:
+  def _end_update(self, update: int, pending: list[tuple[dict[str, Any], dict[str, Any]]], compile_s: float,
+                  new_shapes: int) -> None:
     cfg = self.cfg
     before = self.examples
     self.last = self._update_metrics(update, pending)
     self.last["perf/compile_seconds"] = compile_s  # included in this update's wall time
+    self.last["perf/new_shapes"] = new_shapes  # micro-batches whose shape ran for the first time
     if update % cfg.train.log_every == 0 or update == self.updates:
       self.writer.write(update, self.last)
     if self.progress is not None:
