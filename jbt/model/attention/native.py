@@ -1,0 +1,199 @@
+"""Block-sparse causal attention as a compiled CPU kernel, called through XLA's FFI.
+
+flash.py's mask, visits and online softmax, computed by native.cc: each (row, query block) is a
+task of a pool of the process's CPUs, and a visited block's matmuls, softmax and mask are vector
+code over float32 tiles. XLA's CPU backend runs flash's block loop on one thread at a per-op cost
+that exceeds a block's arithmetic (docs/benchmarks.md); here both cores work inside the loop.
+Values are computed in float32 from the bfloat16 inputs (flash rounds P and dS to bfloat16 for
+its block matmuls), so results agree with flash to bfloat16 rounding, not bit for bit.
+
+The kernel is compiled at first use with the host's C++ compiler for the host's own instruction
+set (`-march=native`) into jbt's cache (`$JBT_CACHE/kernels`, keyed by the source, the compiler,
+jaxlib's FFI headers and the CPU's flags), so each CPU kind gets its own build; `available()`
+says whether it could be built here. CPU only; the other backends have their fused kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from jbt.atomic import cache_dir
+from jbt.model.attention.mask import MaskInfo
+
+Array = jax.Array
+SOURCE = Path(__file__).with_name("native.cc")
+FORWARD, BACKWARD = "jbt_attention_forward", "jbt_attention_backward"
+OUT_NAME, LSE_NAME = "native_out", "native_lse"
+# q, k and v (after RoPE) are kept for the backward pass under remat "attention" and "dots", so it
+# recomputes neither them nor the forward.
+INPUT_NAMES = {name: f"native_{name}" for name in ("q", "k", "v")}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+log = logging.getLogger("jbt")
+
+
+class BuildError(RuntimeError):
+  """The kernel could not be compiled or loaded on this machine."""
+
+
+def _cpu_flags() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _compiler() -> str:
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  if not cxx:
+    raise BuildError("no C++ compiler found (g++, c++ or clang++; or set CXX)")
+  return cxx
+
+
+def library_path() -> Path:
+  """Where this machine's build lives (built by build() if missing)."""
+  cxx = _compiler()
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+  key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, " ".join(FLAGS), jax.ffi.include_dir(),
+                                  jax.__version__, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+  return cache_dir() / "kernels" / f"jbt_attention_{key}.so"
+
+
+def build() -> Path:
+  """Compiles native.cc for this CPU if not already in the cache; returns the library's path."""
+  path = library_path()
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    out = Path(tmp) / path.name
+    cmd = [_compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+    log.info("attention: compiling the native CPU kernel (%s)", path.name)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+      raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+    os.replace(out, path)  # atomic: a concurrent build leaves one whole library
+  return path
+
+
+@functools.cache
+def _register() -> None:
+  path = build()
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(path))
+  except OSError as e:
+    raise BuildError(f"loading {path}: {e}") from e
+  jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.JbtAttentionForward), platform="cpu")
+  jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.JbtAttentionBackward), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel builds and loads here (logs why not)."""
+  try:
+    _register()
+    return True
+  except BuildError as e:
+    log.warning("attention: the native CPU kernel is not available: %s", e)
+    return False
+
+
+def _ids(info: MaskInfo, q: Array, sliding_window: int | None) -> tuple[Array, ...]:
+  B, L = q.shape[:2]
+  zeros = jnp.zeros((B, L), jnp.int32)
+  branches = zeros if info.branch_ids_BxL is None else info.branch_ids_BxL.astype(jnp.int32)
+  windowed = sliding_window is not None or info.window is not None
+  positions = info.positions_BxL.astype(jnp.int32) if windowed and info.positions_BxL is not None else zeros
+  window = jnp.zeros((), jnp.int32) if info.window is None else jnp.asarray(info.window, jnp.int32)
+  return info.segment_ids_BxL.astype(jnp.int32), branches, positions, window
+
+
+def _attrs(info: MaskInfo, head_dim: int, sliding_window: int | None, softcap: float | None) -> dict:
+  return {"sliding_window": int(sliding_window or 0), "has_branches": info.branch_ids_BxL is not None,
+          "scale": 1.0 / math.sqrt(head_dim), "softcap": float(softcap or 0.0)}
+
+
+def _typed(attrs: dict) -> dict:
+  """The FFI attributes' types (native.cc binds int64, bool and float32)."""
+  return {"sliding_window": np.int64(attrs["sliding_window"]), "has_branches": bool(attrs["has_branches"]),
+          "scale": np.float32(attrs["scale"]), "softcap": np.float32(attrs["softcap"])}
+
+
+def _forward(q, k, v, ids, attrs):
+  B, L, K, G, _ = q.shape
+  call = jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, L, K, G), jnp.float32)))
+  return call(q, k, v, *ids, **attrs)
+
+
+def _backward(q, k, v, ids, out, lse, dout, attrs):
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+  return jax.ffi.ffi_call(BACKWARD, shapes)(q, k, v, *ids, out, lse, dout.astype(out.dtype), **attrs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _with_grads(q, k, v, ids, saved, out, lse, attrs_key):
+  """out, with the attention's gradients to q, k and v (saved: the named q, k, v; out, lse: the forward's)."""
+  del q, k, v, ids, saved, lse, attrs_key
+  return out
+
+
+def _with_grads_fwd(q, k, v, ids, saved, out, lse, attrs_key):
+  del q, k, v
+  return out, (ids, saved, out, lse)
+
+
+def _with_grads_bwd(attrs_key, res, dout):
+  ids, saved, out, lse = res
+  dq, dk, dv = _backward(*saved, ids, out, lse, dout, _typed(dict(attrs_key)))
+  none = functools.partial(jax.tree.map, lambda _: None)
+  return dq, dk, dv, none(ids), jax.tree.map(jnp.zeros_like, saved), jnp.zeros_like(out), jnp.zeros_like(lse)
+
+
+_with_grads.defvjp(_with_grads_fwd, _with_grads_bwd)
+
+
+def native_attention(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *,
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     head_dim: int | None = None) -> Array:
+  """Masked softmax(q k^T / sqrt(head_dim or H)) v over the blocks the mask leaves, [B, L, K, G, H]
+  (jbt.model's mask)."""
+  if (sliding_window is not None or info.window is not None) and info.positions_BxL is None:
+    raise ValueError("a sliding window needs positions")
+  _register()
+  H = q_BxLxKxGxH.shape[-1]
+  if H % 16:  # the kernel's tiles are whole vectors: zeros change neither the scores nor the output
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -H % 16)])  # noqa: E731
+    out = native_attention(pad(q_BxLxKxGxH), pad(k_BxLxKxH), pad(v_BxLxKxH), info, sliding_window=sliding_window,
+                           softcap=softcap, head_dim=H)
+    return out[..., :H]
+  ids = tuple(jax.lax.stop_gradient(x) for x in _ids(info, q_BxLxKxGxH, sliding_window))
+  attrs = _attrs(info, head_dim or H, sliding_window, softcap)
+  saved = tuple(checkpoint_name(jax.lax.stop_gradient(x), INPUT_NAMES[n])
+                for n, x in zip(("q", "k", "v"), (q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH)))
+  out, lse = _forward(*saved, ids, _typed(attrs))
+  out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+  return _with_grads(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, ids, saved, out, lse, tuple(attrs.items()))
+
+
+def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *, sliding_window: int | None,
+           block: int, max_segment: int, branches: int = 2, softcap: float | None = None) -> Array:
+  """The attention registry's entry point (blocks of 64 tokens; the mask bounds the key range)."""
+  del block, max_segment, branches
+  return native_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, sliding_window=sliding_window, softcap=softcap)
