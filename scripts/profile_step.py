@@ -45,7 +45,7 @@ def main() -> None:
   ap.add_argument("rows", type=int)
   ap.add_argument("length", type=int)
   ap.add_argument("--remat", default="none")
-  ap.add_argument("--attention", default="auto", choices=("auto", "flash", "xla"))
+  ap.add_argument("--attention", default="auto", choices=("auto", "native", "flash", "xla"))
   ap.add_argument("--attn_block", type=int, default=128)
   ap.add_argument("--flash_block", type=int, default=64)
   ap.add_argument("--max_segment", type=int, default=0)

@@ -219,7 +219,7 @@ def test_auto_falls_back_visibly_from_a_fused_kernel_for_a_sliding_window(caplog
   with caplog.at_level("WARNING", logger="jbt"):
     assert resolve("auto", "tpu", sliding_window=4096) == "xla"
   assert "splash does not take the model's sliding window (4096)" in caplog.text
-  assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", sliding_window=8) == "flash"
+  assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", sliding_window=8) == "native"
   with caplog.at_level("WARNING", logger="jbt"):
     assert resolve("auto", "gpu", softcap=50.0) == "xla"
   assert "pallas_gpu does not take attention-logit soft-capping (50.0)" in caplog.text

@@ -4,8 +4,11 @@ function,
 one Kind entry below, and its case in tests/test_attention.py (values and gradients against the
 dense reference).
 
-- "flash": block-sparse online softmax with its own backward pass (flash.py); cost follows the
-  real attention pairs of packed and shared-prompt rows. The CPU default.
+- "native": flash's block-sparse attention as a compiled CPU kernel (native.py, native.cc through
+  XLA's FFI): every core works inside the block loop, AMX tile matmuls where the CPU has them. The
+  CPU default where a C++ compiler builds it (else "flash", with a warning).
+- "flash": block-sparse online softmax with its own backward pass in XLA ops (flash.py); cost
+  follows the real attention pairs of packed and shared-prompt rows. Any backend.
 - "xla": softmax over each query block's causal keys from a dense mask (xla.py). Any backend,
   any mask (sliding windows included); its dense [B, L, S] mask grows with the row squared.
 - "splash": Pallas splash attention (fused.py), segment ids plus a static band, one call per
@@ -25,7 +28,7 @@ from typing import Callable
 
 import jax
 
-from jbt.model.attention import flash, fused, xla
+from jbt.model.attention import flash, fused, native, xla
 from jbt.model.attention.mask import MaskInfo, dense_mask
 
 
@@ -38,13 +41,16 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
+    "native": Kind(native.attend, dense_mask=False, block_field="flash_block",
+                   saved_names=(native.OUT_NAME, native.LSE_NAME, *native.INPUT_NAMES.values())),
     "flash": Kind(flash.attend, dense_mask=False, block_field="flash_block", saved_names=(flash.OUT_NAME, flash.LSE_NAME, *flash.LAYOUT_NAMES.values())),
     "xla": Kind(xla.attend, dense_mask=True, block_field="attn_block", saved_names=(xla.OUT_NAME,)),
     "splash": Kind(fused.splash_attend, dense_mask=False, block_field="attn_block", saved_names=(fused.OUT_NAME,)),
     "pallas_gpu": Kind(fused.gpu_attend, dense_mask=False, block_field="attn_block", saved_names=(fused.OUT_NAME,)),
 }
-DEFAULT_BY_BACKEND = {"cpu": "flash", "tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}  # others: "xla"
+DEFAULT_BY_BACKEND = {"cpu": "native", "tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}  # others: "xla"
 FUSED = ("splash", "pallas_gpu")  # kinds that cannot apply a sliding window
+NATIVE_FALLBACK = "flash"  # "auto"'s CPU kind where the native kernel cannot be built
 SAVED_NAMES = tuple(n for k in KINDS.values() for n in k.saved_names)
 
 
@@ -57,6 +63,8 @@ def resolve(kind: str, backend: str | None = None, sliding_window: int | None = 
   if kind == "auto":
     backend = backend or jax.default_backend()
     kind = DEFAULT_BY_BACKEND.get(backend, "xla")
+    if kind == "native" and not native.available():  # available() logs why
+      kind = NATIVE_FALLBACK
     if kind in FUSED and needs:
       logging.getLogger("jbt").warning("attention: %s does not take %s; using xla attention on %s",
                                        kind, " or ".join(needs), backend)
@@ -64,6 +72,9 @@ def resolve(kind: str, backend: str | None = None, sliding_window: int | None = 
     return kind
   if kind not in KINDS:
     raise ValueError(f"attention must be auto or one of {', '.join(KINDS)}, got {kind!r}")
+  if kind == "native" and not native.available():
+    raise ValueError("attention 'native' needs its CPU kernel, which could not be built here (the log says why); "
+                     "use attention='flash' or 'auto'")
   if kind in FUSED and sliding_window is not None:
     raise ValueError(f"attention {kind!r} does not take sliding windows (the model's is {sliding_window}); "
                      "use attention='xla' or 'auto'")

@@ -83,21 +83,23 @@ def _pad_to_block(x: Array, block: int, value: int) -> Array:
   return _pad_tokens(x, -x.shape[1] % block, value)
 
 
-def _sharded(fn: Callable[[Array, Array, Array, Array], Array], q: Array, k: Array, v: Array, seg: Array) -> Array:
-  """fn under shard_map over the context mesh (rows over the data axes, kv heads over "tensor"):
-  a Pallas kernel is opaque to XLA's partitioner, so each device runs it on its own shard."""
+def _sharded(fn: Callable[..., Array], q: Array, k: Array, v: Array, *rows: Array) -> Array:
+  """fn(q, k, v, *rows) under shard_map over the context mesh (rows over the data axes, kv heads over
+  "tensor"; rows: per-row arrays [B, ...] such as segment ids): a kernel opaque to XLA's
+  partitioner (Pallas, an FFI call) runs on each device's own shard."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or mesh.size == 1:
-    return fn(q, k, v, seg)
+    return fn(q, k, v, *rows)
   from jbt.runtime.mesh import DATA_AXES
 
   data = tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  rows = data if data and q.shape[0] % math.prod(mesh.shape[a] for a in data) == 0 else None
+  by_rows = data if data and q.shape[0] % math.prod(mesh.shape[a] for a in data) == 0 else None
   tp = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
   heads = tp if tp and k.shape[2] % mesh.shape[tp] == 0 else None
-  q_spec, kv_spec, seg_spec = P(rows, None, heads, None, None), P(rows, None, heads, None), P(rows, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                       check_vma=False)(q, k, v, seg)
+  q_spec, kv_spec = P(by_rows, None, heads, None, None), P(by_rows, None, heads, None)
+  row_specs = tuple(P(by_rows, *[None] * (x.ndim - 1)) for x in rows)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *row_specs), out_specs=q_spec,
+                       check_vma=False)(q, k, v, *rows)
 
 
 # --- TPU: splash attention ---------------------------------------------------------------------

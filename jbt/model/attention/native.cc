@@ -25,6 +25,17 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define JBT_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -40,8 +51,28 @@ inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v;
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
 inline v16 vmin(v16 a, v16 b) { return a < b ? a : b; }
-inline float hmax(v16 v) { float m = v[0]; for (int i = 1; i < 16; ++i) m = std::max(m, v[i]); return m; }
-inline float hsum(v16 v) { float s = 0; for (int i = 0; i < 16; ++i) s += v[i]; return s; }
+#ifdef __AVX512F__
+inline float hmax(v16 v) { return _mm512_reduce_max_ps(__m512(v)); }
+inline float hsum(v16 v) { return _mm512_reduce_add_ps(__m512(v)); }
+#else
+// Halving trees (a loop over the lanes adds them one after another).
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+inline float hmax(v16 v) {
+  v8 a = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}, b = {v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+  a = a > b ? a : b;
+  v4 c = {a[0], a[1], a[2], a[3]}, d = {a[4], a[5], a[6], a[7]};
+  c = c > d ? c : d;
+  return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
+}
+inline float hsum(v16 v) {
+  v8 a = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}, b = {v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+  a += b;
+  v4 c = {a[0], a[1], a[2], a[3]}, d = {a[4], a[5], a[6], a[7]};
+  c += d;
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+#endif
 
 // exp(x) for x <= 88 (float32 relative error ~2e-7); 0 below -87.
 inline v16 vexp(v16 x) {
@@ -69,6 +100,31 @@ inline uint16_t f32_to_bf16(float f) {
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+typedef uint32_t u32v __attribute__((vector_size(64)));
+typedef uint16_t h16v __attribute__((vector_size(32)));
+
+// Round to nearest even; the bfloat16 is the top 16 bits (finite values: P and dS).
+inline u32v rounded_bits(v16 x) { u32v u; std::memcpy(&u, &x, sizeof u); return u + 0x7fffu + ((u >> 16) & 1u); }
+// 16 floats as 16 bfloat16.
+inline void store_bf16(uint16_t* p, v16 x) {
+  h16v h = __builtin_convertvector(rounded_bits(x) >> 16, h16v);
+  std::memcpy(p, &h, sizeof h);
+}
+// 16 bfloat16 as floats.
+inline v16 load_bf16(const uint16_t* p) {
+  h16v h;
+  std::memcpy(&h, p, sizeof h);
+  u32v u = __builtin_convertvector(h, u32v) << 16;
+  v16 f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
+inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
+  u32v w = (rounded_bits(x0) >> 16) | (rounded_bits(x1) & 0xffff0000u);
+  std::memcpy(p, &w, sizeof w);
 }
 
 // A float32 or bfloat16 array read and written as float32.
@@ -119,6 +175,59 @@ void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B
   }
 }
 
+#ifdef JBT_AMX
+// Intel AMX: bfloat16 tile matmuls (16 x 16 float32 accumulators, 16 x 32 bfloat16 operands).
+bool amx_usable() {
+  if (std::getenv("JBT_NATIVE_NO_AMX")) return false;
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr TileConfig tile_config() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int i = 0; i < 8; ++i) c.rows[i] = 16, c.colsb[i] = 64;
+  return c;
+}
+// Every tile 16 rows of 64 bytes. A constant in memory: GCC does not see ldtilecfg read a local's
+// stores and drops them.
+alignas(64) constexpr TileConfig TILES = tile_config();
+
+// Per thread, so each task sets it (and releases the tiles after).
+void amx_config() { _tile_loadconfig(&TILES); }
+
+// C[M x N] (+)= A[M x Kd] B: A bfloat16 row-major (lda), B as pairs of its rows (store_pairs:
+// Bp[(k / 2) * 2N + 2n + k % 2] = B[k][n]), C float32 (ldc). M, N and Kd multiples of 32.
+template <bool ACC>
+void amx_gemm(int M, int N, int Kd, const uint16_t* A, long lda, const uint16_t* Bp, float* C, long ldc) {
+  const long cs = ldc * 4, as = lda * 2, bs = long(N) * 4;
+  for (int m = 0; m < M; m += 32)
+    for (int n = 0; n < N; n += 32) {
+      float* c = C + m * ldc + n;
+      if (ACC) {
+        _tile_loadd(0, c, cs); _tile_loadd(1, c + 16, cs); _tile_loadd(2, c + 16 * ldc, cs); _tile_loadd(3, c + 16 * ldc + 16, cs);
+      } else {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      }
+      for (int k = 0; k < Kd; k += 32) {
+        _tile_loadd(4, A + m * lda + k, as);
+        _tile_loadd(5, A + (m + 16) * lda + k, as);
+        const uint16_t* b = Bp + long(k / 2) * 2 * N + 2 * n;
+        _tile_loadd(6, b, bs);
+        _tile_loadd(7, b + 32, bs);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, cs); _tile_stored(1, c + 16, cs); _tile_stored(2, c + 16 * ldc, cs); _tile_stored(3, c + 16 * ldc + 16, cs);
+    }
+}
+#endif
+
 int num_threads() {
   if (const char* s = std::getenv("JBT_NATIVE_THREADS")) {
     int n = std::atoi(s);
@@ -166,23 +275,42 @@ struct Problem {
   }
 
   // mask[T x T] (1 where query q0 + t sees key k0 + c); false if nothing in the block is seen.
+  // Vector code over a row's 64 keys (16 at a time).
   bool block_mask(int b, int q0, int k0, float* mask) const {
     const int32_t* s = seg + size_t(b) * L;
     const int32_t* r = br ? br + size_t(b) * L : nullptr;
     const int32_t* p = pos ? pos + size_t(b) * L : nullptr;
-    bool any = false;
-    for (int t = 0; t < T; ++t) {
-      int qi = q0 + t;
-      for (int c = 0; c < T; ++c) {
-        int kj = k0 + c;
-        bool ok = qi < L && kj < L && kj <= qi && s[qi] == s[kj] && (s[qi] != 0 || qi == kj);
-        if (ok && r) ok = r[kj] == 0 || r[kj] == r[qi];
-        if (ok && p && window > 0) ok = long(p[qi]) - long(p[kj]) < window;
-        mask[t * T + c] = ok ? 1.0f : 0.0f;
-        any |= ok;
+    i16v sk[T / 16], rk[T / 16], pk[T / 16], kj[T / 16];
+    for (int v = 0; v < T / 16; ++v) {
+      for (int e = 0; e < 16; ++e) {
+        int c = k0 + 16 * v + e;
+        bool in = c < L;
+        kj[v][e] = in ? c : INT32_MAX;  // past the row: after every query, so never seen
+        sk[v][e] = in ? s[c] : -1;
+        rk[v][e] = in && r ? r[c] : 0;
+        pk[v][e] = in && p ? p[c] : 0;
       }
     }
-    return any;
+    i16v any = i16v{} + 0;
+    for (int t = 0; t < T; ++t) {
+      int qi = q0 + t;
+      for (int v = 0; v < T / 16; ++v) {
+        i16v ok = i16v{} + 0;
+        if (qi < L) {
+          int sq = s[qi];
+          ok = (kj[v] <= qi) & (sk[v] == sq);
+          if (sq == 0) ok &= kj[v] == qi;  // padding sees itself only
+          if (r) ok &= (rk[v] == 0) | (rk[v] == r[qi]);
+          if (p && window > 0) ok &= (i16v{} + p[qi]) - pk[v] < int32_t(window);
+        }
+        any |= ok;
+        v16 m = __builtin_convertvector(ok & 1, v16);
+        store(mask + t * T + 16 * v, m);
+      }
+    }
+    for (int e = 0; e < 16; ++e)
+      if (any[e]) return true;
+    return false;
   }
 
   size_t q_index(int b, int t, int k, int g) const { return (((size_t(b) * L + t) * K + k) * G + g) * H; }
@@ -209,18 +337,45 @@ const float* tile(const std::vector<float>& tiles, const Problem& P, int b, int 
   return tiles.data() + ((size_t(b) * P.K + k) * P.NB + j) * T * P.H;
 }
 
-// Scores of rows R of one kv head against key block j: S = softcap(Q kT * scale); with the mask
-// as 0/1 per (t, c), shared by the G groups (row r = g * T + t).
+// Scores of rows R of one kv head against key block j (row r = g * T + t; the mask, per (t, c), is
+// shared by the G groups) are S * score_scale(P): the matmul's S as is, or, with soft-capping,
+// softcap(S * scale) written back by finish_scores.
+float score_scale(const Problem& P) { return P.softcap > 0 ? 1.0f : P.scale; }
+
+void finish_scores(const Problem& P, float* S) {
+  if (P.softcap <= 0) return;
+  for (int i = 0; i < P.rows() * T; ++i) S[i] = P.softcap * std::tanh(S[i] * P.scale / P.softcap);
+}
+
 void scores(const Problem& P, const float* Q, const float* kT, float* S) {
-  int R = P.rows();
-  gemm<false>(R, T, P.H, Q, P.H, 1, kT, T, S, T);
-  v16 sc = splat(P.scale);
-  for (int i = 0; i < R * T; i += 16) {
-    v16 s = load(S + i) * sc;
-    if (P.softcap > 0) {
-      for (int e = 0; e < 16; ++e) s[e] = P.softcap * std::tanh(s[e] / P.softcap);
+  gemm<false>(P.rows(), T, P.H, Q, P.H, 1, kT, T, S, T);
+  finish_scores(P, S);
+}
+
+// The online softmax's step for one kv head's rows: running max m and sum l updated from the
+// scores S, the output accumulator acc rescaled, and P (the new block's probabilities) left in S,
+// or as bfloat16 in Pb if given.
+void softmax_step(const Problem& P, float* S, const float* mask, float* m, float* l, float* acc, uint16_t* Pb) {
+  const float sc = score_scale(P);
+  for (int r = 0; r < P.rows(); ++r) {
+    float* s = S + size_t(r) * T;
+    const float* mk = mask + (r % T) * T;
+    v16 mx = splat(NEG);
+    for (int c = 0; c < T; c += 16) mx = vmax(mx, load(mk + c) > 0.0f ? load(s + c) : splat(NEG));
+    float m_new = std::max(m[r], hmax(mx) * sc);  // sc > 0: the max of the scaled scores
+    v16 sum = splat(0.0f);
+    for (int c = 0; c < T; c += 16) {
+      v16 p = load(mk + c) > 0.0f ? vexp(load(s + c) * sc - m_new) : splat(0.0f);
+      if (Pb) store_bf16(Pb + size_t(r) * T + c, p); else store(s + c, p);
+      sum += p;
     }
-    store(S + i, s);
+    float corr = std::exp(m[r] - m_new);
+    l[r] = l[r] * corr + hsum(sum);
+    m[r] = m_new;
+    if (corr != 1.0f) {
+      v16 cv = splat(corr);
+      for (int h = 0; h < P.H; h += 16) store(acc + size_t(r) * P.H + h, load(acc + size_t(r) * P.H + h) * cv);
+    }
   }
 }
 
@@ -238,6 +393,22 @@ void load_rows(const Problem& P, const Elems& x, int b, int i, int k, float* row
     }
 }
 
+// A query block's output (acc / l) and log-sum-exp from its kv heads' accumulators [K][R][H] and rows' m, l [K][R].
+void write_output(const Problem& P, int b, int i, const float* acc, const float* M, const float* Lsum, const Elems& out,
+                  float* lse) {
+  int R = P.rows(), H = P.H, K = P.K;
+  for (int k = 0; k < K; ++k)
+    for (int g = 0; g < P.G; ++g)
+      for (int t = 0; t < T && i * T + t < P.L; ++t) {
+        int r = g * T + t;
+        float l = Lsum[size_t(k) * R + r], inv = 1.0f / l;
+        const float* a = acc + (size_t(k) * R + r) * H;
+        size_t dst = P.q_index(b, i * T + t, k, g);
+        for (int h = 0; h < H; ++h) out.set(dst + h, a[h] * inv);
+        lse[((size_t(b) * P.L + i * T + t) * K + k) * P.G + g] = M[size_t(k) * R + r] + std::log(l);
+      }
+}
+
 void forward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx, const Elems& out, float* lse) {
   std::vector<float> kT = key_tiles(P, kx, true), v = key_tiles(P, vx, false);
   int R = P.rows(), H = P.H, K = P.K;
@@ -253,41 +424,16 @@ void forward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx,
       for (int k = 0; k < K; ++k) {
         scores(P, Q.data() + size_t(k) * R * H, tile(kT, P, b, k, j), S.data());
         float *m = M.data() + size_t(k) * R, *l = Lsum.data() + size_t(k) * R, *a = acc.data() + size_t(k) * R * H;
-        for (int r = 0; r < R; ++r) {
-          float* s = S.data() + size_t(r) * T;
-          const float* mk = mask.data() + (r % T) * T;
-          v16 mx = splat(NEG);
-          for (int c = 0; c < T; c += 16) mx = vmax(mx, load(mk + c) > 0.0f ? load(s + c) : splat(NEG));
-          float m_new = std::max(m[r], hmax(mx));
-          v16 sum = splat(0.0f);
-          for (int c = 0; c < T; c += 16) {
-            v16 p = load(mk + c) > 0.0f ? vexp(load(s + c) - m_new) : splat(0.0f);
-            store(s + c, p);
-            sum += p;
-          }
-          float corr = std::exp(m[r] - m_new);
-          l[r] = l[r] * corr + hsum(sum);
-          m[r] = m_new;
-          if (corr != 1.0f) {
-            v16 cv = splat(corr);
-            for (int h = 0; h < H; h += 16) store(a + size_t(r) * H + h, load(a + size_t(r) * H + h) * cv);
-          }
-        }
+        softmax_step(P, S.data(), mask.data(), m, l, a, nullptr);
         gemm<true>(R, H, T, S.data(), T, 1, tile(v, P, b, k, j), H, a, H);
       }
     }
-    for (int k = 0; k < K; ++k)
-      for (int g = 0; g < P.G; ++g)
-        for (int t = 0; t < T && i * T + t < P.L; ++t) {
-          int r = g * T + t;
-          float l = Lsum[size_t(k) * R + r], inv = 1.0f / l;
-          const float* a = acc.data() + (size_t(k) * R + r) * H;
-          size_t dst = P.q_index(b, i * T + t, k, g);
-          for (int h = 0; h < H; ++h) out.set(dst + h, a[h] * inv);
-          lse[((size_t(b) * P.L + i * T + t) * K + k) * P.G + g] = M[size_t(k) * R + r] + std::log(l);
-        }
+    write_output(P, b, i, acc.data(), M.data(), Lsum.data(), out, lse);
   });
 }
+
+void sum_key_grads(const Problem& P, const std::vector<std::vector<float>>& dkw, const std::vector<std::vector<float>>& dvw,
+                   bool transposed, const Elems& dk, const Elems& dv);
 
 void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx, const Elems& out,
               const float* lse, const Elems& dout, const Elems& dq, const Elems& dk, const Elems& dv) {
@@ -312,9 +458,9 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
       load_rows(P, out, b, i, k, O.data());
       for (int r = 0; r < R; ++r) {
         int g = r / T, t = i * T + r % T;
-        float d = 0;
-        for (int h = 0; h < H; ++h) d += dOk[size_t(r) * H + h] * O[size_t(r) * H + h];
-        d_r[size_t(k) * R + r] = d;
+        v16 d = splat(0.0f);
+        for (int h = 0; h < H; h += 16) d += load(dOk + size_t(r) * H + h) * load(O.data() + size_t(r) * H + h);
+        d_r[size_t(k) * R + r] = hsum(d);
         lse_r[size_t(k) * R + r] = t < P.L ? lse[((size_t(b) * P.L + t) * K + k) * P.G + g] : 0.0f;
       }
     }
@@ -329,7 +475,7 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
           const float* mk = mask.data() + (r % T) * T;
           v16 l = splat(lse_r[size_t(k) * R + r]), d = splat(d_r[size_t(k) * R + r]), sc = splat(P.scale);
           for (int c = 0; c < T; c += 16) {
-            v16 sv = load(s + c);
+            v16 sv = load(s + c) * score_scale(P);
             v16 p = load(mk + c) > 0.0f ? vexp(sv - l) : splat(0.0f);
             v16 ds = p * (load(dp + c) - d) * sc;
             if (P.softcap > 0) ds *= 1.0f - (sv / P.softcap) * (sv / P.softcap);
@@ -351,19 +497,185 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
           for (int h = 0; h < H; ++h) dq.set(dst + h, src[h]);
         }
   });
+  sum_key_grads(P, dkw, dvw, false, dk, dv);
+}
+
+// dk, dv from the workers' float32 sums per key block, [B, K, NB] of [T x H] (or [H x T] if transposed).
+void sum_key_grads(const Problem& P, const std::vector<std::vector<float>>& dkw, const std::vector<std::vector<float>>& dvw,
+                   bool transposed, const Elems& dk, const Elems& dv) {
+  int H = P.H, K = P.K;
   parallel_for(P.B * K, [&](int task, int) {
     int b = task / K, k = task % K;
     for (int t = 0; t < P.L; ++t) {
-      size_t at = ((size_t(b) * K + k) * P.NB + t / T) * T * H + size_t(t % T) * H, dst = P.kv_index(b, t, k);
+      size_t base = ((size_t(b) * K + k) * P.NB + t / T) * T * H, dst = P.kv_index(b, t, k);
       for (int h = 0; h < H; ++h) {
+        size_t at = base + (transposed ? size_t(h) * T + t % T : size_t(t % T) * H + h);
         float sk = 0, sv = 0;
-        for (auto& x : dkw) if (!x.empty()) sk += x[at + h];
-        for (auto& x : dvw) if (!x.empty()) sv += x[at + h];
+        for (auto& x : dkw) if (!x.empty()) sk += x[at];
+        for (auto& x : dvw) if (!x.empty()) sv += x[at];
         dk.set(dst + h, sk);
         dv.set(dst + h, sv);
       }
     }
   });
+}
+
+#ifdef JBT_AMX
+// The same passes with bfloat16 inputs on AMX: the block matmuls read bfloat16 (P and dS rounded to
+// it, as flash.py rounds them) and accumulate in float32; the softmax stays float32.
+
+// Key or value blocks of a bfloat16 input as AMX right operands, [B, K, NB] of T * H: pairs of
+// tokens (the block as [T x H]) or pairs of head dims (the block transposed, [H x T]); zero past the row.
+std::vector<uint16_t> key_pairs(const Problem& P, const Elems& x, bool over_tokens) {
+  std::vector<uint16_t> out(size_t(P.B) * P.K * P.NB * T * P.H, 0);
+  const uint16_t* bits = static_cast<const uint16_t*>(x.data);
+  int H = P.H;
+  parallel_for(P.B * P.K, [&](int task, int) {
+    int b = task / P.K, k = task % P.K;
+    for (int t = 0; t < P.L; ++t) {
+      uint16_t* tile = out.data() + ((size_t(b) * P.K + k) * P.NB + t / T) * T * H;
+      const uint16_t* src = bits + P.kv_index(b, t, k);
+      int c = t % T;
+      for (int h = 0; h < H; ++h)
+        tile[over_tokens ? (c / 2) * 2 * H + 2 * h + c % 2 : (h / 2) * 2 * T + 2 * c + h % 2] = src[h];
+    }
+  });
+  return out;
+}
+
+const uint16_t* tile16(const std::vector<uint16_t>& tiles, const Problem& P, int b, int k, int j) {
+  return tiles.data() + ((size_t(b) * P.K + k) * P.NB + j) * T * P.H;
+}
+
+// A query block's rows of one kv head as bfloat16 [R x H] (row r = g * T + t), and if rowsT is given
+// also transposed [H x R]; zero past the row's end.
+void load_rows16(const Problem& P, const Elems& x, int b, int i, int k, uint16_t* rows, uint16_t* rowsT) {
+  const uint16_t* bits = static_cast<const uint16_t*>(x.data);
+  int R = P.rows(), H = P.H;
+  for (int g = 0; g < P.G; ++g)
+    for (int t = 0; t < T; ++t) {
+      int r = g * T + t;
+      uint16_t* dst = rows + size_t(r) * H;
+      if (i * T + t < P.L) std::memcpy(dst, bits + P.q_index(b, i * T + t, k, g), H * sizeof(uint16_t));
+      else std::fill(dst, dst + H, 0);
+      if (rowsT)
+        for (int h = 0; h < H; ++h) rowsT[size_t(h) * R + r] = dst[h];
+    }
+}
+
+void forward_amx(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx, const Elems& out, float* lse) {
+  std::vector<uint16_t> kT = key_pairs(P, kx, false), v = key_pairs(P, vx, true);
+  int R = P.rows(), H = P.H, K = P.K;
+  parallel_for(P.B * P.NB, [&](int task, int) {
+    int b = task / P.NB, i = P.NB - 1 - task % P.NB;
+    thread_local std::vector<float> S, M, Lsum, acc, mask;
+    thread_local std::vector<uint16_t> Q, Pb;
+    Q.resize(size_t(K) * R * H); Pb.resize(size_t(R) * T); acc.assign(size_t(K) * R * H, 0.0f);
+    M.assign(size_t(K) * R, NEG); Lsum.assign(size_t(K) * R, 0.0f);
+    S.resize(size_t(R) * T); mask.resize(T * T);
+    amx_config();
+    for (int k = 0; k < K; ++k) load_rows16(P, q, b, i, k, Q.data() + size_t(k) * R * H, nullptr);
+    for (int j = P.first_block[size_t(b) * P.NB + i]; j <= i; ++j) {
+      if (!P.block_mask(b, i * T, j * T, mask.data())) continue;
+      for (int k = 0; k < K; ++k) {
+        amx_gemm<false>(R, T, H, Q.data() + size_t(k) * R * H, H, tile16(kT, P, b, k, j), S.data(), T);
+        finish_scores(P, S.data());
+        float* a = acc.data() + size_t(k) * R * H;
+        softmax_step(P, S.data(), mask.data(), M.data() + size_t(k) * R, Lsum.data() + size_t(k) * R, a, Pb.data());
+        amx_gemm<true>(R, H, T, Pb.data(), T, tile16(v, P, b, k, j), a, H);
+      }
+    }
+    _tile_release();
+    write_output(P, b, i, acc.data(), M.data(), Lsum.data(), out, lse);
+  });
+}
+
+void backward_amx(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx, const Elems& out,
+                  const float* lse, const Elems& dout, const Elems& dq, const Elems& dk, const Elems& dv) {
+  std::vector<uint16_t> kT = key_pairs(P, kx, false), kN = key_pairs(P, kx, true), vT = key_pairs(P, vx, false);
+  int R = P.rows(), H = P.H, K = P.K;
+  size_t tiles = size_t(P.B) * K * P.NB * T * H;
+  int workers = std::min(P.B * P.NB, num_threads());
+  // Each worker's sums of dK and dV per key block, transposed ([H x T]), added up at the end.
+  std::vector<std::vector<float>> dkw(workers), dvw(workers);
+  parallel_for(P.B * P.NB, [&](int task, int w) {
+    int b = task / P.NB, i = P.NB - 1 - task % P.NB;
+    if (dkw[w].empty()) { dkw[w].assign(tiles, 0.0f); dvw[w].assign(tiles, 0.0f); }
+    thread_local std::vector<float> S, dP, mask, lse_r, d_r, dQ;
+    thread_local std::vector<uint16_t> Q, QT, dO, dOT, O, dSb, PP, dSP;
+    size_t rh = size_t(R) * H;
+    Q.resize(K * rh); QT.resize(K * rh); dO.resize(K * rh); dOT.resize(K * rh); O.resize(rh);
+    dQ.assign(K * rh, 0.0f); lse_r.resize(size_t(K) * R); d_r.resize(size_t(K) * R);
+    S.resize(size_t(R) * T); dP.resize(size_t(R) * T); mask.resize(T * T);
+    dSb.resize(size_t(R) * T); PP.resize(size_t(R) * T); dSP.resize(size_t(R) * T);
+    for (int k = 0; k < K; ++k) {
+      load_rows16(P, q, b, i, k, Q.data() + k * rh, QT.data() + k * rh);
+      load_rows16(P, dout, b, i, k, dO.data() + k * rh, dOT.data() + k * rh);
+      load_rows16(P, out, b, i, k, O.data(), nullptr);
+      for (int r = 0; r < R; ++r) {
+        int g = r / T, t = i * T + r % T;
+        const uint16_t *o = O.data() + size_t(r) * H, *d_o = dO.data() + k * rh + size_t(r) * H;
+        v16 d = splat(0.0f);
+        for (int h = 0; h < H; h += 16) d += load_bf16(d_o + h) * load_bf16(o + h);
+        d_r[size_t(k) * R + r] = hsum(d);
+        lse_r[size_t(k) * R + r] = t < P.L ? lse[((size_t(b) * P.L + t) * K + k) * P.G + g] : 0.0f;
+      }
+    }
+    amx_config();
+    for (int j = P.first_block[size_t(b) * P.NB + i]; j <= i; ++j) {
+      if (!P.block_mask(b, i * T, j * T, mask.data())) continue;
+      for (int k = 0; k < K; ++k) {
+        amx_gemm<false>(R, T, H, Q.data() + k * rh, H, tile16(kT, P, b, k, j), S.data(), T);
+        finish_scores(P, S.data());
+        amx_gemm<false>(R, T, H, dO.data() + k * rh, H, tile16(vT, P, b, k, j), dP.data(), T);
+        v16 sc = splat(P.scale), ss = splat(score_scale(P));
+        for (int r = 0; r < R; r += 2) {  // rows in pairs: P and dS as AMX right operands (pairs of rows)
+          const float* mk = mask.data() + (r % T) * T;
+          v16 l0 = splat(lse_r[size_t(k) * R + r]), l1 = splat(lse_r[size_t(k) * R + r + 1]);
+          v16 d0 = splat(d_r[size_t(k) * R + r]), d1 = splat(d_r[size_t(k) * R + r + 1]);
+          for (int c = 0; c < T; c += 16) {
+            v16 s0 = load(S.data() + size_t(r) * T + c) * ss, s1 = load(S.data() + size_t(r + 1) * T + c) * ss;
+            v16 p0 = load(mk + c) > 0.0f ? vexp(s0 - l0) : splat(0.0f);
+            v16 p1 = load(mk + T + c) > 0.0f ? vexp(s1 - l1) : splat(0.0f);
+            v16 ds0 = p0 * (load(dP.data() + size_t(r) * T + c) - d0) * sc;
+            v16 ds1 = p1 * (load(dP.data() + size_t(r + 1) * T + c) - d1) * sc;
+            if (P.softcap > 0) {
+              ds0 *= 1.0f - (s0 / P.softcap) * (s0 / P.softcap);
+              ds1 *= 1.0f - (s1 / P.softcap) * (s1 / P.softcap);
+            }
+            store_bf16(dSb.data() + size_t(r) * T + c, ds0);
+            store_bf16(dSb.data() + size_t(r + 1) * T + c, ds1);
+            store_pairs(PP.data() + size_t(r / 2) * 2 * T + 2 * c, p0, p1);
+            store_pairs(dSP.data() + size_t(r / 2) * 2 * T + 2 * c, ds0, ds1);
+          }
+        }
+        size_t at = ((size_t(b) * K + k) * P.NB + j) * T * H;
+        amx_gemm<true>(H, T, R, dOT.data() + k * rh, R, PP.data(), dvw[w].data() + at, T);  // dV^T += dO^T P
+        amx_gemm<true>(H, T, R, QT.data() + k * rh, R, dSP.data(), dkw[w].data() + at, T);  // dK^T += Q^T dS
+        amx_gemm<true>(R, H, T, dSb.data(), T, tile16(kN, P, b, k, j), dQ.data() + k * rh, H);  // dQ += dS K
+      }
+    }
+    _tile_release();
+    for (int k = 0; k < K; ++k)
+      for (int g = 0; g < P.G; ++g)
+        for (int t = 0; t < T && i * T + t < P.L; ++t) {
+          const float* src = dQ.data() + k * rh + size_t(g * T + t) * H;
+          size_t dst = P.q_index(b, i * T + t, k, g);
+          for (int h = 0; h < H; ++h) dq.set(dst + h, src[h]);
+        }
+  });
+  sum_key_grads(P, dkw, dvw, true, dk, dv);
+}
+#endif
+
+// AMX for bfloat16 inputs whose head dim fits its tiles, where the CPU and the OS allow it.
+bool use_amx(const Elems& q, const Elems& k, const Elems& v, int H) {
+#ifdef JBT_AMX
+  return q.bf16 && k.bf16 && v.bf16 && H % 32 == 0 && amx_usable();
+#else
+  (void)q, (void)k, (void)v, (void)H;
+  return false;
+#endif
 }
 
 Elems elems(ffi::AnyBuffer x) { return {x.untyped_data(), x.element_type() == ffi::DataType::BF16}; }
@@ -397,6 +709,12 @@ ffi::Error ForwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
                        int64_t sliding_window, bool has_branches, float scale, float softcap) {
   if (auto e = check(q, k, v); e.failure()) return e;
   Problem P = problem(q, seg, br, pos, window, sliding_window, has_branches, scale, softcap);
+#ifdef JBT_AMX
+  if (use_amx(elems(q), elems(k), elems(v), P.H)) {
+    forward_amx(P, elems(q), elems(k), elems(v), elems(out), lse->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
   forward(P, elems(q), elems(k), elems(v), elems(out), lse->typed_data());
   return ffi::Error::Success();
 }
@@ -408,6 +726,13 @@ ffi::Error BackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
                         int64_t sliding_window, bool has_branches, float scale, float softcap) {
   if (auto e = check(q, k, v); e.failure()) return e;
   Problem P = problem(q, seg, br, pos, window, sliding_window, has_branches, scale, softcap);
+#ifdef JBT_AMX
+  if (use_amx(elems(q), elems(k), elems(v), P.H) && elems(out).bf16 && elems(dout).bf16) {
+    backward_amx(P, elems(q), elems(k), elems(v), elems(out), lse.typed_data(), elems(dout), elems(dq), elems(dk),
+                 elems(dv));
+    return ffi::Error::Success();
+  }
+#endif
   backward(P, elems(q), elems(k), elems(v), elems(out), lse.typed_data(), elems(dout), elems(dq), elems(dk),
            elems(dv));
   return ffi::Error::Success();

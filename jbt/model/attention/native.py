@@ -33,6 +33,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jbt.atomic import cache_dir
+from jbt.model.attention import fused
+from jbt.model.attention.flash import saved_bits
 from jbt.model.attention.mask import MaskInfo
 
 Array = jax.Array
@@ -116,11 +118,15 @@ def available() -> bool:
 
 
 def _ids(info: MaskInfo, q: Array, sliding_window: int | None) -> tuple[Array, ...]:
+  """The kernel's segment, branch and position ids [B, L] and window [] (int32; zeros for what the
+  mask does not use)."""
   B, L = q.shape[:2]
   zeros = jnp.zeros((B, L), jnp.int32)
   branches = zeros if info.branch_ids_BxL is None else info.branch_ids_BxL.astype(jnp.int32)
   windowed = sliding_window is not None or info.window is not None
-  positions = info.positions_BxL.astype(jnp.int32) if windowed and info.positions_BxL is not None else zeros
+  if windowed and info.positions_BxL is None:
+    raise ValueError("a sliding window needs positions")
+  positions = info.positions_BxL.astype(jnp.int32) if windowed else zeros
   window = jnp.zeros((), jnp.int32) if info.window is None else jnp.asarray(info.window, jnp.int32)
   return info.segment_ids_BxL.astype(jnp.int32), branches, positions, window
 
@@ -174,8 +180,6 @@ def native_attention(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, inf
                      head_dim: int | None = None) -> Array:
   """Masked softmax(q k^T / sqrt(head_dim or H)) v over the blocks the mask leaves, [B, L, K, G, H]
   (jbt.model's mask)."""
-  if (sliding_window is not None or info.window is not None) and info.positions_BxL is None:
-    raise ValueError("a sliding window needs positions")
   _register()
   H = q_BxLxKxGxH.shape[-1]
   if H % 16:  # the kernel's tiles are whole vectors: zeros change neither the scores nor the output
@@ -185,15 +189,25 @@ def native_attention(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, inf
     return out[..., :H]
   ids = tuple(jax.lax.stop_gradient(x) for x in _ids(info, q_BxLxKxGxH, sliding_window))
   attrs = _attrs(info, head_dim or H, sliding_window, softcap)
-  saved = tuple(checkpoint_name(jax.lax.stop_gradient(x), INPUT_NAMES[n])
+  # Saved as their bits: a layer scan writes a bfloat16 slice of its stack by converting the whole stack.
+  saved = tuple(saved_bits(jax.lax.stop_gradient(x), INPUT_NAMES[n])
                 for n, x in zip(("q", "k", "v"), (q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH)))
   out, lse = _forward(*saved, ids, _typed(attrs))
-  out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
+  out, lse = saved_bits(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
   return _with_grads(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, ids, saved, out, lse, tuple(attrs.items()))
 
 
 def attend(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, info: MaskInfo, *, sliding_window: int | None,
            block: int, max_segment: int, branches: int = 2, softcap: float | None = None) -> Array:
-  """The attention registry's entry point (blocks of 64 tokens; the mask bounds the key range)."""
+  """The attention registry's entry point (blocks of 64 tokens; the segments bound the key range).
+  Under a mesh each device runs the kernel on its rows and kv heads (shard_map)."""
   del block, max_segment, branches
-  return native_attention(q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, info, sliding_window=sliding_window, softcap=softcap)
+  seg, br, pos, window = _ids(info, q_BxLxKxGxH, sliding_window)
+  has_branches, per_layer = info.branch_ids_BxL is not None, info.window is not None
+
+  def call(q, k, v, seg, br, pos, window_B):
+    local = MaskInfo(seg, br if has_branches else None, pos, window=window_B[0] if per_layer else None)
+    return native_attention(q, k, v, local, sliding_window=sliding_window, softcap=softcap)
+
+  window_B = jnp.broadcast_to(window, seg.shape[:1])  # per row, so that it shards like them
+  return fused._sharded(call, q_BxLxKxGxH, k_BxLxKxH, v_BxLxKxH, seg, br, pos, window_B)
