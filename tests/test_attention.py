@@ -75,7 +75,7 @@ def test_flash_equals_dense_values_and_gradients(branches, window, block, max_se
   assert_same_values_and_gradients(dense, flash, q, k, v, atol=2e-5, jit=True)
 
 
-@pytest.mark.parametrize("kind", ["flash", "xla"])
+@pytest.mark.parametrize("kind", ["native", "flash", "xla"])
 def test_a_per_layer_window_traced_in_a_scan_equals_the_dense_reference(kind):
   """Models that mix sliding and full layers feed each layer its window (0 = full) as a scanned
   int32: values and gradients of every layer equal the dense mask built with that static window."""
@@ -108,7 +108,7 @@ def test_a_per_layer_window_traced_in_a_scan_equals_the_dense_reference(kind):
   assert_same_values_and_gradients(dense, per_layer, q, k, v, atol=1e-4, jit=True)
 
 
-@pytest.mark.parametrize("kind", ["flash", "xla"])
+@pytest.mark.parametrize("kind", ["native", "flash", "xla"])
 def test_soft_capped_logits_equal_the_plain_formula_values_and_gradients(kind):
   """Gemma 2's cap * tanh(logits / cap) before the mask, against the formula written out."""
   from jbt.model import attention
@@ -151,13 +151,17 @@ def test_flash_sees_a_segment_cut_by_a_wrong_bound_and_bf16_stays_close():
   np.testing.assert_allclose(np.asarray(bf16.astype(jnp.float32))[real], full, atol=5e-2)
 
 
-def _while_loops(remat: str) -> int:
-  cfg = model.ModelConfig(num_layers=2, remat=remat, attention="flash", flash_block=16)
+def _grad_hlo(remat: str, kind: str = "flash") -> str:
+  cfg = model.ModelConfig(num_layers=2, remat=remat, attention=kind, flash_block=16)
   L = 64
   tokens, seg, pos = jnp.ones((1, L), jnp.int32), jnp.ones((1, L), jnp.int32), jnp.arange(L)[None]
   params = model.RewardModel(cfg).init(jax.random.key(0), tokens[:, :1], seg[:, :1], pos[:, :1])["params"]
   grad = jax.grad(lambda p: model.RewardModel(cfg).apply({"params": p}, tokens, seg, pos, jnp.array([L - 1])).sum())
-  return jax.jit(grad).lower(params).as_text().count("stablehlo.while")
+  return jax.jit(grad).lower(params).as_text()
+
+
+def _while_loops(remat: str) -> int:
+  return _grad_hlo(remat).count("stablehlo.while")
 
 
 def test_remat_keeps_the_attention_forward_instead_of_rerunning_it():
@@ -166,6 +170,16 @@ def test_remat_keeps_the_attention_forward_instead_of_rerunning_it():
   # beyond what no remat has; "full" recomputes the layer, attention forward loops included.
   none = _while_loops("none")
   assert _while_loops("attention") == _while_loops("dots") == none < _while_loops("full")
+
+
+def test_remat_keeps_the_native_kernels_forward_instead_of_rerunning_it():
+  # The same for the native kernel's calls: one forward call per layer scan's body under "attention" and
+  # "dots" (the backward reads its saved output, log-sum-exp, q, k and v), two under "full".
+  from jbt.model.attention import native
+
+  calls = {remat: _grad_hlo(remat, "native").count(native.FORWARD) for remat in ("none", "attention", "dots", "full")}
+  assert calls["attention"] == calls["dots"] == calls["none"] >= 1
+  assert calls["full"] > calls["none"]
 
 
 @pytest.mark.parametrize("kind, branches, max_segment", [
@@ -229,7 +243,7 @@ def test_auto_falls_back_visibly_from_a_fused_kernel_for_a_sliding_window(caplog
     resolve("pallas_gpu", "gpu", sliding_window=8)
 
 
-@pytest.mark.parametrize("kind", ["splash", "pallas_gpu"])
+@pytest.mark.parametrize("kind", ["splash", "pallas_gpu", "native"])
 def test_fused_kernels_run_per_shard_under_a_mesh(kind):
   """Rows over the data axes and kv heads over "tensor": each device runs the kernel on its shard
   (shard_map), with the dense reference's values and gradients."""
@@ -335,3 +349,104 @@ def test_flash_block_helpers_equal_the_plain_ops():
         assert got.dtype == x.dtype
         want = jnp.transpose(x[:, 8 * j:8 * (j + 1)], (0, 2, 3, 1) if perm == flash._KEYS_T else (0, 2, 1, 3))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("branches, window, H, L", [(True, None, 16, 150), (False, 6, 8, 150), (3, None, 32, 300),
+                                                    (True, None, 64, 64)])
+def test_native_equals_dense_values_and_gradients(branches, window, H, L):
+  """The native CPU kernel (float32 inputs: its float32 path) against the dense reference: rows
+  that end inside a block, a static window, several branches, head dims padded to its tiles."""
+  from jbt.model.attention import native
+  from jbt.model.attention.mask import MaskInfo
+
+  rng = np.random.default_rng(H + L)
+  B, K, G = 2, 2, 3
+  seg, br, pos = packed_rows(rng, B, L, branches)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  branch = jnp.asarray(br) if branches else None
+  mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), window, branch)
+  info = MaskInfo(jnp.asarray(seg), branch, jnp.asarray(pos))
+
+  def dense(q, k, v):
+    return (blocked_attention(q, k, v, mask, 0, 0) * real * w).sum()
+
+  def kernel(q, k, v):
+    return (native.native_attention(q, k, v, info, sliding_window=window) * real * w).sum()
+
+  assert_same_values_and_gradients(dense, kernel, q, k, v, atol=2e-5, jit=True)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_native_bf16_is_as_close_to_float32_as_flash(amx, monkeypatch):
+  """bfloat16 inputs: the AMX path where the CPU has it (P and dS rounded to bfloat16 for the tile
+  matmuls, as flash rounds them) or the float32 one (JBT_NATIVE_NO_AMX): values and gradients within
+  flash's own distance from the float32 reference, and close to flash's."""
+  from jbt.model.attention import native
+  from jbt.model.attention.mask import MaskInfo
+
+  if not amx:
+    monkeypatch.setenv("JBT_NATIVE_NO_AMX", "1")
+  rng = np.random.default_rng(5)
+  B, L, K, G, H = 1, 300, 3, 3, 64
+  seg, br, pos = packed_rows(rng, B, L, True)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  info = MaskInfo(jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos))
+
+  def run(fn, dtype):
+    def loss(q, k, v):
+      return (fn(q.astype(dtype), k.astype(dtype), v.astype(dtype)).astype(jnp.float32) * real * w).sum()
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  kernel = lambda q, k, v: native.native_attention(q, k, v, info)  # noqa: E731
+  flash = lambda q, k, v: flash_attention(q, k, v, info.segment_ids_BxL, None, info.branch_ids_BxL)  # noqa: E731
+  ref_val, ref_grads = run(kernel, jnp.float32)
+  got_val, got_grads = run(kernel, jnp.bfloat16)
+  flash_val, flash_grads = run(flash, jnp.bfloat16)
+  assert abs(float(got_val) - float(ref_val)) <= 2 * abs(float(flash_val) - float(ref_val)) + 0.05
+  for got, fl, ref, name in zip(got_grads, flash_grads, ref_grads, "qkv"):
+    got, fl, ref = (np.asarray(x, np.float32) for x in (got, fl, ref))
+    err, flash_err = np.abs(got - ref).max(), np.abs(fl - ref).max()
+    assert err <= 2 * flash_err + 1e-3, f"d{name}: {err} from float32 against flash's {flash_err}"
+    np.testing.assert_allclose(got, fl, atol=4 * flash_err + 1e-3, err_msg=f"d{name}")
+
+
+def test_auto_takes_flash_where_the_native_kernel_cannot_be_built(monkeypatch, caplog):
+  from jbt.model.attention import native, resolve
+
+  def no_compiler():
+    raise native.BuildError("no C++ compiler found")
+
+  monkeypatch.setattr(native, "_compiler", no_compiler)
+  native._register.cache_clear()
+  native.available.cache_clear()
+  try:
+    with caplog.at_level("WARNING", logger="jbt"):
+      assert resolve("auto", "cpu") == "flash"
+    assert "the native CPU kernel is not available: no C++ compiler found" in caplog.text
+    with pytest.raises(ValueError, match="attention 'native' needs its CPU kernel"):
+      resolve("native", "cpu")
+  finally:
+    native._register.cache_clear()
+    native.available.cache_clear()
+
+
+def test_the_native_kernel_builds_once_per_source_and_cpu(tmp_path, monkeypatch):
+  """Built into jbt's cache under a key of the source, compiler and CPU flags: a second build()
+  reuses the library, a changed source gets a library of its own, a failed compile says why."""
+  from jbt.model.attention import native
+
+  monkeypatch.setenv("JBT_CACHE", str(tmp_path))
+  first = native.build()
+  assert first.parent == tmp_path / "kernels" and first.exists()
+  stamp = first.stat().st_mtime_ns
+  assert native.build() == first and first.stat().st_mtime_ns == stamp
+  source = tmp_path / "native.cc"
+  source.write_text(native.SOURCE.read_text() + "\n// changed\n")
+  monkeypatch.setattr(native, "SOURCE", source)
+  assert native.library_path() != first
+  source.write_text("this is not C++")
+  with pytest.raises(native.BuildError, match="compiling native.cc failed"):
+    native.build()
+  assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == [first.name]  # nothing half-written left

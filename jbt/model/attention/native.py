@@ -72,7 +72,10 @@ def _compiler() -> str:
 def library_path() -> Path:
   """Where this machine's build lives (built by build() if missing)."""
   cxx = _compiler()
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+  try:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[:1]
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise BuildError(f"the C++ compiler {cxx} does not run: {e}") from e
   key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, " ".join(FLAGS), jax.ffi.include_dir(),
                                   jax.__version__, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
   return cache_dir() / "kernels" / f"jbt_attention_{key}.so"
