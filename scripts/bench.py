@@ -43,6 +43,8 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     # recomputes the matmuls in the backward pass, keeping only layer inputs and attention results
     "jbt-shared-attention": {"kind": "jbt", "layout": "shared_prompt", "remat": "attention"},
     "jbt-shared-fp32": {"kind": "jbt", "layout": "shared_prompt", "dtype": "float32"},
+    # attention in XLA ops (flash.py) instead of the native CPU kernel
+    "jbt-shared-flash": {"kind": "jbt", "layout": "shared_prompt", "attention": "flash"},
     # without the restart under glibc's huge-page tunable (jbt/host.py): 4 KiB pages
     "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "hugepages": False},
     # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side
@@ -118,6 +120,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.data.layout = a.layout
   c.model.remat = getattr(a, "remat", c.model.remat)
   c.model.dtype = getattr(a, "dtype", c.model.dtype)
+  c.model.attention = getattr(a, "attention", c.model.attention)
   c.train.batch_size = a.batch
   c.train.max_steps = a.warmup + a.steps
   c.train.eval_every = 0

@@ -22,7 +22,7 @@ def get_config() -> ConfigDict:
   # or float32; parameters, gradients and optimizer state are always float32
   c.model.dtype = "bfloat16"
   c.model.remat = "dots"  # none | full | attention | dots: what the backward pass keeps instead of recomputing (see docs/training.md)
-  c.model.attention = "auto"  # auto (flash on CPU, xla elsewhere) | flash (block-sparse, cost follows the pairs) | xla
+  c.model.attention = "auto"  # auto (native on CPU, splash on TPU, pallas_gpu on GPU) | native | flash | xla: see docs/training.md
   c.model.mlp_chunk = 0  # > 0: the MLP runs over chunks of this many tokens of a row, recomputed in the backward pass (less memory for long rows; 0: whole rows)
   c.model.scan_layers = True  # one compiled layer scanned over depth (compile time independent of depth)
   # Size fields, used only with init_from="random" (family: a model_type of jbt.hf.families.FAMILIES, e.g. llama, qwen3, olmo2;
@@ -41,7 +41,7 @@ def get_config() -> ConfigDict:
   c.data.truncation = "halos"  # halos: cut prompt then response (HALOs' rule) | drop: skip pairs that do not fit
   c.data.ties = "drop"  # pairs marked as ties (HALOs' label 0.5, equal scores): drop (counted) | tie_loss
   c.data.layout = "shared_prompt"  # shared_prompt (prompt once, 2 branches; fastest) | packed (pairs side by side) | padded (HALOs)
-  c.data.pack_length = 0  # packed / shared_prompt longest row; 0: 2 * max_length, or the whole batch with flash attention
+  c.data.pack_length = 0  # packed / shared_prompt longest row; 0: 2 * max_length, or the whole batch with native or flash attention
   c.data.row_bucket = 2  # packed / shared_prompt rows per batch are rounded up to a multiple of this
   c.data.length_bucket = "geometric"  # packed / shared_prompt row length: fullest row rounded up (geometric: 8 sizes per doubling above 512 | a multiple like "128" | none: pack_length)
   c.data.on_error = "skip"  # skip: count and report bad records | raise: stop at the first

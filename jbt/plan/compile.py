@@ -118,7 +118,9 @@ def batch_shape(cfg: Any, model_cfg: Any, mesh: Any) -> tuple[int, int, int]:
   pairs = cfg.train.batch_size // cfg.opt.grad_accum
   if d.layout == "padded":
     return 2 * pairs, d.max_length, pairs
-  if model_cfg.attention == "flash":  # one long row per device holds its pairs (Batches.iterator)
+  from jbt.model.attention import BLOCK_SPARSE
+
+  if model_cfg.attention in BLOCK_SPARSE:  # one long row per device holds its pairs (Batches.iterator)
     return dp, -(-pairs // dp) * 2 * d.max_length, pairs
   # Every pair at 2 * max_length fills a row of pack_length (default 2 * max_length) alone.
   length = d.pack_length or 2 * d.max_length

@@ -30,6 +30,7 @@ from jbt.checkpoint.load import is_jbt_dir, load_model
 from jbt.errors import JbtError
 from jbt.hf.config import is_seq_cls
 from jbt.model import ModelConfig, RewardModel
+from jbt.model.attention import BLOCK_SPARSE
 from jbt.runtime import mesh as mesh_lib
 
 DEFAULT_MESH_SHAPE = (1, -1, 1)  # (data, fsdp, tensor): FSDP over every local device
@@ -165,7 +166,7 @@ class PairScorer:
     self.dp = mesh_lib.data_parallel_size(mesh)
     # Flash attention's cost follows the segments, not the row: one long row per device is as
     # cheap as many short ones. Plain attention pays L x L per row: rows of at most one pair.
-    flash = cfg.attention == "flash"
+    flash = cfg.attention in BLOCK_SPARSE
     pack_length = -(-pairs_per_batch // self.dp) * 2 * max_length if flash else None
     self.settings = LayoutSettings(layout=layout, pairs_per_batch=pairs_per_batch, max_length=max_length,
                                    length_multiple=64, pack_length=pack_length, row_bucket=1,

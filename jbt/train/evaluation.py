@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 from jbt.loss.bradley_terry import SUM_KEYS, pair_means
 from jbt.model import ModelConfig
+from jbt.model.attention import BLOCK_SPARSE
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
 from jbt.train.batches import Batches
@@ -25,7 +26,7 @@ class Evaluator:
 
   def __init__(self, cfg: ConfigDict, mesh: Any, rules: tuple, model_cfg: ModelConfig, param_shardings: Any):
     self.cfg, self.mesh = cfg, mesh
-    self.batches = Batches(cfg, mesh, model_cfg.pad_token_id, flash=model_cfg.attention == "flash")
+    self.batches = Batches(cfg, mesh, model_cfg.pad_token_id, flash=model_cfg.attention in BLOCK_SPARSE)
     batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
     step = make_eval_step(model_cfg, margin=cfg.loss.margin, max_segment=max_segment(cfg))
     self.step = jax.jit(ruled(step, rules), in_shardings=(param_shardings, batch_sh),

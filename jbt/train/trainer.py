@@ -31,6 +31,7 @@ from jbt.checkpoint.run import RunCheckpoints, RunLock, is_remote, reconcile, ru
 from jbt.data import ensure_chat_template, max_responses
 from jbt.errors import Interrupted, JbtError
 from jbt.hf.adapter import write_adapter_dir
+from jbt.model.attention import BLOCK_SPARSE
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import trace
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
@@ -158,7 +159,7 @@ class Trainer:
 
   def _build_steps(self) -> None:
     cfg, mc = self.cfg, self.model_cfg
-    self.batches = Batches(cfg, self.mesh, mc.pad_token_id, flash=mc.attention == "flash")
+    self.batches = Batches(cfg, self.mesh, mc.pad_token_id, flash=mc.attention in BLOCK_SPARSE)
     self.train_step = StepCompiler(jit_train_step(cfg, mc, self.tx, self.lr_fn, self.mesh, self.rules, self.state_sh),
                                    self.mesh)
     self.evaluator = Evaluator(cfg, self.mesh, self.rules, mc, self.state_sh.params)

@@ -50,6 +50,8 @@ KINDS: dict[str, Kind] = {
 }
 DEFAULT_BY_BACKEND = {"cpu": "native", "tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}  # others: "xla"
 FUSED = ("splash", "pallas_gpu")  # kinds that cannot apply a sliding window
+# Kinds whose cost follows the segments, not the row: one long row per device holds its pairs.
+BLOCK_SPARSE = ("native", "flash")
 NATIVE_FALLBACK = "flash"  # "auto"'s CPU kind where the native kernel cannot be built
 SAVED_NAMES = tuple(n for k in KINDS.values() for n in k.saved_names)
 
@@ -91,4 +93,4 @@ def mask_info(kind: str, segment_ids_BxL: jax.Array, positions_BxL: jax.Array, b
   return MaskInfo(segment_ids_BxL, branch_ids_BxL, positions_BxL, dense)
 
 
-__all__ = ["KINDS", "Kind", "MaskInfo", "dense_mask", "mask_info", "resolve"]
+__all__ = ["BLOCK_SPARSE", "KINDS", "Kind", "MaskInfo", "dense_mask", "mask_info", "resolve"]
