@@ -1,4 +1,5 @@
-"""Time flash attention's forward and backward loops alone, one layer of SmolLM2-135M's shape.
+"""Time flash attention's forward and backward loops alone, one layer of SmolLM2-135M's shape, beside
+the native CPU kernel's (jbt/model/attention/native.py) on the same row.
 
     python scripts/bench_flash.py [--length 1792] [--lengths 150:700] [--block 64] [--repeats 11]
 
@@ -6,20 +7,22 @@ One row of `--length` tokens packed like a shared-prompt batch: segments of rand
 `--lengths` (a trunk, then two branches), random bfloat16 q, k, v (9 query heads, 3 key/value
 heads, head dim 64), jbt's CPU compiler options. Prints the median milliseconds of the forward
 (output and log-sum-exp) and of the backward (dq, dk, dv from the saved output), the blocks
-visited and each pass's cost per visited block. `--trace DIR` also traces one run of each
+visited and each pass's cost per visited block; then the native kernel's, timed alternately with
+flash's in the same rounds, and the ratios. `--trace DIR` also traces one run of each
 and prints its ops by total time (per-visit ops are the ones run once per visit).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbt.model.attention import flash
+from jbt.model.attention import flash, native
 from jbt.model.attention.mask import MaskInfo, dense_mask
 from jbt.runtime import trace, xla_options
 
@@ -72,18 +75,33 @@ def main() -> None:
                 compiler_options=opts)
   out, lse = fwd(q, k, v, info)
   jax.block_until_ready(bwd(q, k, v, info, out, lse, do))
-  times = []
+  ids = native._ids(info, q, None)
+  attrs = native._typed(native._attrs(info, H, None, None))
+  native._register()
+  n_fwd = jax.jit(lambda q, k, v, ids: native._forward(q, k, v, ids, attrs))
+  n_bwd = jax.jit(lambda q, k, v, ids, o, lse, do: native._backward(q, k, v, ids, o, lse, do, attrs))
+  n_out, n_lse = n_fwd(q, k, v, ids)
+  jax.block_until_ready(n_bwd(q, k, v, ids, n_out, n_lse, do))
+  times, n_times = [], []
   for _ in range(a.repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fwd(q, k, v, info))
     t1 = time.perf_counter()
     jax.block_until_ready(bwd(q, k, v, info, out, lse, do))
-    times.append((t1 - t0, time.perf_counter() - t1))
+    t2 = time.perf_counter()
+    jax.block_until_ready(n_fwd(q, k, v, ids))
+    t3 = time.perf_counter()
+    jax.block_until_ready(n_bwd(q, k, v, ids, n_out, n_lse, do))
+    times.append((t1 - t0, t2 - t1))
+    n_times.append((t3 - t2, time.perf_counter() - t3))
   f_s, b_s = (float(np.median([t[i] for t in times])) for i in (0, 1))
+  nf_s, nb_s = (float(np.median([t[i] for t in n_times])) for i in (0, 1))
   n = visits(seg, br, T)
   print(f"row {L} tokens, {int(seg.max())} segments of {lo}-{hi}, block {T}: {n} visited blocks")
   print(f"forward {f_s * 1e3:.1f} ms ({f_s / n * 1e6:.0f} us a block), "
         f"backward {b_s * 1e3:.1f} ms ({b_s / n * 1e6:.0f} us a block)")
+  print(f"native (blocks of 64, {os.cpu_count()} CPUs): forward {nf_s * 1e3:.1f} ms ({f_s / nf_s:.2f}x flash), "
+        f"backward {nb_s * 1e3:.1f} ms ({b_s / nb_s:.2f}x flash)")
   if a.trace:
     from pathlib import Path
 

@@ -500,21 +500,31 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
   sum_key_grads(P, dkw, dvw, false, dk, dv);
 }
 
-// dk, dv from the workers' float32 sums per key block, [B, K, NB] of [T x H] (or [H x T] if transposed).
+// dk, dv from the workers' float32 sums per key block, [B, K, NB] of [T x H] (or [H x T] if transposed):
+// each block's sums added up as vectors, then written out token by token.
 void sum_key_grads(const Problem& P, const std::vector<std::vector<float>>& dkw, const std::vector<std::vector<float>>& dvw,
                    bool transposed, const Elems& dk, const Elems& dv) {
-  int H = P.H, K = P.K;
-  parallel_for(P.B * K, [&](int task, int) {
-    int b = task / K, k = task % K;
-    for (int t = 0; t < P.L; ++t) {
-      size_t base = ((size_t(b) * K + k) * P.NB + t / T) * T * H, dst = P.kv_index(b, t, k);
+  int H = P.H, K = P.K, NB = P.NB;
+  parallel_for(P.B * K * NB, [&](int task, int) {
+    int b = task / (K * NB), k = task / NB % K, j = task % NB;
+    size_t base = ((size_t(b) * K + k) * NB + j) * T * H;
+    thread_local std::vector<float> sk, sv;
+    sk.assign(size_t(T) * H, 0.0f);
+    sv.assign(size_t(T) * H, 0.0f);
+    for (size_t w = 0; w < dkw.size(); ++w) {
+      if (dkw[w].empty()) continue;
+      const float *xk = dkw[w].data() + base, *xv = dvw[w].data() + base;
+      for (int e = 0; e < T * H; e += 16) {
+        store(sk.data() + e, load(sk.data() + e) + load(xk + e));
+        store(sv.data() + e, load(sv.data() + e) + load(xv + e));
+      }
+    }
+    for (int c = 0; c < T && j * T + c < P.L; ++c) {
+      size_t dst = P.kv_index(b, j * T + c, k);
       for (int h = 0; h < H; ++h) {
-        size_t at = base + (transposed ? size_t(h) * T + t % T : size_t(t % T) * H + h);
-        float sk = 0, sv = 0;
-        for (auto& x : dkw) if (!x.empty()) sk += x[at];
-        for (auto& x : dvw) if (!x.empty()) sv += x[at];
-        dk.set(dst + h, sk);
-        dv.set(dst + h, sv);
+        size_t at = transposed ? size_t(h) * T + c : size_t(c) * H + h;
+        dk.set(dst + h, sk[at]);
+        dv.set(dst + h, sv[at]);
       }
     }
   });
@@ -530,14 +540,22 @@ std::vector<uint16_t> key_pairs(const Problem& P, const Elems& x, bool over_toke
   std::vector<uint16_t> out(size_t(P.B) * P.K * P.NB * T * P.H, 0);
   const uint16_t* bits = static_cast<const uint16_t*>(x.data);
   int H = P.H;
-  parallel_for(P.B * P.K, [&](int task, int) {
-    int b = task / P.K, k = task % P.K;
-    for (int t = 0; t < P.L; ++t) {
-      uint16_t* tile = out.data() + ((size_t(b) * P.K + k) * P.NB + t / T) * T * H;
-      const uint16_t* src = bits + P.kv_index(b, t, k);
-      int c = t % T;
-      for (int h = 0; h < H; ++h)
-        tile[over_tokens ? (c / 2) * 2 * H + 2 * h + c % 2 : (h / 2) * 2 * T + 2 * c + h % 2] = src[h];
+  parallel_for(P.B * P.K * P.NB, [&](int task, int) {
+    int b = task / (P.K * P.NB), k = task / P.NB % P.K, j = task % P.NB;
+    uint16_t* tile = out.data() + ((size_t(b) * P.K + k) * P.NB + j) * T * H;
+    for (int c = 0; c < T && j * T + c < P.L; c += 2) {
+      const uint16_t* r0 = bits + P.kv_index(b, j * T + c, k);
+      const uint16_t* r1 = j * T + c + 1 < P.L ? bits + P.kv_index(b, j * T + c + 1, k) : nullptr;
+      for (int h = 0; h < H; h += 2) {
+        uint16_t a0 = r0[h], a1 = r0[h + 1], b0 = r1 ? r1[h] : 0, b1 = r1 ? r1[h + 1] : 0;
+        if (over_tokens) {  // [T x H]: (token c, c + 1) pairs of each head dim
+          uint16_t* d = tile + size_t(c / 2) * 2 * H + 2 * h;
+          d[0] = a0, d[1] = b0, d[2] = a1, d[3] = b1;
+        } else {  // [H x T]: (head dim h, h + 1) pairs of each token
+          uint16_t* d = tile + size_t(h / 2) * 2 * T + 2 * c;
+          d[0] = a0, d[1] = a1, d[2] = b0, d[3] = b1;
+        }
+      }
     }
   });
   return out;
