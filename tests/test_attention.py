@@ -450,3 +450,47 @@ def test_the_native_kernel_builds_once_per_source_and_cpu(tmp_path, monkeypatch)
   with pytest.raises(native.BuildError, match="compiling native.cc failed"):
     native.build()
   assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == [first.name]  # nothing half-written left
+
+
+_OTHER_CPU_CHECK = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, "tests")
+from test_attention import packed_rows, random_qkvw
+from jbt.model.attention import native
+from jbt.model.attention.mask import MaskInfo, dense_mask
+from jbt.model.attention.xla import blocked_attention
+rng = np.random.default_rng(7)
+B, L, K, G, H = 2, 150, 2, 3, 32
+seg, br, pos = packed_rows(rng, B, L, True)
+q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+real = jnp.asarray(seg > 0)[:, :, None, None, None]
+info = MaskInfo(jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos))
+mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, jnp.asarray(br))
+for dtype, atol in ((jnp.float32, 2e-5), (jnp.bfloat16, 0.1)):
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: (fn(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+                                                       .astype(jnp.float32) * real * w).sum(), argnums=(0, 1, 2)))
+  ref = loss(lambda q, k, v: blocked_attention(q, k, v, mask, 0, 0))(q, k, v)
+  got = loss(lambda q, k, v: native.native_attention(q, k, v, info))(q, k, v)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=atol)
+  for g, r in zip(got[1], ref[1]):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=atol)
+print("built", native.library_path().name, "ok")
+"""
+
+
+@pytest.mark.parametrize("arch", ["-march=x86-64-v3", "-march=x86-64-v4 -mavx512bf16"])
+def test_the_native_kernel_built_for_other_cpu_kinds_equals_dense(arch, tmp_path):
+  """The code another CPU kind gets (AVX2 only; AVX-512 with bf16 but no AMX, as AMD Zen 4 and 5),
+  built here into a fresh cache: values and gradients against the dense reference."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  env = dict(os.environ, JBT_CACHE=str(tmp_path), JBT_NATIVE_ARCH_FLAGS=arch)
+  root = Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, "-c", _OTHER_CPU_CHECK], cwd=root, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "ok" in done.stdout and len(list((tmp_path / "kernels").glob("*.so"))) == 1

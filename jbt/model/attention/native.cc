@@ -107,11 +107,28 @@ typedef uint16_t h16v __attribute__((vector_size(32)));
 
 // Round to nearest even; the bfloat16 is the top 16 bits (finite values: P and dS).
 inline u32v rounded_bits(v16 x) { u32v u; std::memcpy(&u, &x, sizeof u); return u + 0x7fffu + ((u >> 16) & 1u); }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// 16 floats as 16 bfloat16 (round to nearest even, one instruction).
+inline void store_bf16(uint16_t* p, v16 x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(__m512(x))); }
+// Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
+inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  __m512i both = (__m512i)_mm512_cvtne2ps_pbh(__m512(x1), __m512(x0));  // x0's in the low half
+  _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, both));
+}
+#else
 // 16 floats as 16 bfloat16.
 inline void store_bf16(uint16_t* p, v16 x) {
   h16v h = __builtin_convertvector(rounded_bits(x) >> 16, h16v);
   std::memcpy(p, &h, sizeof h);
 }
+// Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
+inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
+  u32v w = (rounded_bits(x0) >> 16) | (rounded_bits(x1) & 0xffff0000u);
+  std::memcpy(p, &w, sizeof w);
+}
+#endif
 // 16 bfloat16 as floats.
 inline v16 load_bf16(const uint16_t* p) {
   h16v h;
@@ -120,11 +137,6 @@ inline v16 load_bf16(const uint16_t* p) {
   v16 f;
   std::memcpy(&f, &u, sizeof f);
   return f;
-}
-// Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
-inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
-  u32v w = (rounded_bits(x0) >> 16) | (rounded_bits(x1) & 0xffff0000u);
-  std::memcpy(p, &w, sizeof w);
 }
 
 // A float32 or bfloat16 array read and written as float32.
@@ -357,23 +369,30 @@ void scores(const Problem& P, const float* Q, const float* kT, float* S) {
 // or as bfloat16 in Pb if given.
 void softmax_step(const Problem& P, float* S, const float* mask, float* m, float* l, float* acc, uint16_t* Pb) {
   const float sc = score_scale(P);
-  for (int r = 0; r < P.rows(); ++r) {
-    float* s = S + size_t(r) * T;
-    const float* mk = mask + (r % T) * T;
+  const int R = P.rows();
+  thread_local std::vector<float> m_new, corr;
+  m_new.resize(R);
+  corr.resize(R);
+  for (int r = 0; r < R; ++r) {
+    const float *s = S + size_t(r) * T, *mk = mask + (r % T) * T;
     v16 mx = splat(NEG);
     for (int c = 0; c < T; c += 16) mx = vmax(mx, load(mk + c) > 0.0f ? load(s + c) : splat(NEG));
-    float m_new = std::max(m[r], hmax(mx) * sc);  // sc > 0: the max of the scaled scores
-    v16 sum = splat(0.0f);
+    m_new[r] = std::max(m[r], hmax(mx) * sc);  // sc > 0: the max of the scaled scores
+  }
+  for (int r = 0; r < R; r += 16) store(corr.data() + r, vexp(load(m + r) - load(m_new.data() + r)));  // R = G * 64
+  for (int r = 0; r < R; ++r) {
+    float* s = S + size_t(r) * T;
+    const float* mk = mask + (r % T) * T;
+    v16 sum = splat(0.0f), mn = splat(m_new[r]);
     for (int c = 0; c < T; c += 16) {
-      v16 p = load(mk + c) > 0.0f ? vexp(load(s + c) * sc - m_new) : splat(0.0f);
+      v16 p = load(mk + c) > 0.0f ? vexp(load(s + c) * sc - mn) : splat(0.0f);
       if (Pb) store_bf16(Pb + size_t(r) * T + c, p); else store(s + c, p);
       sum += p;
     }
-    float corr = std::exp(m[r] - m_new);
-    l[r] = l[r] * corr + hsum(sum);
-    m[r] = m_new;
-    if (corr != 1.0f) {
-      v16 cv = splat(corr);
+    l[r] = l[r] * corr[r] + hsum(sum);
+    m[r] = m_new[r];
+    if (corr[r] != 1.0f) {
+      v16 cv = splat(corr[r]);
       for (int h = 0; h < P.H; h += 16) store(acc + size_t(r) * P.H + h, load(acc + size_t(r) * P.H + h) * cv);
     }
   }

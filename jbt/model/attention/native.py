@@ -44,7 +44,13 @@ OUT_NAME, LSE_NAME = "native_out", "native_lse"
 # q, k and v (after RoPE) are kept for the backward pass under remat "attention" and "dots", so it
 # recomputes neither them nor the forward.
 INPUT_NAMES = {name: f"native_{name}" for name in ("q", "k", "v")}
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+
+def _arch_flags() -> list[str]:
+  """The target: this CPU (-march=native), or JBT_NATIVE_ARCH_FLAGS (e.g. "-march=x86-64-v3" to build the
+  code another CPU kind gets)."""
+  return (os.environ.get("JBT_NATIVE_ARCH_FLAGS") or "-march=native").split()
 log = logging.getLogger("jbt")
 
 
@@ -76,8 +82,9 @@ def library_path() -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[:1]
   except (OSError, subprocess.CalledProcessError) as e:
     raise BuildError(f"the C++ compiler {cxx} does not run: {e}") from e
-  key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, " ".join(FLAGS), jax.ffi.include_dir(),
-                                  jax.__version__, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+  parts = [SOURCE.read_text(), cxx, *version, " ".join([*FLAGS, *_arch_flags()]), jax.ffi.include_dir(), jax.__version__,
+           platform.machine(), _cpu_flags()]
+  key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
   return cache_dir() / "kernels" / f"jbt_attention_{key}.so"
 
 
@@ -89,7 +96,7 @@ def build() -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = Path(tmp) / path.name
-    cmd = [_compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+    cmd = [_compiler(), *FLAGS, *_arch_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
     log.info("attention: compiling the native CPU kernel (%s)", path.name)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
