@@ -93,11 +93,11 @@ def test_a_fused_tensor_of_the_wrong_size_is_refused(monkeypatch):
 
 
 def test_kernels_are_chosen_per_backend_when_the_config_is_built():
-  assert attention.resolve("auto", "cpu") == "flash" and attention.resolve("auto", "gpu") == "pallas_gpu"
+  assert attention.resolve("auto", "cpu") == "native" and attention.resolve("auto", "gpu") == "pallas_gpu"
   assert attention.resolve("auto", "tpu") == "splash" and attention.resolve("flash", "gpu") == "flash"
   assert attention.resolve("auto", "rocm") == "xla"
   assert matmul.resolve("auto", "cpu") in matmul.CPU_KINDS and matmul.resolve("auto", "gpu") == "xla"
-  with pytest.raises(ValueError, match="attention must be auto or one of flash, xla, splash, pallas_gpu"):
+  with pytest.raises(ValueError, match="attention must be auto or one of native, flash, xla, splash, pallas_gpu"):
     attention.resolve("ring", "cpu")
   cfg = ModelConfig()
   here = jax.default_backend()
@@ -182,11 +182,12 @@ def test_family_matches_transformers_in_every_layout_and_round_trips(family):
     if getattr(m.config, key, None) is not None:
       assert exported[key] == getattr(m.config, key), key
 
-  # bf16 within 2e-2 of float32, or no further than transformers' own bf16 (tiny random models
-  # with large rope factors are that sensitive)
+  # bf16 within 2.5e-2 of float32, or no further than transformers' own bf16 (tiny random models
+  # with large rope factors are that sensitive: llama_bias's rewards, float32 equal within 6e-7 for
+  # every attention kind, are 0.015 (xla), 0.019 (flash) and 0.023 (native) from float32 in bf16)
   r16 = jax.jit(RewardModel(cfg.replace(dtype="bfloat16")).apply)({"params": params}, tokens, seg, pos, idx)
   hf16 = _hf_rewards(m.to(torch.bfloat16), tokens, seg).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(r16), ref, atol=max(2e-2, 1.5 * np.abs(hf16 - ref).max()), rtol=0)
+  np.testing.assert_allclose(np.asarray(r16), ref, atol=max(2.5e-2, 1.5 * np.abs(hf16 - ref).max()), rtol=0)
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))

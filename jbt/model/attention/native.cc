@@ -250,12 +250,18 @@ int num_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Runs fn(task, worker) for every task in [0, n) on up to num_threads() threads (worker < that).
-void parallel_for(int n, const std::function<void(int, int)>& fn) {
+// Runs fn(task, worker) for every task in [0, n) on up to num_threads() threads (worker < that):
+// tasks go to whichever worker is free, or, if fixed, worker w runs tasks w, w + workers, ... in
+// order (so that what each worker adds up, and in which order, does not depend on timing).
+void parallel_for(int n, const std::function<void(int, int)>& fn, bool fixed = false) {
   int workers = std::min(n, num_threads());
   std::atomic<int> next{0};
   auto run = [&](int w) {
-    for (int t; (t = next.fetch_add(1)) < n;) fn(t, w);
+    if (fixed) {
+      for (int t = w; t < n; t += workers) fn(t, w);
+    } else {
+      for (int t; (t = next.fetch_add(1)) < n;) fn(t, w);
+    }
   };
   std::vector<std::thread> threads;
   for (int w = 1; w < workers; ++w) threads.emplace_back(run, w);
@@ -515,7 +521,7 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
           size_t dst = P.q_index(b, i * T + t, k, g);
           for (int h = 0; h < H; ++h) dq.set(dst + h, src[h]);
         }
-  });
+  }, /*fixed=*/true);  // each worker sums its key gradients in the same order every run
   sum_key_grads(P, dkw, dvw, false, dk, dv);
 }
 
@@ -700,7 +706,7 @@ void backward_amx(const Problem& P, const Elems& q, const Elems& kx, const Elems
           size_t dst = P.q_index(b, i * T + t, k, g);
           for (int h = 0; h < H; ++h) dq.set(dst + h, src[h]);
         }
-  });
+  }, /*fixed=*/true);  // each worker sums its key gradients in the same order every run
   sum_key_grads(P, dkw, dvw, true, dk, dv);
 }
 #endif
