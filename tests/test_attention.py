@@ -42,6 +42,18 @@ def random_qkvw(rng, B, L, K, G, H):
           jnp.asarray(rng.normal(size=(B, L, K, H)), jnp.float32), jnp.asarray(rng.normal(size=(B, L, K, G, H)), jnp.float32))
 
 
+def packed_case(seed, B, L, K, G, H, branches=True):
+  """Packed rows with branches and random q, k, v, w: (q, k, v, w, real rows' mask, MaskInfo, dense mask)."""
+  from jbt.model.attention.mask import MaskInfo
+
+  rng = np.random.default_rng(seed)
+  seg, br, pos = packed_rows(rng, B, L, branches)
+  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
+  real = jnp.asarray(seg > 0)[:, :, None, None, None]
+  seg, br, pos = jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos)
+  return q, k, v, w, real, MaskInfo(seg, br, pos), dense_mask(seg, pos, None, br)
+
+
 def assert_same_values_and_gradients(dense, other, q, k, v, atol, jit=False):
   ref_val, ref_grads = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
   got_fn = jax.value_and_grad(other, argnums=(0, 1, 2))
@@ -383,16 +395,10 @@ def test_native_bf16_is_as_close_to_float32_as_flash(amx, monkeypatch):
   matmuls, as flash rounds them) or the float32 one (JBT_NATIVE_NO_AMX): values and gradients within
   flash's own distance from the float32 reference, and close to flash's."""
   from jbt.model.attention import native
-  from jbt.model.attention.mask import MaskInfo
 
   if not amx:
     monkeypatch.setenv("JBT_NATIVE_NO_AMX", "1")
-  rng = np.random.default_rng(5)
-  B, L, K, G, H = 1, 300, 3, 3, 64
-  seg, br, pos = packed_rows(rng, B, L, True)
-  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
-  real = jnp.asarray(seg > 0)[:, :, None, None, None]
-  info = MaskInfo(jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos))
+  q, k, v, w, real, info, _ = packed_case(5, 1, 300, 3, 3, 64)
 
   def run(fn, dtype):
     def loss(q, k, v):
@@ -456,17 +462,10 @@ _OTHER_CPU_CHECK = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
-from test_attention import packed_rows, random_qkvw
+from test_attention import packed_case
 from jbt.model.attention import native
-from jbt.model.attention.mask import MaskInfo, dense_mask
 from jbt.model.attention.xla import blocked_attention
-rng = np.random.default_rng(7)
-B, L, K, G, H = 2, 150, 2, 3, 32
-seg, br, pos = packed_rows(rng, B, L, True)
-q, k, v, w = random_qkvw(rng, B, L, K, G, H)
-real = jnp.asarray(seg > 0)[:, :, None, None, None]
-info = MaskInfo(jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos))
-mask = dense_mask(jnp.asarray(seg), jnp.asarray(pos), None, jnp.asarray(br))
+q, k, v, w, real, info, mask = packed_case(7, 2, 150, 2, 3, 32)
 for dtype, atol in ((jnp.float32, 2e-5), (jnp.bfloat16, 0.1)):
   def loss(fn):
     return jax.jit(jax.value_and_grad(lambda q, k, v: (fn(q.astype(dtype), k.astype(dtype), v.astype(dtype))
@@ -500,13 +499,8 @@ def test_native_gradients_are_the_same_every_run():
   """Each worker adds up its key blocks' gradients in a fixed order (a resumed run repeats the
   uninterrupted one's numbers): repeated backward passes give the same bits."""
   from jbt.model.attention import native
-  from jbt.model.attention.mask import MaskInfo
 
-  rng = np.random.default_rng(9)
-  B, L, K, G, H = 2, 640, 2, 2, 32
-  seg, br, pos = packed_rows(rng, B, L, True)
-  q, k, v, w = random_qkvw(rng, B, L, K, G, H)
-  info = MaskInfo(jnp.asarray(seg), jnp.asarray(br), jnp.asarray(pos))
+  q, k, v, w, _, info, _ = packed_case(9, 2, 640, 2, 2, 32)
   for dtype in (jnp.float32, jnp.bfloat16):
     grad = jax.jit(jax.grad(lambda q, k, v: (native.native_attention(q, k, v, info).astype(jnp.float32) * w).sum(),
                             argnums=(0, 1, 2)))

@@ -783,38 +783,39 @@ ffi::Error BackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtAttentionForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sliding_window")
-                                  .Attr<bool>("has_branches")
-                                  .Attr<float>("scale")
-                                  .Attr<float>("softcap"));
+namespace {
+// The arguments both passes take first: q, k, v, segment, branch and position ids, the window.
+auto with_inputs() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
 
+// The attributes both passes take last.
+template <typename Binding>
+auto with_attrs(Binding&& binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("sliding_window")
+      .template Attr<bool>("has_branches")
+      .template Attr<float>("scale")
+      .template Attr<float>("softcap");
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtAttentionForward, ForwardImpl,
+                              with_attrs(with_inputs().Ret<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>()));
+
+// out, lse and dout after the inputs; dq, dk, dv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtAttentionBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("sliding_window")
-                                  .Attr<bool>("has_branches")
-                                  .Attr<float>("scale")
-                                  .Attr<float>("softcap"));
+                              with_attrs(with_inputs()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()));
