@@ -509,3 +509,13 @@ def test_native_gradients_are_the_same_every_run():
     for _ in range(6):
       for a, b in zip(first, grad(*args)):
         assert np.array_equal(a, np.asarray(b))
+
+
+def test_native_takes_other_float_dtypes_through_float32():
+  from jbt.model.attention import native
+
+  q, k, v, w, real, info, _ = packed_case(3, 1, 100, 2, 2, 16)
+  half = native.native_attention(q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16), info)
+  full = native.native_attention(*(x.astype(jnp.float16).astype(jnp.float32) for x in (q, k, v)), info)
+  assert half.dtype == jnp.float16
+  np.testing.assert_array_equal(np.asarray(half), np.asarray(full.astype(jnp.float16)))

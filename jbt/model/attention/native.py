@@ -191,6 +191,11 @@ def native_attention(q_BxLxKxGxH: Array, k_BxLxKxH: Array, v_BxLxKxH: Array, inf
   """Masked softmax(q k^T / sqrt(head_dim or H)) v over the blocks the mask leaves, [B, L, K, G, H]
   (jbt.model's mask)."""
   _register()
+  if q_BxLxKxGxH.dtype not in (jnp.float32, jnp.bfloat16):  # the kernel reads those two: others go through float32
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    out = native_attention(f32(q_BxLxKxGxH), f32(k_BxLxKxH), f32(v_BxLxKxH), info, sliding_window=sliding_window,
+                           softcap=softcap, head_dim=head_dim)
+    return out.astype(q_BxLxKxGxH.dtype)
   H = q_BxLxKxGxH.shape[-1]
   if H % 16:  # the kernel's tiles are whole vectors: zeros change neither the scores nor the output
     pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -H % 16)])  # noqa: E731
