@@ -1,10 +1,11 @@
 // Block-sparse causal attention for packed rows as one compiled CPU kernel (jbt.model.attention.native).
 //
-// The same mask and online softmax as flash.py, but each (row, query block) is one task of a
-// thread pool and a visited block's work (two or five block matmuls, the softmax, the mask) is
-// vector code over float32 tiles, so both cores work inside the block loop and no per-op
-// overhead is paid per visit. Built by native.py at first use with the host's own instruction
-// set (-march=native) and called through XLA's FFI.
+// The same mask and online softmax as flash.py, but each (row, query block) is one task for one of
+// the process's CPUs and a visited block's work (two or five block matmuls, the softmax, the mask)
+// is vector code: AMX tile matmuls for bfloat16 inputs where the CPU has AMX, float32 tiles
+// elsewhere. Every core works inside the block loop and no per-op overhead is paid per visit.
+// Built by native.py at first use with the host's own instruction set (-march=native) and called
+// through XLA's FFI.
 //
 // Shapes: q [B, L, K, G, H], k and v [B, L, K, H] (bfloat16 or float32), segment, branch and
 // position ids [B, L] int32, window [] int32 (a layer's window, 0 = none). out like q, lse

@@ -1,17 +1,18 @@
 """Block-sparse causal attention as a compiled CPU kernel, called through XLA's FFI.
 
 flash.py's mask, visits and online softmax, computed by native.cc: each (row, query block) is a
-task of a pool of the process's CPUs, and a visited block's matmuls, softmax and mask are vector
-code over float32 tiles. XLA's CPU backend runs flash's block loop on one thread at a per-op cost
-that exceeds a block's arithmetic (docs/benchmarks.md); here both cores work inside the loop.
-Values are computed in float32 from the bfloat16 inputs (flash rounds P and dS to bfloat16 for
-its block matmuls), so results agree with flash to bfloat16 rounding, not bit for bit.
+task for one of the process's CPUs, and a visited block's matmuls, softmax and mask are vector
+code. XLA's CPU backend runs flash's block loop on one thread at a per-op cost above a block's
+arithmetic (docs/benchmarks.md); here every core works inside the loop. With bfloat16 inputs on
+a CPU with AMX the block matmuls are AMX tile matmuls, with P and dS rounded to bfloat16 for them
+as flash rounds them; elsewhere the tiles are float32 (bfloat16 inputs widened), so results agree
+with flash to bfloat16 rounding, not bit for bit. Gradients are the same bits every run.
 
 The kernel is compiled at first use with the host's C++ compiler for the host's own instruction
 set (`-march=native`) into jbt's cache (`$JBT_CACHE/kernels`, keyed by the source, the compiler,
-jaxlib's FFI headers and the CPU's flags), so each CPU kind gets its own build; `available()`
-says whether it could be built here. CPU only; the other backends have their fused kernels.
-"""
+its flags, jaxlib's FFI headers and the CPU's flags), so each CPU kind gets its own build;
+`available()` says whether it could be built here. CPU only; the other backends have their fused
+kernels."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def _arch_flags() -> list[str]:
   """The target: this CPU (-march=native), or JBT_NATIVE_ARCH_FLAGS (e.g. "-march=x86-64-v3" to build the
   code another CPU kind gets)."""
   return (os.environ.get("JBT_NATIVE_ARCH_FLAGS") or "-march=native").split()
+
+
 log = logging.getLogger("jbt")
 
 
