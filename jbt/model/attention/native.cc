@@ -458,24 +458,69 @@ void forward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx,
   });
 }
 
-void sum_key_grads(const Problem& P, const std::vector<std::vector<float>>& dkw, const std::vector<std::vector<float>>& dvw,
-                   bool transposed, const Elems& dk, const Elems& dv);
+// The backward pass's frame: query_block(b, i, dq_block, dk_sums, dv_sums) for every query block,
+// which leaves the block's dQ ([K][R][H], float32) in dq_block and adds its key blocks' dK and dV
+// into this worker's float32 sums ([B, K, NB] of [T x H], or [H x T] if transposed; at key_at()).
+// Each worker takes a fixed share of the query blocks in a fixed order, so the sums, added up at
+// the end, are the same bits every run.
+size_t key_at(const Problem& P, int b, int k, int j) { return ((size_t(b) * P.K + k) * P.NB + j) * T * P.H; }
+
+template <typename F>
+void backward_blocks(const Problem& P, bool transposed, const Elems& dq, const Elems& dk, const Elems& dv,
+                     F&& query_block) {
+  int H = P.H, K = P.K, NB = P.NB, R = P.rows();
+  size_t tiles = size_t(P.B) * K * NB * T * H;
+  int workers = std::min(P.B * NB, num_threads());
+  std::vector<std::vector<float>> dkw(workers), dvw(workers);
+  parallel_for(P.B * NB, [&](int task, int w) {
+    int b = task / NB, i = NB - 1 - task % NB;
+    if (dkw[w].empty()) { dkw[w].assign(tiles, 0.0f); dvw[w].assign(tiles, 0.0f); }
+    thread_local std::vector<float> dQ;
+    dQ.assign(size_t(K) * R * H, 0.0f);
+    query_block(b, i, dQ.data(), dkw[w].data(), dvw[w].data());
+    for (int k = 0; k < K; ++k)
+      for (int g = 0; g < P.G; ++g)
+        for (int t = 0; t < T && i * T + t < P.L; ++t) {
+          const float* src = dQ.data() + (size_t(k) * R + g * T + t) * H;
+          size_t dst = P.q_index(b, i * T + t, k, g);
+          for (int h = 0; h < H; ++h) dq.set(dst + h, src[h]);
+        }
+  }, /*fixed=*/true);
+  // dk, dv: each key block's sums added up as vectors, then written out token by token.
+  parallel_for(P.B * K * NB, [&](int task, int) {
+    int b = task / (K * NB), k = task / NB % K, j = task % NB;
+    size_t base = key_at(P, b, k, j);
+    thread_local std::vector<float> sk, sv;
+    sk.assign(size_t(T) * H, 0.0f);
+    sv.assign(size_t(T) * H, 0.0f);
+    for (size_t w = 0; w < dkw.size(); ++w) {
+      if (dkw[w].empty()) continue;
+      const float *xk = dkw[w].data() + base, *xv = dvw[w].data() + base;
+      for (int e = 0; e < T * H; e += 16) {
+        store(sk.data() + e, load(sk.data() + e) + load(xk + e));
+        store(sv.data() + e, load(sv.data() + e) + load(xv + e));
+      }
+    }
+    for (int c = 0; c < T && j * T + c < P.L; ++c) {
+      size_t dst = P.kv_index(b, j * T + c, k);
+      for (int h = 0; h < H; ++h) {
+        size_t at = transposed ? size_t(h) * T + c : size_t(c) * H + h;
+        dk.set(dst + h, sk[at]);
+        dv.set(dst + h, sv[at]);
+      }
+    }
+  });
+}
 
 void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx, const Elems& out,
               const float* lse, const Elems& dout, const Elems& dq, const Elems& dk, const Elems& dv) {
   std::vector<float> kT = key_tiles(P, kx, true), kN = key_tiles(P, kx, false);
   std::vector<float> vT = key_tiles(P, vx, true);
   int R = P.rows(), H = P.H, K = P.K;
-  size_t tiles = size_t(P.B) * K * P.NB * T * H;
-  int workers = std::min(P.B * P.NB, num_threads());
-  // Each worker adds its key blocks' gradients into its own buffers, summed at the end.
-  std::vector<std::vector<float>> dkw(workers), dvw(workers);
-  parallel_for(P.B * P.NB, [&](int task, int w) {
-    int b = task / P.NB, i = P.NB - 1 - task % P.NB;
-    if (dkw[w].empty()) { dkw[w].assign(tiles, 0.0f); dvw[w].assign(tiles, 0.0f); }
-    thread_local std::vector<float> Q, dO, S, dP, mask, lse_r, d_r, dQ, O;
+  backward_blocks(P, false, dq, dk, dv, [&](int b, int i, float* dQ, float* dK, float* dV) {
+    thread_local std::vector<float> Q, dO, S, dP, mask, lse_r, d_r, O;
     Q.resize(size_t(K) * R * H); dO.resize(size_t(K) * R * H); O.resize(size_t(R) * H);
-    dQ.assign(size_t(K) * R * H, 0.0f); lse_r.resize(size_t(K) * R); d_r.resize(size_t(K) * R);
+    lse_r.resize(size_t(K) * R); d_r.resize(size_t(K) * R);
     S.resize(size_t(R) * T); dP.resize(size_t(R) * T); mask.resize(T * T);
     for (int k = 0; k < K; ++k) {
       float *Qk = Q.data() + size_t(k) * R * H, *dOk = dO.data() + size_t(k) * R * H;
@@ -509,48 +554,10 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
             store(dp + c, ds);
           }
         }
-        size_t at = ((size_t(b) * K + k) * P.NB + j) * T * H;
-        gemm<true>(T, H, R, S.data(), 1, T, dOk, H, dvw[w].data() + at, H);       // dV += P^T dO
-        gemm<true>(R, H, T, dP.data(), T, 1, tile(kN, P, b, k, j), H, dQ.data() + size_t(k) * R * H, H);  // dQ += dS K
-        gemm<true>(T, H, R, dP.data(), 1, T, Qk, H, dkw[w].data() + at, H);       // dK += dS^T Q
-      }
-    }
-    for (int k = 0; k < K; ++k)
-      for (int g = 0; g < P.G; ++g)
-        for (int t = 0; t < T && i * T + t < P.L; ++t) {
-          const float* src = dQ.data() + (size_t(k) * R + g * T + t) * H;
-          size_t dst = P.q_index(b, i * T + t, k, g);
-          for (int h = 0; h < H; ++h) dq.set(dst + h, src[h]);
-        }
-  }, /*fixed=*/true);  // each worker sums its key gradients in the same order every run
-  sum_key_grads(P, dkw, dvw, false, dk, dv);
-}
-
-// dk, dv from the workers' float32 sums per key block, [B, K, NB] of [T x H] (or [H x T] if transposed):
-// each block's sums added up as vectors, then written out token by token.
-void sum_key_grads(const Problem& P, const std::vector<std::vector<float>>& dkw, const std::vector<std::vector<float>>& dvw,
-                   bool transposed, const Elems& dk, const Elems& dv) {
-  int H = P.H, K = P.K, NB = P.NB;
-  parallel_for(P.B * K * NB, [&](int task, int) {
-    int b = task / (K * NB), k = task / NB % K, j = task % NB;
-    size_t base = ((size_t(b) * K + k) * NB + j) * T * H;
-    thread_local std::vector<float> sk, sv;
-    sk.assign(size_t(T) * H, 0.0f);
-    sv.assign(size_t(T) * H, 0.0f);
-    for (size_t w = 0; w < dkw.size(); ++w) {
-      if (dkw[w].empty()) continue;
-      const float *xk = dkw[w].data() + base, *xv = dvw[w].data() + base;
-      for (int e = 0; e < T * H; e += 16) {
-        store(sk.data() + e, load(sk.data() + e) + load(xk + e));
-        store(sv.data() + e, load(sv.data() + e) + load(xv + e));
-      }
-    }
-    for (int c = 0; c < T && j * T + c < P.L; ++c) {
-      size_t dst = P.kv_index(b, j * T + c, k);
-      for (int h = 0; h < H; ++h) {
-        size_t at = transposed ? size_t(h) * T + c : size_t(c) * H + h;
-        dk.set(dst + h, sk[at]);
-        dv.set(dst + h, sv[at]);
+        size_t at = key_at(P, b, k, j);
+        gemm<true>(T, H, R, S.data(), 1, T, dOk, H, dV + at, H);       // dV += P^T dO
+        gemm<true>(R, H, T, dP.data(), T, 1, tile(kN, P, b, k, j), H, dQ + size_t(k) * R * H, H);  // dQ += dS K
+        gemm<true>(T, H, R, dP.data(), 1, T, Qk, H, dK + at, H);       // dK += dS^T Q
       }
     }
   });
@@ -638,18 +645,13 @@ void backward_amx(const Problem& P, const Elems& q, const Elems& kx, const Elems
                   const float* lse, const Elems& dout, const Elems& dq, const Elems& dk, const Elems& dv) {
   std::vector<uint16_t> kT = key_pairs(P, kx, false), kN = key_pairs(P, kx, true), vT = key_pairs(P, vx, false);
   int R = P.rows(), H = P.H, K = P.K;
-  size_t tiles = size_t(P.B) * K * P.NB * T * H;
-  int workers = std::min(P.B * P.NB, num_threads());
-  // Each worker's sums of dK and dV per key block, transposed ([H x T]), added up at the end.
-  std::vector<std::vector<float>> dkw(workers), dvw(workers);
-  parallel_for(P.B * P.NB, [&](int task, int w) {
-    int b = task / P.NB, i = P.NB - 1 - task % P.NB;
-    if (dkw[w].empty()) { dkw[w].assign(tiles, 0.0f); dvw[w].assign(tiles, 0.0f); }
-    thread_local std::vector<float> S, dP, mask, lse_r, d_r, dQ;
+  // The key gradients' sums transposed ([H x T]): the AMX products below make them so.
+  backward_blocks(P, true, dq, dk, dv, [&](int b, int i, float* dQ, float* dK, float* dV) {
+    thread_local std::vector<float> S, dP, mask, lse_r, d_r;
     thread_local std::vector<uint16_t> Q, QT, dO, dOT, O, dSb, PP, dSP;
     size_t rh = size_t(R) * H;
     Q.resize(K * rh); QT.resize(K * rh); dO.resize(K * rh); dOT.resize(K * rh); O.resize(rh);
-    dQ.assign(K * rh, 0.0f); lse_r.resize(size_t(K) * R); d_r.resize(size_t(K) * R);
+    lse_r.resize(size_t(K) * R); d_r.resize(size_t(K) * R);
     S.resize(size_t(R) * T); dP.resize(size_t(R) * T); mask.resize(T * T);
     dSb.resize(size_t(R) * T); PP.resize(size_t(R) * T); dSP.resize(size_t(R) * T);
     for (int k = 0; k < K; ++k) {
@@ -693,22 +695,14 @@ void backward_amx(const Problem& P, const Elems& q, const Elems& kx, const Elems
             store_pairs(dSP.data() + size_t(r / 2) * 2 * T + 2 * c, ds0, ds1);
           }
         }
-        size_t at = ((size_t(b) * K + k) * P.NB + j) * T * H;
-        amx_gemm<true>(H, T, R, dOT.data() + k * rh, R, PP.data(), dvw[w].data() + at, T);  // dV^T += dO^T P
-        amx_gemm<true>(H, T, R, QT.data() + k * rh, R, dSP.data(), dkw[w].data() + at, T);  // dK^T += Q^T dS
-        amx_gemm<true>(R, H, T, dSb.data(), T, tile16(kN, P, b, k, j), dQ.data() + k * rh, H);  // dQ += dS K
+        size_t at = key_at(P, b, k, j);
+        amx_gemm<true>(H, T, R, dOT.data() + k * rh, R, PP.data(), dV + at, T);  // dV^T += dO^T P
+        amx_gemm<true>(H, T, R, QT.data() + k * rh, R, dSP.data(), dK + at, T);  // dK^T += Q^T dS
+        amx_gemm<true>(R, H, T, dSb.data(), T, tile16(kN, P, b, k, j), dQ + k * rh, H);  // dQ += dS K
       }
     }
     _tile_release();
-    for (int k = 0; k < K; ++k)
-      for (int g = 0; g < P.G; ++g)
-        for (int t = 0; t < T && i * T + t < P.L; ++t) {
-          const float* src = dQ.data() + k * rh + size_t(g * T + t) * H;
-          size_t dst = P.q_index(b, i * T + t, k, g);
-          for (int h = 0; h < H; ++h) dq.set(dst + h, src[h]);
-        }
-  }, /*fixed=*/true);  // each worker sums its key gradients in the same order every run
-  sum_key_grads(P, dkw, dvw, true, dk, dv);
+  });
 }
 #endif
 
