@@ -93,6 +93,9 @@ def get_config() -> ConfigDict:
   c.opt.eps = 1e-8
   c.opt.clip = 1.0  # global gradient-norm clip; 0 disables
   c.opt.grad_accum = 1  # micro-batches per optimizer step (batch_size must divide by it)
+  # "auto": on a one-device CPU run, clip + AdamW as one compiled kernel pass (jbt/train/fused_update.py;
+  # optax's results, several times faster); "off": optax's update
+  c.opt.fused_update = "auto"
 
   # LoRA (PEFT's): y = x W + (x A) B * alpha / r on the target projections; the base weights
   # freeze, the adapters and the reward head train. A starts kaiming-uniform as PEFT's, B at zero.

@@ -16,7 +16,7 @@ from jbt.loss import bt_loss, bt_sums, plackett_luce_loss, response_sums
 from jbt.model import ModelConfig, RewardModel
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import xla_options
-from jbt.train import trainable
+from jbt.train import fused_update, trainable
 from jbt.train.state import TrainState
 
 
@@ -63,6 +63,7 @@ def make_train_step(
     max_segment: int = 0,
     mask: Any | None = None,
     frozen_rows: int = 0,
+    fused: fused_update.AdamW | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The step function (jit it with shardings and donation at the call site).
 
@@ -74,6 +75,8 @@ def make_train_step(
   mask (jbt.train.trainable): the params that train,
   default all; the others get no gradient and no update, and pass through bit for bit, as do the
   first frozen_rows layers of scanned stacks (train.freeze "layers:N").
+  fused (jbt.train.fused_update.plan): the update as one kernel pass with tx's results, instead
+  of tx's own update.
   """
   mask = trainable.trainable_mask(cfg) if mask is None else mask
 
@@ -105,13 +108,19 @@ def make_train_step(
   def update(state: TrainState, grads: Any, metrics: dict[str, jax.Array]):
     """The optimizer's part: the new state, and the metrics with the norms and learning rate."""
     train_p, frozen_p = trainable.split(state.params, mask)
-    updates, opt_state = tx.update(grads, state.opt_state, train_p)
-    updates = trainable.zero_rows(updates, frozen_rows)  # AdamW's weight decay would move them too
-    params = trainable.merge(mask, optax.apply_updates(train_p, updates), frozen_p)
     metrics = dict(metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(params)
-    metrics["update_norm"] = optax.tree.norm(updates)
+    if fused is not None:
+      new_p, opt_state, updates_sq, params_sq = fused.update(grads, state.opt_state, train_p)
+      params = trainable.merge(mask, new_p, frozen_p)
+      metrics["param_norm"] = jnp.sqrt(params_sq + fused_update.sum_squares(frozen_p))
+      metrics["update_norm"] = jnp.sqrt(updates_sq)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, train_p)
+      updates = trainable.zero_rows(updates, frozen_rows)  # AdamW's weight decay would move them too
+      params = trainable.merge(mask, optax.apply_updates(train_p, updates), frozen_p)
+      metrics["param_norm"] = optax.tree.norm(params)
+      metrics["update_norm"] = optax.tree.norm(updates)
     metrics["counters/lr"] = lr_fn(state.step // grad_accum)
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -143,6 +152,8 @@ def jit_train_step(cfg: ConfigDict, model_cfg: ModelConfig, tx: optax.GradientTr
                    mesh: Any, rules: tuple, state_sh: TrainState, backend: str | None = None) -> Any:
   """A run's train step, jitted with its shardings and the state donated: what jbt.train runs
   and what jbt.plan compiles for other hardware (backend: the platform it compiles for)."""
+  frozen_rows = trainable.frozen_rows(model_cfg, cfg.train.get("freeze", ()))
+  fused = fused_update.plan(cfg.opt, lr_fn, mesh.size, frozen_rows, backend)
   step = make_train_step(model_cfg, tx, lr_fn, margin=cfg.loss.margin,
                          margin_from_data=cfg.loss.get("margin_from_data", False),
                          tie_nu=cfg.loss.get("tie_nu", 1.0) if cfg.data.get("ties", "drop") == "tie_loss" else None,
@@ -150,7 +161,7 @@ def jit_train_step(cfg: ConfigDict, model_cfg: ModelConfig, tx: optax.GradientTr
                          grad_accum=cfg.opt.grad_accum, nan_at_step=cfg.train.get("inject_nan_at_step", -1),
                          max_segment=max_segment(cfg),
                          mask=trainable.trainable_mask(model_cfg, cfg.train.get("freeze", ())),
-                         frozen_rows=trainable.frozen_rows(model_cfg, cfg.train.get("freeze", ())))
+                         frozen_rows=frozen_rows, fused=fused)
   batch_sh = jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh))
   options = xla_options.compiler_options(model_cfg.dtype, backend)
   update_options = xla_options.update_options(backend)

@@ -37,7 +37,7 @@ from jbt.runtime import trace
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
 from jbt.tools import normalization
 from jbt.tools.convert import export_hf
-from jbt.train import optim, setup, trainable
+from jbt.train import fused_update, optim, setup, trainable
 from jbt.train.batches import Batches
 from jbt.train.compiler import StepCompiler
 from jbt.train.evaluation import Evaluator
@@ -134,6 +134,8 @@ class Trainer:
                                              frozen_dtype=cfg.train.get("frozen_dtype", "float32"))
     del loaded
     log(trainable.describe(mc, self.mask, self.state, trainable.frozen_rows(mc, cfg.train.get("freeze", ()))))
+    if fused_update.plan(cfg.opt, self.lr_fn, self.mesh.size, trainable.frozen_rows(mc, cfg.train.get("freeze", ()))):
+      log("optimizer: gradient clipping and AdamW as one compiled CPU pass (opt.fused_update)")
     self.ckpts = RunCheckpoints(self.run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
     self.examples = 0  # pairs trained on: counters/examples, and the eval schedule's clock
     self.tokens = 0

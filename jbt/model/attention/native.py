@@ -18,14 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -33,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jbt.atomic import cache_dir
 from jbt.model.attention import fused
 from jbt.model.attention.flash import saved_bits
 from jbt.model.attention.mask import MaskInfo
+from jbt.runtime import kernels
+from jbt.runtime.kernels import BuildError
 
 Array = jax.Array
 SOURCE = Path(__file__).with_name("native.cc")
@@ -45,67 +40,22 @@ OUT_NAME, LSE_NAME = "native_out", "native_lse"
 # q, k and v (after RoPE) are kept for the backward pass under remat "attention" and "dots", so it
 # recomputes neither them nor the forward.
 INPUT_NAMES = {name: f"native_{name}" for name in ("q", "k", "v")}
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
-
-
-def _arch_flags() -> list[str]:
-  """The target: this CPU (-march=native), or JBT_NATIVE_ARCH_FLAGS (e.g. "-march=x86-64-v3" to build the
-  code another CPU kind gets)."""
-  return (os.environ.get("JBT_NATIVE_ARCH_FLAGS") or "-march=native").split()
-
 
 log = logging.getLogger("jbt")
 
 
-class BuildError(RuntimeError):
-  """The kernel could not be compiled or loaded on this machine."""
-
-
-def _cpu_flags() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("flags"):
-        return line
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def _compiler() -> str:
-  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-  if not cxx:
-    raise BuildError("no C++ compiler found (g++, c++ or clang++; or set CXX)")
-  return cxx
+  return kernels.compiler()
 
 
 def library_path() -> Path:
   """Where this machine's build lives (built by build() if missing)."""
-  cxx = _compiler()
-  try:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[:1]
-  except (OSError, subprocess.CalledProcessError) as e:
-    raise BuildError(f"the C++ compiler {cxx} does not run: {e}") from e
-  parts = [SOURCE.read_text(), cxx, *version, " ".join([*FLAGS, *_arch_flags()]), jax.ffi.include_dir(), jax.__version__,
-           platform.machine(), _cpu_flags()]
-  key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-  return cache_dir() / "kernels" / f"jbt_attention_{key}.so"
+  return kernels.library_path(SOURCE, "jbt_attention", _compiler())
 
 
 def build() -> Path:
   """Compiles native.cc for this CPU if not already in the cache; returns the library's path."""
-  path = library_path()
-  if path.exists():
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-    out = Path(tmp) / path.name
-    cmd = [_compiler(), *FLAGS, *_arch_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
-    log.info("attention: compiling the native CPU kernel (%s)", path.name)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-      raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
-    os.replace(out, path)  # atomic: a concurrent build leaves one whole library
-  return path
+  return kernels.build(SOURCE, "jbt_attention", _compiler(), "attention")
 
 
 @functools.cache

@@ -1,0 +1,86 @@
+"""Building jbt's C++ kernels (XLA FFI handlers) for the CPU they run on.
+
+Each kernel's source is compiled at first use with the host's C++ compiler for the host's own
+instruction set (`-march=native`, or JBT_NATIVE_ARCH_FLAGS to build the code another CPU kind
+gets) into jbt's cache (`$JBT_CACHE/kernels`), under a key of the source, the compiler, its
+flags, jaxlib's FFI headers and the CPU's flags, so each CPU kind gets its own build. A build is
+written under a temporary name and renamed into place, so a concurrent build leaves one whole
+library."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+
+from jbt.atomic import cache_dir
+
+# -ffp-contract=off: no multiply-add fused where the source has a multiply and an add (XLA's CPU
+# code fuses none either, which the optimizer kernel's bit-for-bit agreement relies on)
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
+
+log = logging.getLogger("jbt")
+
+
+class BuildError(RuntimeError):
+  """A kernel could not be compiled or loaded on this machine."""
+
+
+def arch_flags() -> list[str]:
+  """The target: this CPU (-march=native), or JBT_NATIVE_ARCH_FLAGS (e.g. "-march=x86-64-v3" to build the
+  code another CPU kind gets)."""
+  return (os.environ.get("JBT_NATIVE_ARCH_FLAGS") or "-march=native").split()
+
+
+def cpu_flags() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def compiler() -> str:
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  if not cxx:
+    raise BuildError("no C++ compiler found (g++, c++ or clang++; or set CXX)")
+  return cxx
+
+
+def library_path(source: Path, stem: str, cxx: str, extra: tuple[str, ...] = ()) -> Path:
+  """Where the build of `source` (with `extra` compiler flags) for this machine lives (built by
+  build() if missing)."""
+  try:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[:1]
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise BuildError(f"the C++ compiler {cxx} does not run: {e}") from e
+  parts = [source.read_text(), cxx, *version, " ".join([*FLAGS, *extra, *arch_flags()]), jax.ffi.include_dir(), jax.__version__,
+           platform.machine(), cpu_flags()]
+  key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+  return cache_dir() / "kernels" / f"{stem}_{key}.so"
+
+
+def build(source: Path, stem: str, cxx: str, what: str, extra: tuple[str, ...] = ()) -> Path:
+  """Compiles `source` for this CPU if not already in the cache; returns the library's path."""
+  path = library_path(source, stem, cxx, extra)
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    out = Path(tmp) / path.name
+    cmd = [cxx, *FLAGS, *extra, *arch_flags(), f"-I{jax.ffi.include_dir()}", str(source), "-o", str(out)]
+    log.info("%s: compiling the native CPU kernel (%s)", what, path.name)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+      raise BuildError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+    os.replace(out, path)  # atomic: a concurrent build leaves one whole library
+  return path
