@@ -322,6 +322,32 @@ def test_two_processes_reproduce_one_process_and_stop_together_on_sigterm(tmp_pa
     assert abs(mp[s] - sp[s]) <= 1e-5, (s, mp[s], sp[s])
 
 
+@needs_smollm2
+def test_the_fused_update_trains_as_optax_does_on_one_device(tmp_path):
+  """A one-device CPU run takes the fused update (it says so) and trains as optax's update does:
+  the same losses and norms to float32 rounding, and the same final params."""
+  from jbt.train import fused_update
+
+  if not fused_update.available():
+    pytest.skip("no C++ compiler builds the fused update here")
+  outs = {}
+  for mode in ("auto", "off"):
+    r = subprocess.run(_train_cmd(tmp_path / mode, "--config.train.max_steps=10", f"--config.opt.fused_update={mode}"),
+                       env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    outs[mode] = r.stdout
+  assert "one compiled CPU pass" in outs["auto"] and "one compiled CPU pass" not in outs["off"]
+  fused, ref = ([r for r in read_metrics(tmp_path / m / "tiny" / "metrics.jsonl") if "loss/train" in r]
+                for m in ("auto", "off"))
+  assert [r["step"] for r in fused] == [r["step"] for r in ref] == list(range(1, 11))
+  for a, b in zip(fused, ref):
+    for k in ("loss/train", "grad_norm", "param_norm", "update_norm"):
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=f"{k} at step {a['step']}")
+  assert fused[-1]["loss/train"] < fused[0]["loss/train"] - 0.1  # it trained: the updates were real
+  params = [load_model(tmp_path / m / "tiny" / "FINAL").params for m in ("auto", "off")]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6), *params)
+
+
 def test_config_errors_are_one_line(tmp_path):
   r = subprocess.run(_train_cmd(tmp_path, "--config.train.no_such_key=3"), env=_env(1), cwd=tmp_path,
                      capture_output=True, text=True, timeout=120)
