@@ -45,6 +45,8 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     "jbt-shared-fp32": {"kind": "jbt", "layout": "shared_prompt", "dtype": "float32"},
     # attention in XLA ops (flash.py) instead of the native CPU kernel
     "jbt-shared-flash": {"kind": "jbt", "layout": "shared_prompt", "attention": "flash"},
+    # optax's update (XLA) instead of the fused CPU optimizer kernel (jbt/train/fused_update.py)
+    "jbt-shared-optax": {"kind": "jbt", "layout": "shared_prompt", "fused_update": "off"},
     # without the restart under glibc's huge-page tunable (jbt/host.py): 4 KiB pages
     "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "hugepages": False},
     # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side
@@ -125,6 +127,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.train.max_steps = a.warmup + a.steps
   c.train.eval_every = 0
   c.opt.lr, c.opt.warmup_ratio, c.opt.weight_decay, c.opt.clip = a.lr, 0.0, 0.0, 1.0
+  c.opt.fused_update = getattr(a, "fused_update", c.opt.fused_update)
   c.ckpt.cache_dir, c.ckpt.exp_name, c.ckpt.export_final = a.out, "jbt", False
   c.train.compilation_cache = a.xla_cache
   c.train.profile = getattr(a, "profile", "")
