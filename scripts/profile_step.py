@@ -55,7 +55,7 @@ def main() -> None:
   ap.add_argument("--trace", default="", help="trace one more backward pass into this directory; print op times")
   ap.add_argument("--top", type=int, default=30, help="rows of the --trace table")
   ap.add_argument("--optimizer", action="store_true",
-                  help="also time one AdamW + clip update with optax's clipping and with jbt.optim's")
+                  help="also time one AdamW + clip update with optax's clipping, jbt.optim's and the fused kernel")
   a = ap.parse_args()
   cfg = M.ModelConfig(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                       num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, pad_token_id=2, remat=a.remat,
@@ -102,27 +102,43 @@ def trace_ops(compiled, args: tuple, trace_dir: str, top: int) -> None:
 
 
 def time_optimizers(params, repeats: int) -> None:
+  """One clip + AdamW update of `params` as the train step's update program runs it (the logged
+  grad, param and update norms included, xla_options.update_options): optax's clipping, jbt's,
+  and the fused CPU kernel (jbt.train.fused_update)."""
   import optax
+  from ml_collections import ConfigDict
 
-  from jbt.train.optim import clip_by_global_norm
+  from jbt.train import fused_update, optim
 
+  opt = ConfigDict(dict(lr=1e-5, warmup_ratio=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip=1.0, grad_accum=1))
+  tx, lr = optim.make_optimizer(opt, 1000)
   grads = jax.tree.map(lambda p: p * 0.1, params)
-  for name, clip in (("optax.clip_by_global_norm", optax.clip_by_global_norm),
-                     ("jbt.optim.clip_by_global_norm", clip_by_global_norm)):
-    tx = optax.chain(clip(1.0), optax.adamw(1e-5))
 
+  def with_tx(tx):
     def update(p, o, g):
       u, o = tx.update(g, o, p)
-      return optax.apply_updates(p, u), o
+      p = optax.apply_updates(p, u)
+      return p, o, (optax.tree.norm(g), optax.tree.norm(p), optax.tree.norm(u))
+    return update
 
-    f = jax.jit(update, donate_argnums=(0, 1))
-    p, o = f(jax.tree.map(jnp.copy, params), tx.init(params), grads)
+  variants = {"optax.clip_by_global_norm": with_tx(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr))),
+              "jbt.optim.clip_by_global_norm": with_tx(tx)}
+  fused = fused_update.plan(opt, lr, 1, 0)
+  if fused is not None:
+    def fused_step(p, o, g):
+      p, o, updates_sq, params_sq = fused.update(g, o, p)
+      return p, o, (optax.tree.norm(g), jnp.sqrt(params_sq), jnp.sqrt(updates_sq))
+    variants["jbt.train.fused_update"] = fused_step
+  for name, update in variants.items():
+    f = jax.jit(update, donate_argnums=(0, 1), compiler_options=xla_options.update_options())
+    p, o, _ = f(jax.tree.map(jnp.copy, params), tx.init(params), grads)
     jax.block_until_ready(p)
     t = time.time()
     for _ in range(max(repeats, 3)):
-      p, o = f(p, o, grads)
+      p, o, norms = f(p, o, grads)
     jax.block_until_ready(p)
-    print(f"AdamW update with {name}: {(time.time() - t) / max(repeats, 3):.3f} s")
+    print(f"AdamW update with {name} and the logged norms: {(time.time() - t) / max(repeats, 3):.3f} s "
+          f"(update norm {float(norms[2]):.6g})")
 
 
 if __name__ == "__main__":
