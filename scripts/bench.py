@@ -45,6 +45,9 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     "jbt-shared-fp32": {"kind": "jbt", "layout": "shared_prompt", "dtype": "float32"},
     # attention in XLA ops (flash.py) instead of the native CPU kernel
     "jbt-shared-flash": {"kind": "jbt", "layout": "shared_prompt", "attention": "flash"},
+    # XLA's transposing copies for the weight gradients (and float32 matmul results kept by remat)
+    # instead of the native transpose (jbt/model/transpose.py)
+    "jbt-shared-xla-transpose": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_TRANSPOSE": "0"}},
     # optax's update (XLA) instead of the fused CPU optimizer kernel (jbt/train/fused_update.py)
     "jbt-shared-optax": {"kind": "jbt", "layout": "shared_prompt", "fused_update": "off"},
     # without the restart under glibc's huge-page tunable (jbt/host.py): 4 KiB pages

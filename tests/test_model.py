@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -189,10 +190,13 @@ def test_matmul_equals_the_plain_bfloat16_matmul_and_keeps_bfloat16_dots(kind, t
     assert all("lhs_contracting_dims={1}" in line for line in dots), dots
 
 
-def test_bfloat16_remat_dots_keeps_float32_matmul_outputs_and_the_same_gradients():
-  """Remat "dots" in bfloat16 saves each matmul's float32 result: the layer scan's stacks of them
-  are float32 (a bfloat16 stack is rewritten whole at every layer by XLA's CPU backend), and the
-  gradients equal those of recomputing the matmuls (remat "attention")."""
+def test_bfloat16_remat_dots_keeps_matmul_outputs_as_bits_and_the_same_gradients():
+  """Remat "dots" in bfloat16 saves each matmul's bfloat16 result as its bits (uint16: a bfloat16
+  stack is rewritten whole at every layer by XLA's CPU backend), where the native transpose is
+  built, else its float32 result; the gradients equal those of recomputing the matmuls (remat
+  "attention")."""
+  from jbt.model import transpose
+
   m = tinymodels.make_model("llama")
   tokens, seg, pos, idx = _packed(_sequences(3))
   grads, hlo = {}, ""
@@ -207,7 +211,62 @@ def test_bfloat16_remat_dots_keeps_float32_matmul_outputs_and_the_same_gradients
   if jax.default_backend() == "cpu":
     L, F = cfg.num_layers, cfg.intermediate_size
     stacks = set(re.findall(rf"(\w+)\[{L},{tokens.size},{F}\]", hlo))  # the gate and up outputs of every layer
-    assert stacks == {"f32"}, stacks
+    assert stacks == ({"u16"} if transpose.available() else {"f32"}), stacks
+    assert ("jbt_transpose" in hlo) == transpose.available()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("shape", [(1, 1), (70, 33), (2304, 576)])
+def test_native_transpose_is_the_transpose(dtype, shape):
+  from jbt.model import transpose
+
+  if not transpose.available():
+    pytest.skip("no C++ compiler builds the native transpose here")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), dtype)
+  assert transpose.usable(x)
+  np.testing.assert_array_equal(np.asarray(jax.jit(transpose.transpose)(x)), np.asarray(x).T)
+
+
+def test_native_transpose_stays_out_of_a_mesh_of_several_devices(monkeypatch):
+  """An FFI call is opaque to XLA's partitioner: under a mesh of several devices the weight
+  gradients keep XLA's transposing copies (and give the same values)."""
+  from jbt.model import transpose
+  from jbt.runtime.mesh import make_mesh
+
+  if not transpose.available():
+    pytest.skip("no C++ compiler builds the native transpose here")
+  x = jnp.ones((64, 32), jnp.bfloat16)
+  with jax.set_mesh(make_mesh((1, 2, 1), devices=jax.devices()[:2])):
+    assert not transpose.usable(x)
+  with jax.set_mesh(make_mesh((1, 1, 1), devices=jax.devices()[:1])):
+    assert transpose.usable(x)
+  monkeypatch.setenv("JBT_NATIVE_TRANSPOSE", "0")  # turned off
+  assert not transpose.usable(x)
+
+
+def test_bf16_f32_gradients_with_and_without_the_native_transpose(monkeypatch):
+  """x^T g through the native transpose equals XLA's transposing copy (and the float32
+  reference's gradients to bfloat16 rounding)."""
+  from jbt.model import transpose
+
+  if not transpose.available():
+    pytest.skip("no C++ compiler builds the native transpose here")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(96, 40)), jnp.bfloat16)
+  w1 = jnp.asarray(rng.normal(size=(40, 72)) * 0.1, jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(72, 40)) * 0.1, jnp.float32)
+
+  def loss(x, w1, w2, dt=jnp.bfloat16, kind="bf16_f32"):
+    h = matmul(x, w1, dt, kind)
+    return (matmul(jax.nn.silu(h.astype(jnp.float32)).astype(dt), w2, dt, kind).astype(jnp.float32) ** 2).sum()
+
+  native = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w1, w2)
+  monkeypatch.setattr(transpose, "usable", lambda _: False)
+  xla = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w1, w2)
+  f32 = jax.jit(jax.grad(functools.partial(loss, dt=jnp.float32), argnums=(0, 1, 2)))(x.astype(jnp.float32), w1, w2)
+  for a, b, c in zip(native, xla, f32):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c), rtol=0.1, atol=0.05 * float(jnp.abs(c).max()))
 
 
 def test_one_label_head_reads_logit_zero():

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jbt.model import transpose
+
 Array = jax.Array
 
 KINDS = ("xla", "bf16_f32", "bf16_f32_gather")
@@ -67,9 +69,12 @@ def _token_split(T: int) -> int:
 
 
 def tokens_contracted(x_TxI: Array, g_TxO: Array) -> Array:
-  """x^T g in float32 with the tokens split in two or more ([c, T/c]), which XLA's CPU backend
-  computes as a bfloat16 transposing copy and a plain dot; a gathered transpose where T has no
-  small factor."""
+  """x^T g in float32: x transposed by jbt.model.transpose's kernel and a plain dot where it is
+  usable; else with the tokens split in two or more ([c, T/c]), which XLA's CPU backend computes
+  as a bfloat16 transposing copy and a plain dot, or a gathered transpose where T has no small
+  factor."""
+  if transpose.usable(x_TxI):
+    return jax.lax.dot(transpose.transpose(x_TxI), g_TxO, preferred_element_type=jnp.float32)
   T, c = x_TxI.shape[0], _token_split(x_TxI.shape[0])
   if c == 1:
     return jax.lax.dot(_transposed(x_TxI), g_TxO, preferred_element_type=jnp.float32)
@@ -100,14 +105,50 @@ def _dot_f32_acc(bwd: Callable) -> Callable[[Array, Array], Array]:
   return f
 
 
-_DOTS = {"bf16_f32": _dot_f32_acc(_bwd_folded), "bf16_f32_gather": _dot_f32_acc(_bwd_gathered)}
+_BWD = {"bf16_f32": _bwd_folded, "bf16_f32_gather": _bwd_gathered}
+_DOTS = {k: _dot_f32_acc(bwd) for k, bwd in _BWD.items()}
+
+
+def _saved_bits(y: Array) -> Array:
+  """checkpoint_name(y, MATMUL_NAME) with y kept as its bits (an unsigned integer of its width),
+  for a value with no gradient: a layer scan writes a slice of an integer stack in place, where
+  XLA's CPU backend rewrites a bfloat16 stack whole at every layer."""
+  bits = jnp.dtype(f"uint{8 * y.dtype.itemsize}")
+  return jax.lax.bitcast_convert_type(checkpoint_name(jax.lax.bitcast_convert_type(y, bits), MATMUL_NAME), y.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _with_grads(x_TxI: Array, w_IxO: Array, y_TxO: Array, kind: str) -> Array:
+  """y (x @ w, computed without gradients), with the gradients of x @ w to x and w."""
+  del x_TxI, w_IxO, kind
+  return y_TxO
+
+
+def _with_grads_fwd(x_TxI: Array, w_IxO: Array, y_TxO: Array, kind: str) -> tuple[Array, tuple[Array, Array]]:
+  del kind
+  return y_TxO, (x_TxI, w_IxO)
+
+
+def _with_grads_bwd(kind: str, res: tuple[Array, Array], g_TxO: Array) -> tuple[Array, Array, None]:
+  return (*_BWD[kind](res, g_TxO), None)
+
+
+_with_grads.defvjp(_with_grads_fwd, _with_grads_bwd)
 
 
 def matmul(x_TxI: Array, w_IxO: Array, dt: jnp.dtype, kind: str = "xla") -> Array:
   """x @ w in the compute dtype `dt`, for a float32 parameter w, computed the `kind` way."""
   if dt == jnp.float32 or kind == "xla":
     return x_TxI @ w_IxO.astype(dt)
-  return checkpoint_name(_DOTS[kind](x_TxI.astype(dt), w_IxO), MATMUL_NAME).astype(dt)
+  x_TxI = x_TxI.astype(dt)
+  if not transpose.usable(x_TxI):
+    return checkpoint_name(_DOTS[kind](x_TxI, w_IxO), MATMUL_NAME).astype(dt)
+  # Remat "dots" keeps the bits of the compute-dtype result the layer goes on with: half the
+  # float32 result's bytes, the same values. (XLA fuses such a stack's slices into its own
+  # transposing copies of the weight gradients, several times slower, so only with the native
+  # transpose.)
+  y_TxO = _saved_bits(jax.lax.stop_gradient(_DOTS[kind](x_TxI, w_IxO)).astype(dt))
+  return _with_grads(x_TxI, w_IxO, y_TxO, kind)
 
 
 def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 1536, repeats: int = 5) -> float:

@@ -1,0 +1,55 @@
+"""A 2-D transpose as a compiled CPU kernel (transpose.cc, through XLA's FFI), for the weight
+gradients' x^T g (jbt.model.matmul.tokens_contracted).
+
+XLA's CPU backend folds the transpose of x into a copy fused with whatever computes x (in a layer
+scan's backward pass: the slices of the saved stacks and the recomputed elementwise work) and runs
+that fusion at a fraction of memory speed. The kernel's operand is a materialized x, which it reads
+in blocks; its result feeds a plain dot. Used on a CPU without a mesh of several devices (an FFI
+call is opaque to XLA's partitioner); `usable()` says whether here and now. JBT_NATIVE_TRANSPOSE=0
+turns it off (XLA's transposing copies, and remat "dots" keeps float32 matmul results)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+from jbt.runtime import kernels
+from jbt.runtime.kernels import BuildError
+
+SOURCE = Path(__file__).with_name("transpose.cc")
+TARGET = "jbt_transpose"
+log = logging.getLogger("jbt")
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel builds and loads here (logs why not, once)."""
+  try:
+    path = kernels.build(SOURCE, "jbt_transpose", kernels.compiler(), "matmul")
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JbtTranspose), platform="cpu")
+    return True
+  except (BuildError, OSError) as e:
+    log.warning("matmul: the native CPU transpose is not available (XLA's transposing copy runs instead): %s", e)
+    return False
+
+
+def usable(x: jax.Array) -> bool:
+  """A 2-D array of 2- or 4-byte elements, traced for a CPU outside a mesh of several devices,
+  with the kernel built."""
+  if os.environ.get("JBT_NATIVE_TRANSPOSE", "1") == "0":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return (x.ndim == 2 and x.dtype.itemsize in (2, 4) and jax.default_backend() == "cpu"
+          and (mesh is None or mesh.empty or mesh.size == 1) and available())
+
+
+def transpose(x_RxC: jax.Array) -> jax.Array:
+  """x.T, laid out row-major ([C, R])."""
+  R, C = x_RxC.shape
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((C, R), x_RxC.dtype))(x_RxC)
