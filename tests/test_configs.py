@@ -45,3 +45,17 @@ def test_default_has_halos_defaults():
   assert (c.opt.b1, c.opt.b2, c.opt.eps) == (0.9, 0.999, 1e-8)
   assert (c.data.max_length, c.data.max_prompt_length, c.train.eval_every, c.data.eval_pairs) == (1250, 625, 1024, 256)
   assert (c.train.seed, c.ckpt.cache_dir, c.model.num_labels) == (1, ".cache", 2)
+
+
+def test_a_bad_fused_update_mode_is_a_one_line_config_error():
+  from jbt.errors import JbtError
+  from jbt.train.setup import validate
+
+  spec = importlib.util.spec_from_file_location("c_default2", ROOT / "configs" / "default.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  assert c.opt.fused_update == "auto"
+  c.opt.fused_update = "on"
+  with pytest.raises(JbtError, match="opt.fused_update must be one of auto, off, got 'on'"):
+    validate(c)

@@ -19,9 +19,12 @@
 faster ("bf16_f32" unless the other is clearly so; jbt.runtime.cpu.choose, cached per CPU model,
 features and jaxlib). Elsewhere "xla".
 
-Remat "dots" keeps bf16_f32's float32 result, not its bfloat16 cast: XLA's CPU backend updates
-a layer scan's stacked bfloat16 residuals by converting the whole stack to float32 and back at
-every layer, while a float32 stack is updated in place (docs/benchmarks.md).
+Remat "dots" keeps bf16_f32's bfloat16 result as its bits (uint16): XLA's CPU backend updates a
+layer scan's stacked bfloat16 residuals by converting the whole stack to float32 and back at every
+layer, an integer stack in place. The weight gradients then transpose x with jbt.model.transpose's
+kernel, since XLA would fuse the stack's slices into its own transposing copy and run it several
+times slower. Where that kernel is not usable (no C++ compiler, a mesh of several devices,
+JBT_NATIVE_TRANSPOSE=0) remat keeps the float32 result, updated in place too (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from jbt.model import ModelConfig, attention
 from jbt.model.config import LORA_TARGETS, REMAT
 from jbt.runtime import trace
 from jbt.runtime.mesh import data_parallel_size
-from jbt.train import trainable
+from jbt.train import fused_update, trainable
 from jbt.train.batches import length_bucket
 
 
@@ -66,6 +66,8 @@ def validate(cfg: ConfigDict) -> None:
     raise JbtError("set train.epochs or train.max_steps to a positive number")
   if o.lr <= 0:
     raise JbtError(f"opt.lr must be positive, got {o.lr}")
+  if o.get("fused_update", "auto") not in fused_update.MODES:
+    raise JbtError(f"opt.fused_update must be one of {', '.join(fused_update.MODES)}, got {o.fused_update!r}")
   lo = cfg.get("lora")
   if lo is not None:
     if lo.rank < 0 or (lo.rank > 0 and lo.alpha <= 0):
