@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "jbt_threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -31,21 +32,12 @@ void transpose_columns(const E* __restrict in, E* __restrict out, int64_t R, int
   }
 }
 
-int thread_count() {
-  if (const char* s = std::getenv("JBT_NATIVE_THREADS")) {
-    int n = std::atoi(s);
-    if (n > 0) return n;
-  }
-  unsigned n = std::thread::hardware_concurrency();
-  return n ? int(n) : 1;
-}
-
 template <typename E>
 void transpose(const void* in, void* out, int64_t R, int64_t C) {
   const E* x = static_cast<const E*>(in);
   E* y = static_cast<E*>(out);
   const int64_t blocks = (C + kBlock - 1) / kBlock;
-  const int n = int(std::max<int64_t>(1, std::min<int64_t>(thread_count(), std::min<int64_t>(blocks, R * C / (1 << 18) + 1))));
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>(jbt::num_threads(), std::min<int64_t>(blocks, R * C / (1 << 18) + 1))));
   std::vector<std::thread> pool;
   for (int t = 1; t < n; ++t)
     pool.emplace_back(transpose_columns<E>, x, y, R, C, std::min(C, blocks * t / n * kBlock), std::min(C, blocks * (t + 1) / n * kBlock));

@@ -10,33 +10,24 @@ turns it off (XLA's transposing copies, and remat "dots" keeps float32 matmul re
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
 import os
 from pathlib import Path
 
 import jax
 
 from jbt.runtime import kernels
-from jbt.runtime.kernels import BuildError
 
 SOURCE = Path(__file__).with_name("transpose.cc")
 TARGET = "jbt_transpose"
-log = logging.getLogger("jbt")
 
 
 @functools.cache
 def available() -> bool:
   """Whether the kernel builds and loads here (logs why not, once)."""
-  try:
-    path = kernels.build(SOURCE, "jbt_transpose", kernels.compiler(), "matmul")
-    lib = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JbtTranspose), platform="cpu")
-    return True
-  except (BuildError, OSError) as e:
-    log.warning("matmul: the native CPU transpose is not available (XLA's transposing copy runs instead): %s", e)
-    return False
+  return kernels.loads(
+      lambda: kernels.register(kernels.build(SOURCE, "jbt_transpose", kernels.compiler(), "matmul"), {TARGET: "JbtTranspose"}),
+      "matmul: the native CPU transpose is not available (XLA's transposing copy runs instead)")
 
 
 def usable(x: jax.Array) -> bool:

@@ -9,6 +9,7 @@ library."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import jax
 
@@ -26,6 +28,7 @@ from jbt.atomic import cache_dir
 # code fuses none either, which the optimizer kernel's bit-for-bit agreement relies on)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
 
+HEADER = Path(__file__).with_name("jbt_threads.h")  # included by every kernel
 log = logging.getLogger("jbt")
 
 
@@ -63,7 +66,7 @@ def library_path(source: Path, stem: str, cxx: str, extra: tuple[str, ...] = ())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[:1]
   except (OSError, subprocess.CalledProcessError) as e:
     raise BuildError(f"the C++ compiler {cxx} does not run: {e}") from e
-  parts = [source.read_text(), cxx, *version, " ".join([*FLAGS, *extra, *arch_flags()]), jax.ffi.include_dir(), jax.__version__,
+  parts = [source.read_text(), HEADER.read_text(), cxx, *version, " ".join([*FLAGS, *extra, *arch_flags()]), jax.ffi.include_dir(), jax.__version__,
            platform.machine(), cpu_flags()]
   key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
   return cache_dir() / "kernels" / f"{stem}_{key}.so"
@@ -77,10 +80,31 @@ def build(source: Path, stem: str, cxx: str, what: str, extra: tuple[str, ...] =
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = Path(tmp) / path.name
-    cmd = [cxx, *FLAGS, *extra, *arch_flags(), f"-I{jax.ffi.include_dir()}", str(source), "-o", str(out)]
+    cmd = [cxx, *FLAGS, *extra, *arch_flags(), f"-I{HEADER.parent}", f"-I{jax.ffi.include_dir()}", str(source), "-o",
+           str(out)]
     log.info("%s: compiling the native CPU kernel (%s)", what, path.name)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
       raise BuildError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
     os.replace(out, path)  # atomic: a concurrent build leaves one whole library
   return path
+
+
+def register(path: Path, targets: dict[str, str]) -> None:
+  """Loads a built library and registers its FFI handlers (target name: exported symbol) for the CPU."""
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(path))
+  except OSError as e:
+    raise BuildError(f"loading {path}: {e}") from e
+  for target, symbol in targets.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+def loads(load: Callable[[], None], unavailable: str) -> bool:
+  """Runs load() (a build and register); False, logging `unavailable` and why, where it fails."""
+  try:
+    load()
+    return True
+  except BuildError as e:
+    log.warning("%s: %s", unavailable, e)
+    return False

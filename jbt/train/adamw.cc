@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "jbt_threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -102,15 +103,6 @@ void run_chunk(const Hyper& h, const Leaf& L, int64_t lo, int64_t hi, double* su
   }
 }
 
-int thread_count() {
-  if (const char* s = std::getenv("JBT_NATIVE_THREADS")) {
-    int n = std::atoi(s);
-    if (n > 0) return n;
-  }
-  unsigned n = std::thread::hardware_concurrency();
-  return n ? int(n) : 1;
-}
-
 ffi::Error AdamW(ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> sums_out,
                  ffi::RemainingRets rets) {
   if (hyper.element_count() != kHyper)
@@ -158,7 +150,7 @@ ffi::Error AdamW(ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::Resu
     for (size_t c; (c = next.fetch_add(1)) < chunks.size();)
       run_chunk(h, leaves[chunks[c].leaf], chunks[c].lo, chunks[c].hi, &sums[2 * c]);
   };
-  const int n_threads = std::max(1, std::min<int>(thread_count(), int(chunks.size())));
+  const int n_threads = std::max(1, std::min<int>(jbt::num_threads(), int(chunks.size())));
   std::vector<std::thread> pool;
   for (int t = 1; t < n_threads; ++t) pool.emplace_back(work);
   work();

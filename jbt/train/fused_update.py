@@ -16,10 +16,8 @@ where it can, "off" never)."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
-import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,34 +26,23 @@ import jax.numpy as jnp
 import optax
 
 from jbt.runtime import kernels
-from jbt.runtime.kernels import BuildError
 
 SOURCE = Path(__file__).with_name("adamw.cc")
 TARGET = "jbt_adamw"
 MODES = ("auto", "off")
-log = logging.getLogger("jbt")
 
 
 @functools.cache
 def _register() -> None:
   # -fno-math-errno: sqrt as a vector instruction (the same IEEE square root)
-  path = kernels.build(SOURCE, "jbt_adamw", kernels.compiler(), "optimizer", ("-fno-math-errno",))
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(path))
-  except OSError as e:
-    raise BuildError(f"loading {path}: {e}") from e
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JbtAdamW), platform="cpu")
+  kernels.register(kernels.build(SOURCE, "jbt_adamw", kernels.compiler(), "optimizer", ("-fno-math-errno",)),
+                   {TARGET: "JbtAdamW"})
 
 
 @functools.cache
 def available() -> bool:
   """Whether the kernel builds and loads here (logs why not)."""
-  try:
-    _register()
-    return True
-  except BuildError as e:
-    log.warning("optimizer: the fused CPU update is not available (optax's update runs instead): %s", e)
-    return False
+  return kernels.loads(_register, "optimizer: the fused CPU update is not available (optax's update runs instead)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "jbt_threads.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifdef __AVX512F__
@@ -241,15 +242,7 @@ void amx_gemm(int M, int N, int Kd, const uint16_t* A, long lda, const uint16_t*
 }
 #endif
 
-int num_threads() {
-  if (const char* s = std::getenv("JBT_NATIVE_THREADS")) {
-    int n = std::atoi(s);
-    if (n > 0) return n;
-  }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
+using jbt::num_threads;
 
 // Runs fn(task, worker) for every task in [0, n) on up to num_threads() threads (worker < that):
 // tasks go to whichever worker is free, or, if fixed, worker w runs tasks w, w + workers, ... in

@@ -16,9 +16,7 @@ kernels."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
 import math
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from jbt.model.attention import fused
 from jbt.model.attention.flash import saved_bits
 from jbt.model.attention.mask import MaskInfo
 from jbt.runtime import kernels
-from jbt.runtime.kernels import BuildError
+from jbt.runtime.kernels import BuildError  # noqa: F401  (native.BuildError: what a failed build raises)
 
 Array = jax.Array
 SOURCE = Path(__file__).with_name("native.cc")
@@ -41,7 +39,6 @@ OUT_NAME, LSE_NAME = "native_out", "native_lse"
 # recomputes neither them nor the forward.
 INPUT_NAMES = {name: f"native_{name}" for name in ("q", "k", "v")}
 
-log = logging.getLogger("jbt")
 
 
 def _compiler() -> str:
@@ -60,24 +57,13 @@ def build() -> Path:
 
 @functools.cache
 def _register() -> None:
-  path = build()
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(path))
-  except OSError as e:
-    raise BuildError(f"loading {path}: {e}") from e
-  jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.JbtAttentionForward), platform="cpu")
-  jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.JbtAttentionBackward), platform="cpu")
+  kernels.register(build(), {FORWARD: "JbtAttentionForward", BACKWARD: "JbtAttentionBackward"})
 
 
 @functools.cache
 def available() -> bool:
   """Whether the kernel builds and loads here (logs why not)."""
-  try:
-    _register()
-    return True
-  except BuildError as e:
-    log.warning("attention: the native CPU kernel is not available: %s", e)
-    return False
+  return kernels.loads(_register, "attention: the native CPU kernel is not available")
 
 
 def _ids(info: MaskInfo, q: Array, sliding_window: int | None) -> tuple[Array, ...]:
