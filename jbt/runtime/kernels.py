@@ -10,6 +10,7 @@ library."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -59,15 +60,19 @@ def compiler() -> str:
   return cxx
 
 
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+  try:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.partition("\n")[0]
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise BuildError(f"the C++ compiler {cxx} does not run: {e}") from e
+
+
 def library_path(source: Path, stem: str, cxx: str, extra: tuple[str, ...] = ()) -> Path:
   """Where the build of `source` (with `extra` compiler flags) for this machine lives (built by
   build() if missing)."""
-  try:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[:1]
-  except (OSError, subprocess.CalledProcessError) as e:
-    raise BuildError(f"the C++ compiler {cxx} does not run: {e}") from e
-  parts = [source.read_text(), HEADER.read_text(), cxx, *version, " ".join([*FLAGS, *extra, *arch_flags()]), jax.ffi.include_dir(), jax.__version__,
-           platform.machine(), cpu_flags()]
+  parts = [source.read_text(), HEADER.read_text(), cxx, _compiler_version(cxx), " ".join([*FLAGS, *extra, *arch_flags()]),
+           jax.ffi.include_dir(), jax.__version__, platform.machine(), cpu_flags()]
   key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
   return cache_dir() / "kernels" / f"{stem}_{key}.so"
 

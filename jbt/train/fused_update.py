@@ -104,9 +104,3 @@ def plan(opt: Any, lr: Callable[[Any], Any], n_devices: int, frozen_rows: int, b
       or frozen_rows or not available()):
     return None
   return AdamW(lr=lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, clip=opt.clip or 0.0)
-
-
-def sum_squares(tree: Any) -> jax.Array:
-  """Sum of the squares of a tree's leaves (float32; 0 for no leaves)."""
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.float32(0.0))
-

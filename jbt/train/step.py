@@ -113,7 +113,7 @@ def make_train_step(
     if fused is not None:
       new_p, opt_state, updates_sq, params_sq = fused.update(grads, state.opt_state, train_p)
       params = trainable.merge(mask, new_p, frozen_p)
-      metrics["param_norm"] = jnp.sqrt(params_sq + fused_update.sum_squares(frozen_p))
+      metrics["param_norm"] = jnp.sqrt(params_sq + optax.tree.norm(frozen_p, squared=True))
       metrics["update_norm"] = jnp.sqrt(updates_sq)
     else:
       updates, opt_state = tx.update(grads, state.opt_state, train_p)

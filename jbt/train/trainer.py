@@ -133,8 +133,9 @@ class Trainer:
                                              params=loaded.params, mask=self.mask,
                                              frozen_dtype=cfg.train.get("frozen_dtype", "float32"))
     del loaded
-    log(trainable.describe(mc, self.mask, self.state, trainable.frozen_rows(mc, cfg.train.get("freeze", ()))))
-    if fused_update.plan(cfg.opt, self.lr_fn, self.mesh.size, trainable.frozen_rows(mc, cfg.train.get("freeze", ()))):
+    frozen_rows = trainable.frozen_rows(mc, cfg.train.get("freeze", ()))
+    log(trainable.describe(mc, self.mask, self.state, frozen_rows))
+    if fused_update.plan(cfg.opt, self.lr_fn, self.mesh.size, frozen_rows):
       log("optimizer: gradient clipping and AdamW as one compiled CPU pass (opt.fused_update)")
     self.ckpts = RunCheckpoints(self.run_dir, keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save)
     self.examples = 0  # pairs trained on: counters/examples, and the eval schedule's clock
