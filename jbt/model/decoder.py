@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbt.model import attention
+from jbt.model import attention, swiglu
 from jbt.model.config import ModelConfig
 from jbt.model.matmul import MATMUL_NAME, matmul
 
@@ -277,11 +277,20 @@ class MLP(nn.Module):
       if cfg.mlp_bias:
         gate_TxF += b_gate.astype(dt)
         up_TxF += b_up.astype(dt)
-      act = nn.silu if cfg.mlp_activation == "silu" else functools.partial(nn.gelu, approximate=True)
-      # float32 inside, rounded once (as torch computes a bfloat16 activation; see apply_rope)
-      h_TxF = (act(gate_TxF.astype(jnp.float32)) * up_TxF.astype(jnp.float32)).astype(dt)
-      h_BxCxF = _constrain(h_TxF.reshape(B, C, F), ("batch", "length", "mlp"))
-      y_TxD = _project(h_BxCxF.reshape(B * C, F), w_down, ad["down"], cfg)
+      native = cfg.mlp_activation == "silu" and swiglu.usable(gate_TxF, up_TxF)
+      if native and ad["down"] is None and cfg.matmul == "bf16_f32":
+        # the same values; the activation, its gradient and the down projection's weight gradient
+        # without [T, F] passes of XLA's own (swiglu.py)
+        y_TxD = swiglu.gated_down(gate_TxF, up_TxF, w_down)
+      else:
+        if native:
+          h_TxF = swiglu.swiglu(gate_TxF, up_TxF)
+        else:
+          act = nn.silu if cfg.mlp_activation == "silu" else functools.partial(nn.gelu, approximate=True)
+          # float32 inside, rounded once (as torch computes a bfloat16 activation; see apply_rope)
+          h_TxF = (act(gate_TxF.astype(jnp.float32)) * up_TxF.astype(jnp.float32)).astype(dt)
+        h_BxCxF = _constrain(h_TxF.reshape(B, C, F), ("batch", "length", "mlp"))
+        y_TxD = _project(h_BxCxF.reshape(B * C, F), w_down, ad["down"], cfg)
       if cfg.mlp_bias:
         y_TxD += b_down.astype(dt)
       return y_TxD.reshape(B, C, D)

@@ -150,8 +150,13 @@ def matmul(x_TxI: Array, w_IxO: Array, dt: jnp.dtype, kind: str = "xla") -> Arra
   # float32 result's bytes, the same values. (XLA fuses such a stack's slices into its own
   # transposing copies of the weight gradients, several times slower, so only with the native
   # transpose.)
-  y_TxO = _saved_bits(jax.lax.stop_gradient(_DOTS[kind](x_TxI, w_IxO)).astype(dt))
-  return _with_grads(x_TxI, w_IxO, y_TxO, kind)
+  return _with_grads(x_TxI, w_IxO, saved_product(x_TxI, w_IxO, dt, kind), kind)
+
+
+def saved_product(x_TxI: Array, w_IxO: Array, dt: jnp.dtype, kind: str) -> Array:
+  """x @ w in `dt` without gradients, kept by remat "dots" as its bits (for a custom VJP that
+  differentiates it; `kind` one of the bf16_f32 kinds)."""
+  return _saved_bits(jax.lax.stop_gradient(_DOTS[kind](x_TxI, w_IxO)).astype(dt))
 
 
 def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 1536, repeats: int = 5) -> float:

@@ -11,7 +11,6 @@ turns it off (XLA's transposing copies, and remat "dots" keeps float32 matmul re
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import jax
@@ -33,11 +32,7 @@ def available() -> bool:
 def usable(x: jax.Array) -> bool:
   """A 2-D array of 2- or 4-byte elements, traced for a CPU outside a mesh of several devices,
   with the kernel built."""
-  if os.environ.get("JBT_NATIVE_TRANSPOSE", "1") == "0":
-    return False
-  mesh = jax.sharding.get_abstract_mesh()
-  return (x.ndim == 2 and x.dtype.itemsize in (2, 4) and jax.default_backend() == "cpu"
-          and (mesh is None or mesh.empty or mesh.size == 1) and available())
+  return x.ndim == 2 and x.dtype.itemsize in (2, 4) and kernels.callable_here("JBT_NATIVE_TRANSPOSE") and available()
 
 
 def transpose(x_RxC: jax.Array) -> jax.Array:

@@ -29,7 +29,7 @@ from jbt.atomic import cache_dir
 # code fuses none either, which the optimizer kernel's bit-for-bit agreement relies on)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
 
-HEADER = Path(__file__).with_name("jbt_threads.h")  # included by every kernel
+HEADERS = tuple(sorted(Path(__file__).parent.glob("jbt_*.h")))  # shared by the kernels (thread count, vectors)
 log = logging.getLogger("jbt")
 
 
@@ -71,7 +71,7 @@ def _compiler_version(cxx: str) -> str:
 def library_path(source: Path, stem: str, cxx: str, extra: tuple[str, ...] = ()) -> Path:
   """Where the build of `source` (with `extra` compiler flags) for this machine lives (built by
   build() if missing)."""
-  parts = [source.read_text(), HEADER.read_text(), cxx, _compiler_version(cxx), " ".join([*FLAGS, *extra, *arch_flags()]),
+  parts = [source.read_text(), *(h.read_text() for h in HEADERS), cxx, _compiler_version(cxx), " ".join([*FLAGS, *extra, *arch_flags()]),
            jax.ffi.include_dir(), jax.__version__, platform.machine(), cpu_flags()]
   key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
   return cache_dir() / "kernels" / f"{stem}_{key}.so"
@@ -85,7 +85,7 @@ def build(source: Path, stem: str, cxx: str, what: str, extra: tuple[str, ...] =
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = Path(tmp) / path.name
-    cmd = [cxx, *FLAGS, *extra, *arch_flags(), f"-I{HEADER.parent}", f"-I{jax.ffi.include_dir()}", str(source), "-o",
+    cmd = [cxx, *FLAGS, *extra, *arch_flags(), f"-I{Path(__file__).parent}", f"-I{jax.ffi.include_dir()}", str(source), "-o",
            str(out)]
     log.info("%s: compiling the native CPU kernel (%s)", what, path.name)
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -113,3 +113,13 @@ def loads(load: Callable[[], None], unavailable: str) -> bool:
   except BuildError as e:
     log.warning("%s: %s", unavailable, e)
     return False
+
+
+def callable_here(switch: str) -> bool:
+  """Whether an FFI kernel may be called in the program being traced: the environment variable
+  `switch` is not "0", the backend is a CPU, and no mesh of several devices is in use (an FFI call
+  is opaque to XLA's partitioner)."""
+  if os.environ.get(switch, "1") == "0":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() == "cpu" and (mesh is None or mesh.empty or mesh.size == 1)

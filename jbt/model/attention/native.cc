@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "jbt_threads.h"
+#include "jbt_vec.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifdef __AVX512F__
@@ -42,17 +43,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace jbt;
+
 constexpr int T = 64;        // tokens a block
 constexpr float NEG = -1e30f;  // masked scores' running max start
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-
-inline v16 splat(float x) { return v16{} + x; }
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
-inline v16 vmin(v16 a, v16 b) { return a < b ? a : b; }
 #ifdef __AVX512F__
 inline float hmax(v16 v) { return _mm512_reduce_max_ps(__m512(v)); }
 inline float hsum(v16 v) { return _mm512_reduce_add_ps(__m512(v)); }
@@ -76,42 +71,7 @@ inline float hsum(v16 v) {
 }
 #endif
 
-// exp(x) for x <= 88 (float32 relative error ~2e-7); 0 below -87.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.0f);
-  v16 xc = vmax(vmin(x, splat(88.0f)), lo);
-  v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  v16 y = p * scale;
-  return x < lo ? splat(0.0f) : y;
-}
-
-inline float bf16_to_f32(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-typedef uint32_t u32v __attribute__((vector_size(64)));
-typedef uint16_t h16v __attribute__((vector_size(32)));
-
-// Round to nearest even; the bfloat16 is the top 16 bits (finite values: P and dS).
-inline u32v rounded_bits(v16 x) { u32v u; std::memcpy(&u, &x, sizeof u); return u + 0x7fffu + ((u >> 16) & 1u); }
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// 16 floats as 16 bfloat16 (round to nearest even, one instruction).
-inline void store_bf16(uint16_t* p, v16 x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(__m512(x))); }
 // Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
 inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
@@ -120,26 +80,12 @@ inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
   _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, both));
 }
 #else
-// 16 floats as 16 bfloat16.
-inline void store_bf16(uint16_t* p, v16 x) {
-  h16v h = __builtin_convertvector(rounded_bits(x) >> 16, h16v);
-  std::memcpy(p, &h, sizeof h);
-}
 // Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
 inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
   u32v w = (rounded_bits(x0) >> 16) | (rounded_bits(x1) & 0xffff0000u);
   std::memcpy(p, &w, sizeof w);
 }
 #endif
-// 16 bfloat16 as floats.
-inline v16 load_bf16(const uint16_t* p) {
-  h16v h;
-  std::memcpy(&h, p, sizeof h);
-  u32v u = __builtin_convertvector(h, u32v) << 16;
-  v16 f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // A float32 or bfloat16 array read and written as float32.
 struct Elems {
