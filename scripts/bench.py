@@ -48,9 +48,12 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     # XLA's transposing copies for the weight gradients (and float32 matmul results kept by remat)
     # instead of the native transpose (jbt/model/transpose.py)
     "jbt-shared-xla-transpose": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_TRANSPOSE": "0"}},
+    # XLA's elementwise code for the MLP's silu(g) u and its gradient (h kept by nothing, recomputed
+    # and transposed in the backward pass) instead of the native kernels (jbt/model/swiglu.py)
+    "jbt-shared-xla-swiglu": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_SWIGLU": "0"}},
     # optax's update (XLA) instead of the fused CPU optimizer kernel (jbt/train/fused_update.py)
     "jbt-shared-optax": {"kind": "jbt", "layout": "shared_prompt", "fused_update": "off"},
-    # without the restart under glibc's huge-page tunable (jbt/host.py): 4 KiB pages
+    # without the restart under glibc's huge-page tunable (jbt/runtime/hugepages.py): 4 KiB pages
     "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "hugepages": False},
     # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side
     "jbt-shared-2dev": {"kind": "jbt", "layout": "shared_prompt", "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}},
