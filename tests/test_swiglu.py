@@ -138,3 +138,34 @@ def test_the_model_takes_the_native_mlp_and_gives_xlas_gradients(monkeypatch, lo
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0.02 * scale)
     else:
       assert float(jnp.abs(a - c).max()) <= 1.25 * float(jnp.abs(b - c).max()) + 1e-3 * scale
+
+
+_OTHER_CPU_CHECK = """
+import sys
+sys.path.insert(0, "tests")
+import test_swiglu as t
+for shape in ((33,), (256, 768)):
+  t.test_swiglu_and_its_gradient_are_jax_silu_times_u(shape)
+class Env:
+  def setenv(self, k, v):
+    import os
+    os.environ[k] = v
+t.test_gated_down_is_swiglu_then_the_down_projection(70, 40, 24, Env())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("arch", ["-march=x86-64-v3", "-march=x86-64-v4"])
+def test_the_kernels_built_for_other_cpu_kinds_give_the_same_values(arch, tmp_path):
+  """The code another CPU kind gets (AVX2 only; AVX-512 without its bfloat16 instructions), built
+  here into a fresh cache: the same checks as above."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  env = dict(os.environ, JBT_CACHE=str(tmp_path), JBT_NATIVE_ARCH_FLAGS=arch)
+  root = Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, "-c", _OTHER_CPU_CHECK], cwd=root, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "ok" in done.stdout and len(list((tmp_path / "kernels").glob("jbt_swiglu_*.so"))) == 1
