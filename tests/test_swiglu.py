@@ -44,6 +44,20 @@ def test_swiglu_and_its_gradient_are_jax_silu_times_u(shape):
   _close_to_one_ulp(dg, dg_ref)
 
 
+def test_extreme_values_come_out_as_jax_computes_them():
+  """Infinities, NaN and gates past exp's float32 range: h, dg and du as XLA's (NaN where XLA
+  gives NaN, whatever its sign bit; results of ~1e-36 from gates near -87 may differ in a last
+  place, where the two exp approximations meet their range's end)."""
+  g = jnp.asarray([-np.inf, -1e4, -100, -90, -88.5, -87, -80, 80, 88.5, 90, 100, 1e4, np.inf, np.nan, 0, -0.0] * 2,
+                  jnp.bfloat16)
+  u = jnp.asarray(np.repeat([1.0, -3.0], 16), jnp.bfloat16)
+  dh = jnp.asarray(np.tile([1.0, -0.5], 16), jnp.bfloat16)
+  got = jax.jit(lambda g, u: (swiglu.swiglu(g, u), *jax.vjp(swiglu.swiglu, g, u)[1](dh)))(g, u)
+  want = jax.jit(lambda g, u: (_ref(g, u), *jax.vjp(_ref, g, u)[1](dh)))(g, u)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-35)
+
+
 @pytest.mark.parametrize("T,F,D", [(70, 40, 24), (5, 3, 4), (256, 1024, 64)])  # ragged rows and columns; threads
 def test_gated_down_is_swiglu_then_the_down_projection(T, F, D, monkeypatch):
   """Values and gradients equal swiglu() followed by matmul's bf16_f32 dot (dg to a last place
@@ -151,6 +165,7 @@ class Env:
     import os
     os.environ[k] = v
 t.test_gated_down_is_swiglu_then_the_down_projection(70, 40, 24, Env())
+t.test_extreme_values_come_out_as_jax_computes_them()
 print("ok")
 """
 
