@@ -53,8 +53,10 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     "jbt-shared-xla-swiglu": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_SWIGLU": "0"}},
     # optax's update (XLA) instead of the fused CPU optimizer kernel (jbt/train/fused_update.py)
     "jbt-shared-optax": {"kind": "jbt", "layout": "shared_prompt", "fused_update": "off"},
-    # without the restart under glibc's huge-page tunable (jbt/runtime/hugepages.py): 4 KiB pages
-    "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "hugepages": False},
+    # 4 KiB pages (jbt's default), and the restart under glibc's huge-page tunable (JBT_HUGEPAGES=1,
+    # jbt/runtime/hugepages.py)
+    "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "0"}},
+    "jbt-shared-hugepages": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "1"}},
     # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side
     "jbt-shared-2dev": {"kind": "jbt", "layout": "shared_prompt", "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}},
     # TRL's defaults: gradient checkpointing on, bf16 autocast (RewardConfig.bf16 defaults to True)
@@ -200,8 +202,7 @@ def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path, profil
   if profile:
     cmd += ["--profile", profile]
   env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-  if not VARIANTS[name].get("hugepages", True):
-    env.pop("GLIBC_TUNABLES", None)
+  env.pop("GLIBC_TUNABLES", None)  # each variant's own pages (JBT_HUGEPAGES), not the caller's
   env.update(VARIANTS[name].get("env", {}))
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   stdout, stderr = p.communicate()
@@ -231,7 +232,7 @@ def main() -> None:
   a = ap.parse_args()
   if a.worker:
     v = VARIANTS[a.worker]
-    if v["kind"] == "jbt" and v.get("hugepages", True):  # what `python -m jbt.train` does first
+    if v["kind"] == "jbt":  # what `python -m jbt.train` does first (a restart where JBT_HUGEPAGES=1)
       from jbt.runtime import hugepages
 
       hugepages.restart_with_hugepages()

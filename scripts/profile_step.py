@@ -5,7 +5,7 @@
 
 Prints seconds per jax.grad of the summed rewards, the kernel time and page faults per pass,
 compile time and peak resident memory. Like `python -m jbt.train` it first restarts itself under
-glibc's huge-page tunable (jbt/runtime/hugepages.py; JBT_NO_HUGEPAGES=1: 4 KiB pages). With
+glibc's huge-page tunable where JBT_HUGEPAGES=1 (jbt/runtime/hugepages.py; 4 KiB pages otherwise). With
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.
 With --trace DIR one more backward pass runs under the JAX profiler (per-op events, so slower
 than untraced), the trace is written to DIR and the ops' own times are printed, largest first,

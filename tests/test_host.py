@@ -16,26 +16,28 @@ glibc = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != 
 
 
 @glibc
-def test_hugepage_env_adds_the_tunable_and_keeps_the_rest():
-  assert host.hugepage_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  env = host.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+def test_hugepage_env_adds_the_tunable_when_asked_and_keeps_the_rest():
+  on = {host.ON: "1"}
+  assert host.hugepage_env({"A": "1", **on}) == {"A": "1", **on, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = host.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", **on})
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-  assert host.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stands
-  assert host.hugepage_env({host.OFF: "1"}) is None
-  assert host.hugepage_env({host.OFF: "0"}) is not None
+  assert host.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", **on}) is None  # the user's choice stands
+  assert host.hugepage_env({"A": "1"}) is None  # not asked for: 4 KiB pages, no restart
+  assert host.hugepage_env({host.ON: "0"}) is None
 
 
 @glibc
-def test_restart_runs_the_same_command_once_under_the_tunable(tmp_path):
+def test_restart_runs_the_same_command_once_under_the_tunable_when_asked(tmp_path):
   marker = tmp_path / "runs"
   code = ("import os, sys; from jbt.runtime import hugepages as host; open(sys.argv[1], 'a').write('run\\n'); "
           "host.restart_with_hugepages(); print(os.environ['GLIBC_TUNABLES'], sys.argv[2])")
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OFF)}
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.ON)}
+  env[host.ON] = "1"
   out = subprocess.run([sys.executable, "-c", code, str(marker), "arg"], capture_output=True, text=True, env=env,
                        check=True).stdout
   assert out.split() == ["glibc.malloc.hugetlb=1", "arg"]
   assert marker.read_text() == "run\nrun\n"  # started twice: the restart, then no further one
-  env[host.OFF] = "1"
+  del env[host.ON]  # the default: no restart
   out = subprocess.run([sys.executable, "-c", code.replace("os.environ['GLIBC_TUNABLES']", "'none'"), str(marker),
                         "arg"], capture_output=True, text=True, env=env, check=True).stdout
   assert out.split() == ["none", "arg"] and marker.read_text() == "run\nrun\nrun\n"
