@@ -29,6 +29,15 @@ using namespace jbt;
 
 inline v16 sigmoid(v16 g) { return 1.0f / (1.0f + vexp(-g)); }
 
+// h, dg and du of 16 elements (g = x, u = y, dh = d), in JAX's operations and order.
+struct Grads {
+  v16 h, dg, du;
+};
+inline Grads grads(v16 x, v16 y, v16 d) {
+  v16 s = sigmoid(x), gs = x * s, ds = d * y;
+  return {gs * y, ds * s + (ds * x) * (s * (1.0f - s)), d * gs};
+}
+
 void forward(const uint16_t* g, const uint16_t* u, uint16_t* h, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; i += 16) {
     v16 x = load_bf16(g + i);
@@ -39,11 +48,9 @@ void forward(const uint16_t* g, const uint16_t* u, uint16_t* h, int64_t i0, int6
 void backward(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16_t* dg, uint16_t* du, int64_t i0,
               int64_t i1) {
   for (int64_t i = i0; i < i1; i += 16) {
-    v16 x = load_bf16(g + i), y = load_bf16(u + i), d = load_bf16(dh + i);
-    v16 s = sigmoid(x);
-    v16 ds = d * y;
-    store_bf16(du + i, d * (x * s));
-    store_bf16(dg + i, ds * s + (ds * x) * (s * (1.0f - s)));
+    Grads r = grads(load_bf16(g + i), load_bf16(u + i), load_bf16(dh + i));
+    store_bf16(du + i, r.du);
+    store_bf16(dg + i, r.dg);
   }
 }
 
@@ -59,11 +66,10 @@ void backward_t(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16
     for (int64_t c = 0; c < F16; c += 16) {
       for (int i = 0; i < 16; ++i) {
         const int64_t at = (r + i) * F + c;
-        v16 x = load_bf16(g + at), y = load_bf16(u + at), d = load_bf16(dh + at);
-        v16 s = sigmoid(x), gs = x * s, ds = d * y;
-        store_bf16(du + at, d * gs);
-        store_bf16(dg + at, ds * s + (ds * x) * (s * (1.0f - s)));
-        store(tile[i], gs * y);
+        Grads q = grads(load_bf16(g + at), load_bf16(u + at), load_bf16(dh + at));
+        store_bf16(du + at, q.du);
+        store_bf16(dg + at, q.dg);
+        store(tile[i], q.h);
       }
       for (int j = 0; j < 16; ++j) {
         v16 col;
@@ -75,22 +81,20 @@ void backward_t(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16
   for (int64_t i = r; i < r1; ++i)  // the rows left, and below the columns left
     for (int64_t c = 0; c < F16; c += 16) {
       const int64_t at = i * F + c;
-      v16 x = load_bf16(g + at), y = load_bf16(u + at), d = load_bf16(dh + at);
-      v16 s = sigmoid(x), gs = x * s, ds = d * y;
-      store_bf16(du + at, d * gs);
-      store_bf16(dg + at, ds * s + (ds * x) * (s * (1.0f - s)));
+      Grads q = grads(load_bf16(g + at), load_bf16(u + at), load_bf16(dh + at));
+      store_bf16(du + at, q.du);
+      store_bf16(dg + at, q.dg);
       alignas(64) uint16_t h[16];
-      store_bf16(h, gs * y);
+      store_bf16(h, q.h);
       for (int j = 0; j < 16; ++j) hT[(c + j) * T + i] = h[j];
     }
   for (int64_t i = r0; i < r1; ++i)
     for (int64_t c = F16; c < F; ++c) {
       const int64_t at = i * F + c;
-      v16 x = splat(bf16_to_f32(g[at])), y = splat(bf16_to_f32(u[at])), d = splat(bf16_to_f32(dh[at]));
-      v16 s = sigmoid(x), gs = x * s, ds = d * y;
-      du[at] = f32_to_bf16((d * gs)[0]);
-      dg[at] = f32_to_bf16((ds * s + (ds * x) * (s * (1.0f - s)))[0]);
-      hT[c * T + i] = f32_to_bf16((gs * y)[0]);
+      Grads q = grads(splat(bf16_to_f32(g[at])), splat(bf16_to_f32(u[at])), splat(bf16_to_f32(dh[at])));
+      du[at] = f32_to_bf16(q.du[0]);
+      dg[at] = f32_to_bf16(q.dg[0]);
+      hT[c * T + i] = f32_to_bf16(q.h[0]);
     }
 }
 
@@ -99,11 +103,8 @@ void backward_t(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16
 template <typename F>
 void parallel(int64_t n, const F& fn) {
   const int64_t vecs = n / 16;
-  const int t = int(std::max<int64_t>(1, std::min<int64_t>(jbt::num_threads(), vecs / 4096 + 1)));
-  std::vector<std::thread> pool;
-  for (int k = 1; k < t; ++k) pool.emplace_back(fn, vecs * k / t * 16, vecs * (k + 1) / t * 16);
-  fn(0, vecs / t * 16);
-  for (auto& th : pool) th.join();
+  jbt::split(vecs, std::min<int64_t>(jbt::num_threads(), vecs / 4096 + 1),
+             [&](int64_t v0, int64_t v1) { fn(v0 * 16, v1 * 16); });
 }
 
 ffi::Error check(std::initializer_list<const ffi::AnyBuffer*> xs) {
@@ -164,12 +165,9 @@ ffi::Error BackwardT(ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::AnyBuffer dh, ffi:
   const uint16_t *pg = in(g), *pu = in(u), *pd = in(dh);
   uint16_t *pdg = out(dg), *pdu = out(du), *ph = out(hT);
   const int64_t blocks = T / 16;  // whole 16-row blocks split over the threads; the last takes the rest
-  const int t = int(std::max<int64_t>(1, std::min<int64_t>(jbt::num_threads(), T * F / 65536 + 1)));
-  std::vector<std::thread> pool;
-  auto rows = [&](int k) { return k == t ? T : blocks * k / t * 16; };
-  for (int k = 1; k < t; ++k) pool.emplace_back(backward_t, pg, pu, pd, pdg, pdu, ph, T, F, rows(k), rows(k + 1));
-  backward_t(pg, pu, pd, pdg, pdu, ph, T, F, 0, rows(1));
-  for (auto& th : pool) th.join();
+  jbt::split(blocks, std::min<int64_t>(jbt::num_threads(), T * F / 65536 + 1), [&](int64_t b0, int64_t b1) {
+    backward_t(pg, pu, pd, pdg, pdu, ph, T, F, b0 * 16, b1 == blocks ? T : b1 * 16);
+  });
   return ffi::Error::Success();
 }
 

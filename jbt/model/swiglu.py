@@ -4,7 +4,7 @@ through XLA's FFI), with its gradient as a second one.
 XLA's CPU code computes it, and in the backward pass its gradient and h again (the down
 projection's weight gradient needs h, which remat recomputes), as several single-threaded
 elementwise passes over [tokens, F] arrays; the kernels make each one vector pass over all cores,
-in float32 with one rounding per result as JAX computes it (`tests/test_model.py` compares them).
+in float32 with one rounding per result as JAX computes it (`tests/test_swiglu.py` compares them).
 Used for bfloat16 compute on a CPU without a mesh of several devices (an FFI call is opaque to
 XLA's partitioner) where the kernel builds; `usable()` says whether here and now.
 JBT_NATIVE_SWIGLU=0 turns it off."""
@@ -75,7 +75,7 @@ def gated_down(g_TxF: jax.Array, u_TxF: jax.Array, w_FxD: jax.Array) -> jax.Arra
   differentiated as one op: its backward pass needs g, u (kept by remat "dots" as the gate and up
   projections' results) and w, and one kernel gives dg, du and h transposed for the weight
   gradient h^T dy, so h is neither kept nor recomputed. The same values as swiglu() followed by
-  jbt.model.matmul.matmul. For 2-D operands where usable(g, u) and transpose.usable(g)."""
+  jbt.model.matmul.matmul. For 2-D operands where usable(g, u)."""
   h_TxF = jax.lax.stop_gradient(swiglu(g_TxF, u_TxF))
   return _gated_down_grads(g_TxF, u_TxF, w_FxD, matmul.saved_product(h_TxF, w_FxD, jnp.bfloat16, "bf16_f32"))
 

@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <thread>
-#include <vector>
 
 #include "jbt_threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -37,12 +35,9 @@ void transpose(const void* in, void* out, int64_t R, int64_t C) {
   const E* x = static_cast<const E*>(in);
   E* y = static_cast<E*>(out);
   const int64_t blocks = (C + kBlock - 1) / kBlock;
-  const int n = int(std::max<int64_t>(1, std::min<int64_t>(jbt::num_threads(), std::min<int64_t>(blocks, R * C / (1 << 18) + 1))));
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n; ++t)
-    pool.emplace_back(transpose_columns<E>, x, y, R, C, std::min(C, blocks * t / n * kBlock), std::min(C, blocks * (t + 1) / n * kBlock));
-  transpose_columns<E>(x, y, R, C, 0, std::min(C, blocks / n * kBlock));
-  for (auto& t : pool) t.join();
+  jbt::split(blocks, std::min<int64_t>(jbt::num_threads(), R * C / (1 << 18) + 1), [&](int64_t b0, int64_t b1) {
+    transpose_columns<E>(x, y, R, C, std::min(C, b0 * kBlock), std::min(C, b1 * kBlock));
+  });
 }
 
 ffi::Error Transpose(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
