@@ -10,8 +10,9 @@ defaults) unless a variant says fp32. Each variant runs in its own process, vari
 within a round, and the table gives medians over rounds: pairs/s and real tokens/s over the timed
 steps (after --warmup steps), peak resident memory of the process, and the mean train loss over
 the timed steps. It names the CPU (model, cores, the features that decide bf16 matmul speed),
-measures the bf16 dot rate XLA reaches on it, and gives each variant's matmul FLOP rate (6 x
-non-embedding parameters x real tokens / s) and its share of that rate. "Steady" pairs/s counts
+measures the bf16 dot rate XLA reaches on it (before the first run and after every run; the
+median, as one measurement can move by a quarter on a shared machine), and gives each variant's
+matmul FLOP rate (6 x non-embedding parameters x real tokens / s) and its share of that rate. "Steady" pairs/s counts
 only the timed steps in which no batch shape ran for the first time (perf/new_shapes 0): what a
 long run settles at once its few shapes have run (a shape's first run costs more: on a CPU its
 program finishes loading and its buffers are fresh memory); TRL compiles nothing, so its steady
@@ -36,13 +37,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
-VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", huge pages) but for what they name
+VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", 4 KiB pages) but for what they name
     "jbt-shared": {"kind": "jbt", "layout": "shared_prompt"},
     "jbt-packed": {"kind": "jbt", "layout": "packed"},
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
     # recomputes the matmuls in the backward pass, keeping only layer inputs and attention results
     "jbt-shared-attention": {"kind": "jbt", "layout": "shared_prompt", "remat": "attention"},
     "jbt-shared-fp32": {"kind": "jbt", "layout": "shared_prompt", "dtype": "float32"},
+    # rows cut to a multiple of 64 tokens (less padding, more batch shapes to compile) instead of
+    # the default's 8 geometric sizes per doubling
+    "jbt-shared-len64": {"kind": "jbt", "layout": "shared_prompt", "length_bucket": "64"},
     # attention in XLA ops (flash.py) instead of the native CPU kernel
     "jbt-shared-flash": {"kind": "jbt", "layout": "shared_prompt", "attention": "flash"},
     # XLA's transposing copies for the weight gradients (and float32 matmul results kept by remat)
@@ -128,6 +132,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.data.max_length, c.data.max_prompt_length = a.max_length, a.max_length - 1  # TRL limits the total only
   c.data.truncation = "drop"
   c.data.layout = a.layout
+  c.data.length_bucket = getattr(a, "length_bucket", c.data.length_bucket)
   c.model.remat = getattr(a, "remat", c.model.remat)
   c.model.dtype = getattr(a, "dtype", c.model.dtype)
   c.model.attention = getattr(a, "attention", c.model.attention)
@@ -251,8 +256,8 @@ def main() -> None:
   from jbt.runtime import cpu
 
   print(cpu.describe(), flush=True)
-  dot_gflops = cpu.dot_rate()
-  print(f"XLA bf16 dot [2048, 576] x [576, 1536] (jbt's CPU options): {dot_gflops:,.0f} GFLOP/s", flush=True)
+  dots = [cpu.dot_rate()]
+  print(f"XLA bf16 dot [2048, 576] x [576, 1536] (jbt's CPU options): {dots[0]:,.0f} GFLOP/s", flush=True)
   matmul_flops_per_token = 6 * non_embedding_params(Path(spec["model"]))
   print(f"case: SmolLM2-135M, {Path(a.data).name}, max_length {a.max_length}, {a.batch} pairs/step, "
         f"{a.warmup} warm-up + {a.steps} timed steps, {a.rounds} round(s); "
@@ -274,6 +279,12 @@ def main() -> None:
       res = run_variant(n, a, spec, work)
       results[n].append(res)
       print(f"  round {r + 1} {n}: {res['pairs_per_s']:.3f} pairs/s, loss {res['loss']:.4f}", flush=True)
+      # measured again between the variants' runs (nothing else running): one measurement moves by
+      # a quarter between runs on some machines, so the share is of the median
+      dots.append(cpu.dot_rate())
+  dot_gflops = statistics.median(dots)
+  print(f"\nXLA bf16 dot rate over {len(dots)} measurements (before and between runs): median {dot_gflops:,.0f} "
+        f"GFLOP/s, lowest {min(dots):,.0f}, highest {max(dots):,.0f}", flush=True)
 
   def med(n: str, k: str) -> float:
     return statistics.median(x[k] for x in results[n])
@@ -282,7 +293,7 @@ def main() -> None:
     return first[n]["pairs_per_s"] if n in first else med(n, "pairs_per_s")
 
   bases = [b for b in ("trl", "trl-no-gc") if b in results]
-  print("\n| variant | pairs/s | steady pairs/s | first-run pairs/s | real tokens/s | matmul GFLOP/s (of the dot rate) "
+  print("\n| variant | pairs/s | steady pairs/s | first-run pairs/s | real tokens/s | matmul GFLOP/s (of the median dot rate; of the highest) "
         "| peak RSS GiB | first-run compile s (shapes) | mean loss |" + "".join(f" x {b} (steady; first run) |" for b in bases))
   print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(bases))
   for n in names:
@@ -290,7 +301,7 @@ def main() -> None:
     rate = matmul_flops_per_token * med(n, "tokens_per_s") / 1e9  # 6 x non-embedding params x real tokens
     row = (f"| {n} | {med(n, 'pairs_per_s'):.3f} | {med(n, 'steady_pairs_per_s'):.3f} | {first_run(n):.3f} | "
            f"{med(n, 'tokens_per_s'):.0f} | "
-           f"{rate:,.0f} ({rate / dot_gflops:.0%}) | {med(n, 'peak_rss_gib'):.2f} | {compiled} | {med(n, 'loss'):.4f} |")
+           f"{rate:,.0f} ({rate / dot_gflops:.0%}; {rate / max(dots):.0%}) | {med(n, 'peak_rss_gib'):.2f} | {compiled} | {med(n, 'loss'):.4f} |")
     for b in bases:
       row += (f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} ({med(n, 'steady_pairs_per_s') / med(b, 'pairs_per_s'):.2f}; "
               f"{first_run(n) / first_run(b):.2f}) |")
