@@ -55,6 +55,9 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     # XLA's elementwise code for the MLP's silu(g) u and its gradient (h kept by nothing, recomputed
     # and transposed in the backward pass) instead of the native kernels (jbt/model/swiglu.py)
     "jbt-shared-xla-swiglu": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_SWIGLU": "0"}},
+    # the native kernels on threads of their own, started at every call, beside XLA's pool threads,
+    # instead of sharing XLA's pool (jbt/runtime/jbt_threads.h)
+    "jbt-shared-own-threads": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_POOL": "0"}},
     # optax's update (XLA) instead of the fused CPU optimizer kernel (jbt/train/fused_update.py)
     "jbt-shared-optax": {"kind": "jbt", "layout": "shared_prompt", "fused_update": "off"},
     # 4 KiB pages (jbt's default), and the restart under glibc's huge-page tunable (JBT_HUGEPAGES=1,

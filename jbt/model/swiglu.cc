@@ -121,8 +121,9 @@ ffi::Error check(std::initializer_list<const ffi::AnyBuffer*> xs) {
 const uint16_t* in(const ffi::AnyBuffer& x) { return static_cast<const uint16_t*>(x.untyped_data()); }
 uint16_t* out(ffi::Result<ffi::AnyBuffer>& x) { return static_cast<uint16_t*>(x->untyped_data()); }
 
-ffi::Error Forward(ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::Result<ffi::AnyBuffer> h) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::Result<ffi::AnyBuffer> h) {
   if (auto e = check({&g, &u}); e.failure()) return e;
+  jbt::PoolScope<ffi::ThreadPool> scope(pool);
   const int64_t n = int64_t(g.element_count()), body = n / 16 * 16;
   const uint16_t *pg = in(g), *pu = in(u);
   uint16_t* ph = out(h);
@@ -137,9 +138,10 @@ ffi::Error Forward(ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::Result<ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::AnyBuffer dh, ffi::Result<ffi::AnyBuffer> dg,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::AnyBuffer dh, ffi::Result<ffi::AnyBuffer> dg,
                     ffi::Result<ffi::AnyBuffer> du) {
   if (auto e = check({&g, &u, &dh}); e.failure()) return e;
+  jbt::PoolScope<ffi::ThreadPool> scope(pool);
   const int64_t n = int64_t(g.element_count()), body = n / 16 * 16;
   const uint16_t *pg = in(g), *pu = in(u), *pd = in(dh);
   uint16_t *pdg = out(dg), *pdu = out(du);
@@ -156,9 +158,10 @@ ffi::Error Backward(ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::AnyBuffer dh, ffi::
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardT(ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::AnyBuffer dh, ffi::Result<ffi::AnyBuffer> dg,
+ffi::Error BackwardT(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::AnyBuffer dh, ffi::Result<ffi::AnyBuffer> dg,
                      ffi::Result<ffi::AnyBuffer> du, ffi::Result<ffi::AnyBuffer> hT) {
   if (auto e = check({&g, &u, &dh}); e.failure()) return e;
+  jbt::PoolScope<ffi::ThreadPool> scope(pool);
   auto dims = g.dimensions();
   if (dims.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "swiglu: [tokens, F] arrays only");
   const int64_t T = dims[0], F = dims[1];
@@ -174,7 +177,7 @@ ffi::Error BackwardT(ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::AnyBuffer dh, ffi:
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtSwigluBwdT, BackwardT,
-                              ffi::Ffi::Bind()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -182,9 +185,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtSwigluBwdT, BackwardT,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtSwigluFwd, Forward,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtSwigluBwd, Backward,
-                              ffi::Ffi::Bind()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -40,7 +40,8 @@ void transpose(const void* in, void* out, int64_t R, int64_t C) {
   });
 }
 
-ffi::Error Transpose(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+ffi::Error Transpose(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  jbt::PoolScope<ffi::ThreadPool> scope(pool);
   auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "transpose: a 2-D array is needed");
   const int64_t R = dims[0], C = dims[1];
@@ -59,4 +60,4 @@ ffi::Error Transpose(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtTranspose, Transpose, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbtTranspose, Transpose, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());

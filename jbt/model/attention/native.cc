@@ -191,22 +191,19 @@ void amx_gemm(int M, int N, int Kd, const uint16_t* A, long lda, const uint16_t*
 using jbt::num_threads;
 
 // Runs fn(task, worker) for every task in [0, n) on up to num_threads() threads (worker < that):
-// tasks go to whichever worker is free, or, if fixed, worker w runs tasks w, w + workers, ... in
-// order (so that what each worker adds up, and in which order, does not depend on timing).
+// tasks go to whichever thread is free, or, if fixed, worker w's tasks are w, w + workers, ... run
+// in order by one thread (so that what each worker adds up, and in which order, does not depend on
+// timing or on how many threads took part). The threads are the caller and XLA's pool threads
+// (jbt::share).
 void parallel_for(int n, const std::function<void(int, int)>& fn, bool fixed = false) {
-  int workers = std::min(n, num_threads());
-  std::atomic<int> next{0};
-  auto run = [&](int w) {
-    if (fixed) {
-      for (int t = w; t < n; t += workers) fn(t, w);
-    } else {
-      for (int t; (t = next.fetch_add(1)) < n;) fn(t, w);
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int w = 1; w < workers; ++w) threads.emplace_back(run, w);
-  run(0);
-  for (auto& t : threads) t.join();
+  const int workers = std::max(1, std::min(n, num_threads()));
+  if (fixed) {
+    jbt::share(workers, workers - 1, [&](int64_t w) {
+      for (int t = int(w); t < n; t += workers) fn(t, int(w));
+    });
+  } else {
+    jbt::share(n, workers - 1, [&](int64_t t) { fn(int(t), 0); });
+  }
 }
 
 struct Problem {
@@ -680,11 +677,12 @@ Problem problem(ffi::AnyBuffer q, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S3
                  has_branches ? br.typed_data() : nullptr, win > 0 ? pos.typed_data() : nullptr, win, scale, softcap);
 }
 
-ffi::Error ForwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> seg,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> seg,
                        ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> window,
                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                        int64_t sliding_window, bool has_branches, float scale, float softcap) {
   if (auto e = check(q, k, v); e.failure()) return e;
+  jbt::PoolScope<ffi::ThreadPool> scope(pool);
   Problem P = problem(q, seg, br, pos, window, sliding_window, has_branches, scale, softcap);
 #ifdef JBT_AMX
   if (use_amx(elems(q), elems(k), elems(v), P.H)) {
@@ -696,12 +694,13 @@ ffi::Error ForwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> seg,
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> seg,
                         ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> window,
                         ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                         int64_t sliding_window, bool has_branches, float scale, float softcap) {
   if (auto e = check(q, k, v); e.failure()) return e;
+  jbt::PoolScope<ffi::ThreadPool> scope(pool);
   Problem P = problem(q, seg, br, pos, window, sliding_window, has_branches, scale, softcap);
 #ifdef JBT_AMX
   if (use_amx(elems(q), elems(k), elems(v), P.H) && elems(out).bf16 && elems(dout).bf16) {
@@ -718,9 +717,11 @@ ffi::Error BackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
 }  // namespace
 
 namespace {
-// The arguments both passes take first: q, k, v, segment, branch and position ids, the window.
+// The arguments both passes take first: XLA's thread pool, q, k, v, segment, branch and position
+// ids, the window.
 auto with_inputs() {
   return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
