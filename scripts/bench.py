@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
-VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", 4 KiB pages) but for what they name
+VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", freed memory kept, 4 KiB pages) but for what they name
     "jbt-shared": {"kind": "jbt", "layout": "shared_prompt"},
     "jbt-packed": {"kind": "jbt", "layout": "packed"},
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
@@ -60,10 +60,12 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     "jbt-shared-own-threads": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_POOL": "0"}},
     # optax's update (XLA) instead of the fused CPU optimizer kernel (jbt/train/fused_update.py)
     "jbt-shared-optax": {"kind": "jbt", "layout": "shared_prompt", "fused_update": "off"},
-    # 4 KiB pages (jbt's default), and the restart under glibc's huge-page tunable (JBT_HUGEPAGES=1,
-    # jbt/runtime/hugepages.py)
-    "jbt-shared-4k": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "0"}},
-    "jbt-shared-hugepages": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "1"}},
+    # glibc's defaults, as before jbt kept freed memory for reuse (jbt/runtime/host_memory.py): the
+    # step's large temporary buffers come as fresh pages at every step
+    "jbt-shared-fresh-memory": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_KEEP_MEMORY": "0"}},
+    # transparent huge pages for large blocks (JBT_HUGEPAGES=1), without and with the kept memory
+    "jbt-shared-hugepages": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "1", "JBT_KEEP_MEMORY": "0"}},
+    "jbt-shared-hugepages-kept": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "1"}},
     # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side
     "jbt-shared-2dev": {"kind": "jbt", "layout": "shared_prompt", "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}},
     # TRL's defaults: gradient checkpointing on, bf16 autocast (RewardConfig.bf16 defaults to True)
@@ -210,7 +212,9 @@ def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path, profil
   if profile:
     cmd += ["--profile", profile]
   env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-  env.pop("GLIBC_TUNABLES", None)  # each variant's own pages (JBT_HUGEPAGES), not the caller's
+  env.pop("GLIBC_TUNABLES", None)  # each variant's own malloc tunables (jbt/runtime/host_memory.py), not the caller's
+  for k in ("JBT_KEEP_MEMORY", "JBT_HUGEPAGES"):
+    env.pop(k, None)
   env.update(VARIANTS[name].get("env", {}))
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   stdout, stderr = p.communicate()
@@ -240,10 +244,10 @@ def main() -> None:
   a = ap.parse_args()
   if a.worker:
     v = VARIANTS[a.worker]
-    if v["kind"] == "jbt":  # what `python -m jbt.train` does first (a restart where JBT_HUGEPAGES=1)
-      from jbt.runtime import hugepages
+    if v["kind"] == "jbt":  # what `python -m jbt.train` does first (the restart under glibc's tunables)
+      from jbt.runtime import host_memory
 
-      hugepages.restart_with_hugepages()
+      host_memory.restart()
     for k, val in v.items():
       setattr(a, k, val)
     res = (worker_jbt if v["kind"] == "jbt" else worker_trl)(a, json.loads(a.spec))

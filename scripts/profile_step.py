@@ -5,7 +5,7 @@
 
 Prints seconds per jax.grad of the summed rewards, the kernel time and page faults per pass,
 compile time and peak resident memory. Like `python -m jbt.train` it first restarts itself under
-glibc's huge-page tunable where JBT_HUGEPAGES=1 (jbt/runtime/hugepages.py; 4 KiB pages otherwise). With
+glibc's malloc tunables that keep freed memory (jbt/runtime/host_memory.py; JBT_KEEP_MEMORY=0: not). With
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.
 With --trace DIR one more backward pass runs under the JAX profiler (per-op events, so slower
 than untraced), the trace is written to DIR and the ops' own times are printed, largest first,
@@ -17,9 +17,9 @@ traces steps 3 and 4 into {run dir}/profile; --report reads it.
 from __future__ import annotations
 
 if __name__ == "__main__":
-  from jbt.runtime import hugepages
+  from jbt.runtime import host_memory
 
-  hugepages.restart_with_hugepages()
+  host_memory.restart()
 
 import argparse
 import resource

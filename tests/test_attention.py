@@ -519,3 +519,39 @@ def test_native_takes_other_float_dtypes_through_float32():
   full = native.native_attention(*(x.astype(jnp.float16).astype(jnp.float32) for x in (q, k, v)), info)
   assert half.dtype == jnp.float16
   np.testing.assert_array_equal(np.asarray(half), np.asarray(full.astype(jnp.float16)))
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "5"])
+def test_native_kernels_give_the_same_bits_on_xla_pool_and_own_threads(threads, monkeypatch):
+  """The native kernels share XLA's CPU thread pool (jbt_threads.h): the caller and helper tasks
+  claim units until none is left, and a helper that starts late finds nothing. Every unit runs
+  once and fixed-order sums keep their order whichever threads run them: attention's gradients,
+  the SwiGLU kernels and the transpose give the same bits with the pool and with threads of their
+  own (JBT_NATIVE_POOL=0), with fewer, as many and more workers than the pool has threads."""
+  from jbt.model import swiglu, transpose
+  from jbt.model.attention import native
+
+  if not (transpose.available() and swiglu.available()):
+    pytest.skip("no C++ compiler for the native kernels")
+  q, k, v, w, _, info, _ = packed_case(11, 2, 640, 2, 2, 32)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1100, 1000)), jnp.bfloat16)  # 1.1M elements: several threads' worth
+  g, u, dh = (jnp.asarray(rng.normal(size=(528, 1024)), jnp.bfloat16) for _ in range(3))
+
+  def run():
+    grad = jax.jit(jax.grad(lambda q, k, v: (native.native_attention(q, k, v, info).astype(jnp.float32) * w).sum(),
+                            argnums=(0, 1, 2)))
+    out = [np.asarray(a, np.float32) for a in grad(*(a.astype(jnp.bfloat16) for a in (q, k, v)))]
+    out.append(np.asarray(jax.jit(transpose.transpose)(x), np.float32))
+    out.append(np.asarray(jax.jit(swiglu.swiglu)(g, u), np.float32))
+    out += [np.asarray(a, np.float32) for a in jax.jit(swiglu._backward_t)(g, u, dh)]
+    return out
+
+  monkeypatch.setenv("JBT_NATIVE_THREADS", threads)
+  pooled = run()
+  monkeypatch.setenv("JBT_NATIVE_POOL", "0")
+  own = run()
+  for a, b in zip(pooled, own):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(pooled[3], np.asarray(x, np.float32).T)  # every unit ran once
+  np.testing.assert_array_equal(pooled[-1], np.asarray(swiglu.swiglu(g, u), np.float32).T)

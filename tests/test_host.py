@@ -1,4 +1,4 @@
-"""jbt.runtime.hugepages (the restart under glibc's huge-page tunable) and jbt.runtime.cpu."""
+"""jbt.runtime.host_memory (the restart under glibc's malloc tunables) and jbt.runtime.cpu."""
 
 from __future__ import annotations
 
@@ -10,37 +10,63 @@ import sys
 import numpy as np
 import pytest
 
-from jbt.runtime import hugepages as host
+from jbt.runtime import host_memory as host
 
 glibc = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="needs glibc")
+KEEP = ":".join(host.KEEP_TUNABLES)
 
 
 @glibc
-def test_hugepage_env_adds_the_tunable_when_asked_and_keeps_the_rest():
-  on = {host.ON: "1"}
-  assert host.hugepage_env({"A": "1", **on}) == {"A": "1", **on, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  env = host.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", **on})
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-  assert host.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", **on}) is None  # the user's choice stands
-  assert host.hugepage_env({"A": "1"}) is None  # not asked for: 4 KiB pages, no restart
-  assert host.hugepage_env({host.ON: "0"}) is None
+def test_restart_env_keeps_freed_memory_by_default_and_respects_the_users_tunables():
+  assert host.restart_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": KEEP}
+  assert KEEP == "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.arena_max=1"
+  env = host.restart_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})  # the user's own arena count stands
+  assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=4:glibc.malloc.mmap_max=0:"
+                                   "glibc.malloc.trim_threshold=1099511627776")
+  assert host.restart_env({"GLIBC_TUNABLES": KEEP}) is None  # already in place: no further restart
+  assert host.restart_env({host.KEEP: "0"}) is None  # glibc's defaults, no restart
+  assert host.restart_env({host.KEEP: "0", host.HUGEPAGES: "1"}) == {
+      host.KEEP: "0", host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  both = host.restart_env({host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+  assert both["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0:" + KEEP  # the user's huge-page choice stands
 
 
 @glibc
-def test_restart_runs_the_same_command_once_under_the_tunable_when_asked(tmp_path):
+def test_restart_runs_the_same_command_once_under_the_tunables(tmp_path):
   marker = tmp_path / "runs"
-  code = ("import os, sys; from jbt.runtime import hugepages as host; open(sys.argv[1], 'a').write('run\\n'); "
-          "host.restart_with_hugepages(); print(os.environ['GLIBC_TUNABLES'], sys.argv[2])")
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.ON)}
-  env[host.ON] = "1"
-  out = subprocess.run([sys.executable, "-c", code, str(marker), "arg"], capture_output=True, text=True, env=env,
-                       check=True).stdout
-  assert out.split() == ["glibc.malloc.hugetlb=1", "arg"]
+  code = ("import os, sys; from jbt.runtime import host_memory as host; open(sys.argv[1], 'a').write('run\\n'); "
+          "host.restart(); print(os.environ.get('GLIBC_TUNABLES', 'none'), sys.argv[2])")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.KEEP, host.HUGEPAGES)}
+
+  def run(**extra):
+    return subprocess.run([sys.executable, "-c", code, str(marker), "arg"], capture_output=True, text=True,
+                          env={**env, **extra}, check=True).stdout.split()
+
+  assert run() == [KEEP, "arg"]
   assert marker.read_text() == "run\nrun\n"  # started twice: the restart, then no further one
-  del env[host.ON]  # the default: no restart
-  out = subprocess.run([sys.executable, "-c", code.replace("os.environ['GLIBC_TUNABLES']", "'none'"), str(marker),
-                        "arg"], capture_output=True, text=True, env=env, check=True).stdout
-  assert out.split() == ["none", "arg"] and marker.read_text() == "run\nrun\nrun\n"
+  assert run(**{host.HUGEPAGES: "1"}) == [KEEP + ":glibc.malloc.hugetlb=1", "arg"]
+  assert marker.read_text().count("run") == 4
+  assert run(**{host.KEEP: "0"}) == ["none", "arg"]  # glibc's defaults: no restart
+  assert marker.read_text().count("run") == 5
+
+
+def test_kept_memory_is_what_the_restarted_process_runs_under():
+  """The tunables take effect: a 64 MiB block comes from the heap (freed, it stays there for the
+  next one); under glibc's defaults it is a mapping of its own, handed back when freed."""
+  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    pytest.skip("needs glibc")
+  code = ("import ctypes; from jbt.runtime import host_memory as host; host.restart(); "
+          "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; a = libc.malloc(64 << 20); "
+          "spans = [l.split()[0].split('-') for l in open('/proc/self/maps') if l.rstrip().endswith('[heap]')]; "
+          "print(any(int(lo, 16) <= a < int(hi, 16) for lo, hi in spans))")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.KEEP, host.HUGEPAGES)}
+
+  def in_heap(**extra):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra},
+                          check=True).stdout.split()
+
+  assert in_heap() == ["True"]
+  assert in_heap(**{host.KEEP: "0"}) == ["False"]
 
 
 def test_cpu_info_names_the_model_and_the_matmul_features():

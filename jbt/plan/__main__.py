@@ -11,9 +11,9 @@ from a published shape its name points at (or --shape). A config that does not f
 one line: what it needs per chip, what the chip has, and the settings that would help.
 """
 
-from jbt.runtime import hugepages
+from jbt.runtime import host_memory
 
-hugepages.restart_with_hugepages()
+host_memory.restart()
 
 from absl import flags  # noqa: E402
 

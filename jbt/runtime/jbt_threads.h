@@ -47,11 +47,8 @@ class PoolScope {
   explicit PoolScope(P& pool)
       : pool_{[&pool](std::function<void()> task) { pool.Schedule(std::move(task)); }, pool.num_threads()},
         saved_(current_pool) {
-    static const bool off = [] {
-      const char* v = std::getenv("JBT_NATIVE_POOL");
-      return v && std::string(v) == "0";
-    }();
-    current_pool = off ? nullptr : &pool_;
+    const char* off = std::getenv("JBT_NATIVE_POOL");
+    current_pool = off && std::string(off) == "0" ? nullptr : &pool_;
   }
   ~PoolScope() { current_pool = saved_; }
   PoolScope(const PoolScope&) = delete;

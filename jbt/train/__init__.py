@@ -19,7 +19,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
   # `from jbt.train import run` without importing jax when `python -m jbt.train` starts: its
-  # __main__ may restart the process first (jbt.runtime.hugepages, JBT_HUGEPAGES=1).
+  # __main__ restarts the process first (jbt.runtime.host_memory).
   if name == "run":
     from jbt.train.trainer import run
 

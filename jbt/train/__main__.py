@@ -1,8 +1,8 @@
 """python -m jbt.train --config configs/NAME.py (or a packaged config's NAME) [--config.a.b=value ...]"""
 
-from jbt.runtime import hugepages
+from jbt.runtime import host_memory
 
-hugepages.restart_with_hugepages()  # first, before jax is imported: the restart would redo that work
+host_memory.restart()  # first, before jax is imported: the restart would redo that work
 
 
 def main(argv: list[str]) -> None:
