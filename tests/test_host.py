@@ -17,17 +17,18 @@ KEEP = ":".join(host.KEEP_TUNABLES)
 
 
 @glibc
-def test_restart_env_keeps_freed_memory_by_default_and_respects_the_users_tunables():
-  assert host.restart_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": KEEP}
+def test_restart_env_adds_the_tunables_asked_for_and_respects_the_users():
+  on = {host.KEEP: "1"}
+  assert host.restart_env({"A": "1", **on}) == {"A": "1", **on, "GLIBC_TUNABLES": KEEP}
   assert KEEP == "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.arena_max=1"
-  env = host.restart_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})  # the user's own arena count stands
+  env = host.restart_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4", **on})  # the user's own arena count stands
   assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=4:glibc.malloc.mmap_max=0:"
                                    "glibc.malloc.trim_threshold=1099511627776")
-  assert host.restart_env({"GLIBC_TUNABLES": KEEP}) is None  # already in place: no further restart
-  assert host.restart_env({host.KEEP: "0"}) is None  # glibc's defaults, no restart
-  assert host.restart_env({host.KEEP: "0", host.HUGEPAGES: "1"}) == {
-      host.KEEP: "0", host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  both = host.restart_env({host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+  assert host.restart_env({"GLIBC_TUNABLES": KEEP, **on}) is None  # already in place: no further restart
+  assert host.restart_env({"A": "1"}) is None  # the default: glibc's own settings, no restart
+  assert host.restart_env({host.KEEP: "0", host.HUGEPAGES: "0"}) is None
+  assert host.restart_env({host.HUGEPAGES: "1"}) == {host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  both = host.restart_env({host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", **on})
   assert both["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0:" + KEEP  # the user's huge-page choice stands
 
 
@@ -42,17 +43,18 @@ def test_restart_runs_the_same_command_once_under_the_tunables(tmp_path):
     return subprocess.run([sys.executable, "-c", code, str(marker), "arg"], capture_output=True, text=True,
                           env={**env, **extra}, check=True).stdout.split()
 
-  assert run() == [KEEP, "arg"]
+  assert run(**{host.KEEP: "1"}) == [KEEP, "arg"]
   assert marker.read_text() == "run\nrun\n"  # started twice: the restart, then no further one
-  assert run(**{host.HUGEPAGES: "1"}) == [KEEP + ":glibc.malloc.hugetlb=1", "arg"]
+  assert run(**{host.KEEP: "1", host.HUGEPAGES: "1"}) == [KEEP + ":glibc.malloc.hugetlb=1", "arg"]
   assert marker.read_text().count("run") == 4
-  assert run(**{host.KEEP: "0"}) == ["none", "arg"]  # glibc's defaults: no restart
+  assert run() == ["none", "arg"]  # the default: no restart
   assert marker.read_text().count("run") == 5
 
 
 def test_kept_memory_is_what_the_restarted_process_runs_under():
-  """The tunables take effect: a 64 MiB block comes from the heap (freed, it stays there for the
-  next one); under glibc's defaults it is a mapping of its own, handed back when freed."""
+  """The tunables take effect: with JBT_KEEP_MEMORY=1 a 64 MiB block comes from the heap (freed, it
+  stays there for the next one); under glibc's defaults it is a mapping of its own, handed back
+  when freed."""
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     pytest.skip("needs glibc")
   code = ("import ctypes; from jbt.runtime import host_memory as host; host.restart(); "
@@ -65,8 +67,8 @@ def test_kept_memory_is_what_the_restarted_process_runs_under():
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra},
                           check=True).stdout.split()
 
-  assert in_heap() == ["True"]
-  assert in_heap(**{host.KEEP: "0"}) == ["False"]
+  assert in_heap(**{host.KEEP: "1"}) == ["True"]
+  assert in_heap() == ["False"]
 
 
 def test_cpu_info_names_the_model_and_the_matmul_features():

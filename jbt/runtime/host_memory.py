@@ -5,16 +5,20 @@ XLA's CPU runtime allocates a step's temporary buffers (gigabytes for a long pac
 every step. glibc serves blocks above 32 MiB by mmap and hands them back to the kernel when they
 are freed, so every step touches fresh 4 KiB pages: the kernel zeroes each page at its first
 touch, and XLA's own zero fills of the layer scan's stacks then run at page-fault speed (about
-4 GB/s, 8% of a steady step's gradients program on the AMX Xeon, docs/benchmarks.md).
+4 GB/s, 8% of a steady step's gradients program on the AMX Xeon, docs/benchmarks.md). By
+default that is how jbt runs: glibc's defaults, nothing restarts.
 
-By default jbt's entry points (`python -m jbt.train`, `python -m jbt.plan`, the bench and profile
-scripts) start themselves again, before anything else runs, under tunables that keep freed memory
-for reuse, the way a framework's caching allocator does: `glibc.malloc.mmap_max=0` (large blocks
-from the heap), a trim threshold of 1 TiB (never handed back) and `glibc.malloc.arena_max=1` (one
-heap for every thread, so a block one thread frees serves the next step on another). The price is
-memory: the process keeps the peak of its temporaries and the holes between them (SmolLM2-135M's
-bench: 4.9-5.6 GiB peak instead of 3.8, against TRL's 7.1). JBT_KEEP_MEMORY=0 turns it off; a
-tunable the user's GLIBC_TUNABLES already names stays as given.
+With JBT_KEEP_MEMORY=1, jbt's entry points (`python -m jbt.train`, `python -m jbt.plan`, the
+bench and profile scripts) start themselves again, before anything else runs, under tunables that
+keep freed memory for reuse, the way a framework's caching allocator does:
+`glibc.malloc.mmap_max=0` (large blocks from the heap), a trim threshold of 1 TiB (never handed
+back) and `glibc.malloc.arena_max=1` (one heap for every thread, so a block one thread frees
+serves the next step on another). SmolLM2-135M's bench ran 1.08x, 1.14x and 1.07x faster with it
+on the AMX Xeon, but its peak resident memory grew with the number of batch shapes the run met
+(the heap keeps the holes between blocks of different sizes): 4.9-5.6 GiB instead of 3.8 over
+9 shapes, 6.2 GiB instead of 3.9 over 11, against TRL's 7.1. A long run meets more shapes, so
+this is asked for, not the default. A tunable the user's GLIBC_TUNABLES already names stays as
+given.
 
 Huge pages: `glibc.malloc.hugetlb=1` asks for transparent huge pages on large blocks instead, a
 few thousand faults a step instead of hundreds of thousands. That paid while a step rewrote whole
@@ -44,7 +48,7 @@ def restart_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     return None
   tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
   named = {t.split("=", 1)[0] for t in tunables}
-  wanted = list(KEEP_TUNABLES) if environ.get(KEEP, "1") != "0" else []
+  wanted = list(KEEP_TUNABLES) if environ.get(KEEP, "") == "1" else []
   if environ.get(HUGEPAGES, "") == "1":
     wanted.append(HUGEPAGE_TUNABLE)
   added = [t for t in wanted if t.split("=", 1)[0] not in named]
@@ -54,8 +58,8 @@ def restart_env(environ: Mapping[str, str]) -> dict[str, str] | None:
 
 
 def restart() -> None:
-  """Replace this process by the same command under restart_env() where it differs from this
-  one's; call it first thing in a command-line entry point (it never returns where a restart
+  """Where JBT_KEEP_MEMORY=1 or JBT_HUGEPAGES=1 asks for tunables this process lacks, replace it
+  by the same command under restart_env(); call it first thing in a command-line entry point (it never returns where a restart
   happens, and the restarted process finds its tunables in place and goes on)."""
   env = restart_env(os.environ)
   if env is None:
