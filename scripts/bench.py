@@ -10,8 +10,8 @@ defaults) unless a variant says fp32. Each variant runs in its own process, vari
 within a round, and the table gives medians over rounds: pairs/s and real tokens/s over the timed
 steps (after --warmup steps), peak resident memory of the process, and the mean train loss over
 the timed steps. It names the CPU (model, cores, the features that decide bf16 matmul speed),
-measures the bf16 dot rate XLA reaches on it (before the first run and after every run; the
-median, as one measurement can move by a quarter on a shared machine), and gives each variant's
+measures the bf16 dot rate XLA reaches on it (three times before the first run and once after
+every run: one measurement can move by half on a shared machine), and gives each variant's
 matmul FLOP rate (6 x non-embedding parameters x real tokens / s) and its share of that rate. "Steady" pairs/s counts
 only the timed steps in which no batch shape ran for the first time (perf/new_shapes 0): what a
 long run settles at once its few shapes have run (a shape's first run costs more: on a CPU its
@@ -262,8 +262,9 @@ def main() -> None:
   from jbt.runtime import cpu
 
   print(cpu.describe(), flush=True)
-  dots = [cpu.dot_rate()]
-  print(f"XLA bf16 dot [2048, 576] x [576, 1536] (jbt's CPU options): {dots[0]:,.0f} GFLOP/s", flush=True)
+  dots = [cpu.dot_rate() for _ in range(3)]
+  print(f"XLA bf16 dot [2048, 576] x [576, 1536] (jbt's CPU options): {', '.join(f'{d:,.0f}' for d in dots)} GFLOP/s",
+        flush=True)
   matmul_flops_per_token = 6 * non_embedding_params(Path(spec["model"]))
   print(f"case: SmolLM2-135M, {Path(a.data).name}, max_length {a.max_length}, {a.batch} pairs/step, "
         f"{a.warmup} warm-up + {a.steps} timed steps, {a.rounds} round(s); "
@@ -286,7 +287,8 @@ def main() -> None:
       results[n].append(res)
       print(f"  round {r + 1} {n}: {res['pairs_per_s']:.3f} pairs/s, loss {res['loss']:.4f}", flush=True)
       # measured again between the variants' runs (nothing else running): one measurement moves by
-      # a quarter between runs on some machines, so the share is of the median
+      # up to half between runs on some machines, so the table gives the share of the median and of
+      # the highest
       dots.append(cpu.dot_rate())
   dot_gflops = statistics.median(dots)
   print(f"\nXLA bf16 dot rate over {len(dots)} measurements (before and between runs): median {dot_gflops:,.0f} "
