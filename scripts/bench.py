@@ -256,6 +256,9 @@ def main() -> None:
     print("RESULT " + json.dumps(res), flush=True)
     return
   names = a.variants.split(",")
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
   work = Path(a.work).absolute()
   work.mkdir(parents=True, exist_ok=True)
   spec = prepare(work, Path(a.data), a.max_length, (a.steps + a.warmup) * a.batch)
