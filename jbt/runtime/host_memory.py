@@ -24,7 +24,7 @@ Huge pages: `glibc.malloc.hugetlb=1` asks for transparent huge pages on large bl
 few thousand faults a step instead of hundreds of thousands. That paid while a step rewrote whole
 stacks every layer (1.1x in docs/benchmarks.md's earlier passes, on both CPU kinds); with today's
 step it costs (4 KiB pages ran 1.09-1.20x faster in three rounds of `scripts/bench.py --variants
-jbt-shared-4k,jbt-shared-hugepages` on the AMX Xeon, and the kernel's huge-page work also slows
+jbt-shared,jbt-shared-hugepages` on the AMX Xeon, and the kernel's huge-page work also slows
 compiling), so only JBT_HUGEPAGES=1 asks for it. Where the C library is not glibc nothing changes.
 """
 
