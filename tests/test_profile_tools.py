@@ -35,6 +35,9 @@ def test_op_times_name_the_source_ops(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.startswith("op self time in the trace:")
   assert "| matmuls |" in out  # the kinds table
+  walls = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
+           if line.startswith("| ") and line.split("|")[1].strip() in (*trace.WALL_KINDS, "nothing")}
+  assert walls["dots"] > 0 and abs(sum(walls.values()) - float(out.split("traced span ")[1].split()[0])) < 0.011
   rows = _rows(out)
   assert 1 <= len(rows) <= 5
   seconds = [float(r.split()[0]) for r in rows]
@@ -44,6 +47,12 @@ def test_op_times_name_the_source_ops(tmp_path, capsys):
   assert trace.report(tmp_path, 5) == out.rstrip("\n")
   with pytest.raises(FileNotFoundError, match="not a JAX profiler trace directory"):
     trace.report(tmp_path / "nothing")
+
+
+def test_wall_kinds_name_what_runs():
+  assert [trace.wall_kind(op) for op in ("ynn_fusion.3", "ffi_call.2", "wrapped_convert.1", "bitcast-convert_bitcast_fusion",
+                                         "wrapped_broadcast.5", "bitcast_dynamic-update-slice_fusion.1", "add_fusion")] == [
+      "dots", "FFI kernels", "converts", "converts", "zero fills", "stack updates", "other ops"]
 
 
 def test_profile_steps_are_parsed_and_bad_ones_refused():

@@ -139,14 +139,36 @@ def op_times(trace_dir: str | Path, hlo_text: str | None = None) -> dict[str, An
   return {"ops": ops, "categories": cats, "total": sum(ops.values()), "trace": path, **_busy(events, sources)}
 
 
+# What runs, in the order wall time is given to it when several kinds run at once (XLA runs
+# independent ops side by side, and a dot's or a kernel's own worker threads are not traced).
+WALL_KINDS = ("dots", "FFI kernels", "converts", "zero fills", "stack updates", "other ops")
+_CONTAINERS = ("while", "call", "conditional")  # events that span the ops they run
+
+
+def wall_kind(op: str) -> str:
+  """The WALL_KINDS entry of an instruction, by its name."""
+  if op.startswith(("ynn", "dot", "onednn")):
+    return "dots"
+  if op.startswith(("ffi_call", "custom-call", "custom_call")):
+    return "FFI kernels"
+  if "convert" in op:
+    return "converts"
+  if "broadcast" in op:
+    return "zero fills"
+  if "dynamic-update-slice" in op or "dynamic_update_slice" in op:
+    return "stack updates"
+  return "other ops"
+
+
 def _busy(events: list[dict], sources: dict[str, str], resolution_us: float = 50.0) -> dict[str, Any]:
   """How many threads ran an op at each moment of the traced span: {"span": seconds,
   "busy": [share of the span with 0, 1, 2, ... threads busy], "alone": Counter(category ->
-  seconds some op of it ran while no other thread did)}."""
+  seconds some op of it ran while no other thread did), "wall": Counter(WALL_KINDS entry or
+  "nothing" -> seconds of the span, each moment given to the first kind running then)}."""
   import numpy as np
 
   if not events:
-    return {"span": 0.0, "busy": [], "alone": collections.Counter()}
+    return {"span": 0.0, "busy": [], "alone": collections.Counter(), "wall": collections.Counter()}
   t0 = min(e["ts"] for e in events)
   n = int((max(e["ts"] + e["dur"] for e in events) - t0) / resolution_us) + 1
   threads = sorted({e["tid"] for e in events})
@@ -163,13 +185,21 @@ def _busy(events: list[dict], sources: dict[str, str], resolution_us: float = 50
     busy[row, i:j] = True
     kind[row, i:j] = names.index(c)  # the innermost op last (events are sorted by start)
   count = busy.sum(0)
+  first = np.full(n, len(WALL_KINDS))
+  for e in events:
+    op = e["args"]["hlo_op"]
+    if not op.startswith(_CONTAINERS):
+      i, j = int((e["ts"] - t0) / resolution_us), int((e["ts"] + e["dur"] - t0) / resolution_us) + 1
+      first[i:j] = np.minimum(first[i:j], WALL_KINDS.index(wall_kind(op)))
+  wall = collections.Counter({(*WALL_KINDS, "nothing")[k]: m * resolution_us / 1e6
+                              for k, m in zip(*np.unique(first, return_counts=True))})
   alone: collections.Counter = collections.Counter()
   for row in range(len(threads)):
     ks = kind[row][(count == 1) & busy[row]]
     for k, m in zip(*np.unique(ks, return_counts=True)):
       alone[names[k]] += m * resolution_us / 1e6
   return {"span": n * resolution_us / 1e6, "busy": [float((count == k).mean()) for k in range(len(threads) + 1)],
-          "alone": alone}
+          "alone": alone, "wall": wall}
 
 
 def report(trace_dir: str | Path, top: int = 30, hlo_text: str | None = None) -> str:
@@ -181,6 +211,12 @@ def report(trace_dir: str | Path, top: int = 30, hlo_text: str | None = None) ->
   lines += [f"| {k} | {s:.3f} | {100 * s / total:.1f}% |" for k, s in t["categories"].most_common()]
   lines += ["", f"traced span {t['span']:.2f} s; share of it with " + ", ".join(
       f"{k} threads busy {100 * b:.0f}%" for k, b in enumerate(t["busy"])),
-      "one thread busy, by kind: " + ", ".join(f"{k} {v:.2f} s" for k, v in t["alone"].most_common()), ""]
+      "one thread busy, by kind: " + ", ".join(f"{k} {v:.2f} s" for k, v in t["alone"].most_common()), "",
+      "wall time of the traced span by what runs (each moment to the first of: " + ", ".join(WALL_KINDS) +
+      "; \"nothing\" includes the host's time between programs):", "", "| running | s | share |", "|---|---|---|"]
+  span = t["span"] or 1.0
+  lines += [f"| {k} | {t['wall'][k]:.3f} | {100 * t['wall'][k] / span:.1f}% |" for k in (*WALL_KINDS, "nothing")
+            if k in t["wall"]]
+  lines += [""]
   lines += [f"{s:8.3f} s {100 * s / total:5.1f}%  {name}" for name, s in t["ops"].most_common(top)]
   return "\n".join(lines)
