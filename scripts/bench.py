@@ -12,7 +12,8 @@ steps (after --warmup steps), peak resident memory of the process, and the mean 
 the timed steps. It names the CPU (model, cores, the features that decide bf16 matmul speed),
 measures the bf16 dot rate XLA reaches on it (three times before the first run and once after
 every run: one measurement can move by half on a shared machine), and gives each variant's
-matmul FLOP rate (6 x non-embedding parameters x real tokens / s) and its share of that rate. "Steady" pairs/s counts
+matmul FLOP rate (6 x non-embedding parameters x real tokens / s) and its share of that rate
+(of the median and of the highest measurement). "Steady" pairs/s counts
 only the timed steps in which no batch shape ran for the first time (perf/new_shapes 0): what a
 long run settles at once its few shapes have run (a shape's first run costs more: on a CPU its
 program finishes loading and its buffers are fresh memory); TRL compiles nothing, so its steady
@@ -211,8 +212,7 @@ def run_variant(name: str, a: argparse.Namespace, spec: dict, work: Path, profil
   if profile:
     cmd += ["--profile", profile]
   env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-  env.pop("GLIBC_TUNABLES", None)  # each variant's own malloc tunables (jbt/runtime/host_memory.py), not the caller's
-  for k in ("JBT_KEEP_MEMORY", "JBT_HUGEPAGES"):
+  for k in ("GLIBC_TUNABLES", "JBT_KEEP_MEMORY", "JBT_HUGEPAGES"):  # each variant's own (host_memory.py)
     env.pop(k, None)
   env.update(VARIANTS[name].get("env", {}))
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -1,6 +1,7 @@
 // The number of threads jbt's C++ kernels use (JBT_NATIVE_THREADS, else the CPUs this process may
-// run on) and how a kernel shares its work with XLA's CPU thread pool. Shared by the kernels through jbt/runtime/kernels.py (which puts this folder on the
-// include path and this file in each build's cache key).
+// run on) and how a kernel shares its work with XLA's CPU thread pool. Shared by the kernels
+// through jbt/runtime/kernels.py (which puts this folder on the include path and this file in
+// each build's cache key).
 #pragma once
 
 #include <sched.h>

@@ -174,6 +174,7 @@ def _busy(events: list[dict], sources: dict[str, str], resolution_us: float = 50
   threads = sorted({e["tid"] for e in events})
   busy = np.zeros((len(threads), n), bool)
   kind = np.full((len(threads), n), -1, np.int16)
+  first = np.full(n, len(WALL_KINDS))  # per moment: the first WALL_KINDS entry running
   names: list[str] = []
   for e in events:
     op, src = _source(sources, e)
@@ -184,13 +185,9 @@ def _busy(events: list[dict], sources: dict[str, str], resolution_us: float = 50
     row = threads.index(e["tid"])
     busy[row, i:j] = True
     kind[row, i:j] = names.index(c)  # the innermost op last (events are sorted by start)
-  count = busy.sum(0)
-  first = np.full(n, len(WALL_KINDS))
-  for e in events:
-    op = e["args"]["hlo_op"]
     if not op.startswith(_CONTAINERS):
-      i, j = int((e["ts"] - t0) / resolution_us), int((e["ts"] + e["dur"] - t0) / resolution_us) + 1
       first[i:j] = np.minimum(first[i:j], WALL_KINDS.index(wall_kind(op)))
+  count = busy.sum(0)
   wall = collections.Counter({(*WALL_KINDS, "nothing")[k]: m * resolution_us / 1e6
                               for k, m in zip(*np.unique(first, return_counts=True))})
   alone: collections.Counter = collections.Counter()
