@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl.gz"
-VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", glibc's malloc defaults) but for what they name
+VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots", freed memory kept) but for what they name
     "jbt-shared": {"kind": "jbt", "layout": "shared_prompt"},
     "jbt-packed": {"kind": "jbt", "layout": "packed"},
     "jbt-padded": {"kind": "jbt", "layout": "padded"},
@@ -61,9 +61,9 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     "jbt-shared-own-threads": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_NATIVE_POOL": "0"}},
     # optax's update (XLA) instead of the fused CPU optimizer kernel (jbt/train/fused_update.py)
     "jbt-shared-optax": {"kind": "jbt", "layout": "shared_prompt", "fused_update": "off"},
-    # glibc keeping freed memory for reuse (JBT_KEEP_MEMORY=1, jbt/runtime/host_memory.py): the step's
-    # large temporary buffers come back from the heap already in memory instead of as fresh pages
-    "jbt-shared-keep-memory": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_KEEP_MEMORY": "1"}},
+    # glibc's malloc defaults (JBT_KEEP_MEMORY=0, jbt/runtime/host_memory.py): the step's large
+    # temporary buffers are fresh pages at every step instead of coming back from the heap
+    "jbt-shared-fresh-memory": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_KEEP_MEMORY": "0"}},
     # transparent huge pages for large blocks (JBT_HUGEPAGES=1)
     "jbt-shared-hugepages": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "1"}},
     # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side

@@ -5,7 +5,8 @@
 
 Prints seconds per jax.grad of the summed rewards, the kernel time and page faults per pass,
 compile time and peak resident memory. Like `python -m jbt.train` it first restarts itself under
-the malloc tunables JBT_KEEP_MEMORY=1 or JBT_HUGEPAGES=1 ask for (jbt/runtime/host_memory.py). With
+the malloc tunables that keep freed memory (unless JBT_KEEP_MEMORY=0) and those JBT_HUGEPAGES=1
+asks for (jbt/runtime/host_memory.py). With
 --max_segment S the rows hold segments of S tokens (a packed layout), else one sequence a row.
 With --trace DIR one more backward pass runs under the JAX profiler (per-op events, so slower
 than untraced), the trace is written to DIR and the ops' own times are printed, largest first,

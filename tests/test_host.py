@@ -25,9 +25,12 @@ def test_restart_env_adds_the_tunables_asked_for_and_respects_the_users():
   assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=4:glibc.malloc.mmap_max=0:"
                                    "glibc.malloc.trim_threshold=1099511627776")
   assert host.restart_env({"GLIBC_TUNABLES": KEEP, **on}) is None  # already in place: no further restart
-  assert host.restart_env({"A": "1"}) is None  # the default: glibc's own settings, no restart
+  assert host.restart_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": KEEP}  # the default keeps memory
+  assert host.restart_env({"A": "1"}, keep=False) is None  # jbt.plan's default: glibc's own settings
+  assert host.restart_env({host.KEEP: "1"}, keep=False)["GLIBC_TUNABLES"] == KEEP
   assert host.restart_env({host.KEEP: "0", host.HUGEPAGES: "0"}) is None
-  assert host.restart_env({host.HUGEPAGES: "1"}) == {host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert host.restart_env({host.KEEP: "0", host.HUGEPAGES: "1"}) == {host.KEEP: "0", host.HUGEPAGES: "1",
+                                                                     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
   both = host.restart_env({host.HUGEPAGES: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", **on})
   assert both["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0:" + KEEP  # the user's huge-page choice stands
 
@@ -43,18 +46,18 @@ def test_restart_runs_the_same_command_once_under_the_tunables(tmp_path):
     return subprocess.run([sys.executable, "-c", code, str(marker), "arg"], capture_output=True, text=True,
                           env={**env, **extra}, check=True).stdout.split()
 
-  assert run(**{host.KEEP: "1"}) == [KEEP, "arg"]
+  assert run() == [KEEP, "arg"]
   assert marker.read_text() == "run\nrun\n"  # started twice: the restart, then no further one
-  assert run(**{host.KEEP: "1", host.HUGEPAGES: "1"}) == [KEEP + ":glibc.malloc.hugetlb=1", "arg"]
+  assert run(**{host.HUGEPAGES: "1"}) == [KEEP + ":glibc.malloc.hugetlb=1", "arg"]
   assert marker.read_text().count("run") == 4
-  assert run() == ["none", "arg"]  # the default: no restart
+  assert run(**{host.KEEP: "0"}) == ["none", "arg"]  # glibc's defaults: no restart
   assert marker.read_text().count("run") == 5
 
 
 def test_kept_memory_is_what_the_restarted_process_runs_under():
-  """The tunables take effect: with JBT_KEEP_MEMORY=1 a 64 MiB block comes from the heap (freed, it
-  stays there for the next one); under glibc's defaults it is a mapping of its own, handed back
-  when freed."""
+  """The tunables take effect: by default a 64 MiB block comes from the heap (freed, it stays there
+  for the next one); under glibc's defaults (JBT_KEEP_MEMORY=0) it is a mapping of its own, handed
+  back when freed."""
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     pytest.skip("needs glibc")
   code = ("import ctypes; from jbt.runtime import host_memory as host; host.restart(); "
@@ -67,8 +70,38 @@ def test_kept_memory_is_what_the_restarted_process_runs_under():
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra},
                           check=True).stdout.split()
 
-  assert in_heap(**{host.KEEP: "1"}) == ["True"]
-  assert in_heap() == ["False"]
+  assert in_heap() == ["True"]
+  assert in_heap(**{host.KEEP: "0"}) == ["False"]
+
+
+def test_available_memory_is_the_tighter_of_the_machine_and_its_cgroup():
+  meminfo = "MemTotal:       24683664 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n"
+  machine = (20000000 * 1024, 24683664 * 1024)
+  assert host.available_memory(meminfo, (None, None)) == machine
+  assert host.available_memory(meminfo, ("max\n", "5000\n")) == machine  # cgroup v2 without a limit
+  assert host.available_memory(meminfo, ("9223372036854771712\n", "5000\n")) == machine  # v1's "no limit"
+  assert host.available_memory(meminfo, (f"{8 << 30}\n", f"{7 << 30}\n")) == (1 << 30, 8 << 30)
+  assert host.available_memory(meminfo, (f"{64 << 30}\n", f"{1 << 30}\n")) == machine  # the machine is tighter
+  assert host.available_memory("", (None, None)) is None
+  assert host.available_memory("", ("100", "120")) == (0, 100)
+  assert host.available_memory() is not None or sys.platform != "linux"
+
+
+@glibc
+def test_relieve_hands_kept_memory_back_only_when_memory_is_short():
+  """In a process that keeps freed memory, 256 MiB written and freed stays resident; relieve()
+  leaves it while an eighth or more of the memory is available and hands it back below that."""
+  code = ("import ctypes, sys; from jbt.runtime import host_memory as host; host.restart(); "
+          "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; n = 256 << 20; a = libc.malloc(n); "
+          "ctypes.memset(a, 1, n); libc.free(ctypes.c_void_p(a)); "
+          "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20; r0 = rss(); "
+          "ample = host.relieve((1 << 30, 8 << 30)); r1 = rss(); short = host.relieve((1 << 30, 9 << 30)); "
+          "print(ample, short, r0 - r1, r1 - rss())")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.KEEP, host.HUGEPAGES)}
+  ample, short, kept_drop, relieved_drop = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+  assert (ample, short) == ("False", "True")
+  assert int(kept_drop) < 16 and int(relieved_drop) > 200, (kept_drop, relieved_drop)
 
 
 def test_cpu_info_names_the_model_and_the_matmul_features():

@@ -393,16 +393,26 @@ def test_per_pair_margins_change_the_loss_as_the_formula_says():
 
 
 @needs_smollm2
-def test_margins_from_data_train_end_to_end_as_the_same_margin_given_in_the_config(tmp_path, capsys):
-  """Every record carrying margin 0.5 with loss.margin_from_data trains exactly as loss.margin=0.5."""
+def test_margins_from_data_train_end_to_end_as_the_same_margin_given_in_the_config(tmp_path, capsys, monkeypatch):
+  """Every record carrying margin 0.5 with loss.margin_from_data trains exactly as loss.margin=0.5.
+  Run a also finds the machine short of memory after every update (host_memory.relieve)."""
   recs = [json.loads(x) for x in Path(tiny(tmp_path).data.train[0]).read_text().splitlines()]
   margins = tmp_path / "margins.jsonl"
   margins.write_text("".join(json.dumps({**r, "margin": 0.5}) + "\n" for r in recs))
   base = {"train.max_steps": 2, "train.eval_every": -1, "ckpt.export_final": False}
-  run(tiny(tmp_path / "a", **base, **{"data.train": (str(margins),), "loss.margin_from_data": True}))
+  from jbt.runtime import host_memory
+
+  asked = []
+  with monkeypatch.context() as m:
+    m.setattr(host_memory, "available_memory", lambda: asked.append(1) or (1 << 30, 16 << 30))
+    run(tiny(tmp_path / "a", **base, **{"data.train": (str(margins),), "loss.margin_from_data": True}))
   said = capsys.readouterr().out
   assert "margins from data: 392 of 392 train pairs carry one" in said, said
+  if host_memory._glibc():  # asked after each of the 2 updates, said once
+    assert len(asked) == 2 and said.count("host memory is short (less than 1/8 available)") == 1, said
   run(tiny(tmp_path / "b", **base, **{"loss.margin": 0.5, "train.profile": "2:3"}))  # traced: the same numbers
+  said = capsys.readouterr().out
+  assert "host memory is short" not in said
   a, b = losses(tmp_path / "a" / "runs" / "tiny"), losses(tmp_path / "b" / "runs" / "tiny")
   assert sorted(a) == [1, 2] and a == pytest.approx(b, abs=1e-6)
   assert a[1] > 0.9  # softplus(0.5) at a near-zero start; without the margin it would be about log 2
@@ -410,7 +420,7 @@ def test_margins_from_data_train_end_to_end_as_the_same_margin_given_in_the_conf
   from jbt.runtime import trace
 
   out = tmp_path / "b" / "runs" / "tiny" / "profile"
-  assert f"python scripts/profile_step.py --report {out}" in capsys.readouterr().out
+  assert f"python scripts/profile_step.py --report {out}" in said
   hlo = list(out.glob(f"*{trace.HLO_FILE}"))
   assert len(hlo) == 1 and "ENTRY" in hlo[0].read_text()
   t = trace.op_times(out)

@@ -13,7 +13,7 @@ one line: what it needs per chip, what the chip has, and the settings that would
 
 from jbt.runtime import host_memory
 
-host_memory.restart()
+host_memory.restart(keep=False)  # JBT_HUGEPAGES=1 or JBT_KEEP_MEMORY=1 only: planning compiles, it does not train
 
 from absl import flags  # noqa: E402
 

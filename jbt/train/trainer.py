@@ -32,6 +32,7 @@ from jbt.data import ensure_chat_template, max_responses
 from jbt.errors import Interrupted, JbtError
 from jbt.hf.adapter import write_adapter_dir
 from jbt.model.attention import BLOCK_SPARSE
+from jbt.runtime import host_memory
 from jbt.runtime import mesh as mesh_lib
 from jbt.runtime import trace
 from jbt.runtime.distributed import enable_compilation_cache, is_primary, maybe_init_distributed
@@ -106,6 +107,7 @@ class Trainer:
   def __init__(self, cfg: ConfigDict, run_dir: Any, stops: StopRequests | None = None):
     self.cfg, self.run_dir, self.t_start = cfg, run_dir, time.time()
     self.stops = stops or StopRequests()
+    self.memory_handbacks = 0  # updates after which kept host memory went back (host_memory.relieve)
     setup.check_specs(cfg)
     self.mesh = mesh_lib.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
     setup.check_mesh_batch(cfg, self.mesh)
@@ -307,6 +309,11 @@ class Trainer:
       self.throughput.restart()
     if cfg.ckpt.save_every > 0 and update % cfg.ckpt.save_every == 0 and update < self.updates:
       self._save(update * self.accum)
+    if host_memory.relieve():  # the machine is short of memory: kept freed memory goes back to it
+      self.memory_handbacks += 1
+      if self.memory_handbacks == 1:
+        log(f"host memory is short (less than 1/{host_memory.TIGHT} available): memory freed by the steps goes "
+            "back to the system after every update while it stays short (JBT_KEEP_MEMORY=0 never keeps it)")
 
   def _saved(self, state: Any) -> Any:
     """What a checkpoint holds of a TrainState (or of its shardings): the trainable params and the
