@@ -13,9 +13,9 @@ anything else runs, under `glibc.malloc.mmap_max=0` (large blocks from the heap)
 of 1 TiB (never handed back on its own) and `glibc.malloc.arena_max=1` (one heap for every thread,
 so a block one thread frees serves the next step on another). SmolLM2-135M's bench ran 1.07x-1.14x
 faster with it on the AMX Xeon. The price is resident memory: the heap keeps the holes between
-blocks of different sizes, so the peak grows with the batch shapes a run meets until it has met
-them all (docs/benchmarks.md: 5.6 GiB instead of 3.9 over 11 shapes and 48 steps, flat after the
-last new shape; TRL's 7.1-7.6 GiB). The trainer calls relieve() after every update: where the
+blocks of different sizes, so the peak grows with the batch shapes a run meets and stops once it
+has met them (docs/benchmarks.md: 5.6 GiB instead of 3.8 in the bench, flat over the last 17 of 48
+steps; TRL's 7.4). The trainer calls relieve() after every update: where the
 machine (or the process's cgroup) has less than an eighth of its memory available, the heap's
 free pages go back to the kernel (malloc_trim), so kept memory never pushes a machine into
 swapping or its memory limit. JBT_KEEP_MEMORY=0 runs under glibc's defaults; `python -m jbt.plan`
