@@ -48,6 +48,9 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     # rows cut to a multiple of 64 tokens (less padding, more batch shapes to compile) instead of
     # the default's 8 geometric sizes per doubling
     "jbt-shared-len64": {"kind": "jbt", "layout": "shared_prompt", "length_bucket": "64"},
+    # the layers unrolled (model.scan_layers=False): no stacked residuals to fill and update, a
+    # longer compile
+    "jbt-shared-unrolled": {"kind": "jbt", "layout": "shared_prompt", "scan_layers": False},
     # attention in XLA ops (flash.py) instead of the native CPU kernel
     "jbt-shared-flash": {"kind": "jbt", "layout": "shared_prompt", "attention": "flash"},
     # XLA's transposing copies for the weight gradients (and float32 matmul results kept by remat)
@@ -141,6 +144,7 @@ def worker_jbt(a: argparse.Namespace, spec: dict) -> dict:
   c.model.remat = getattr(a, "remat", c.model.remat)
   c.model.dtype = getattr(a, "dtype", c.model.dtype)
   c.model.attention = getattr(a, "attention", c.model.attention)
+  c.model.scan_layers = getattr(a, "scan_layers", c.model.scan_layers)
   c.train.batch_size = a.batch
   c.train.max_steps = a.warmup + a.steps
   c.train.eval_every = 0
