@@ -96,8 +96,8 @@ def available_memory(meminfo: str | None = None, cgroup: tuple[str | None, str |
   fields = {}
   for line in (text or "").splitlines():
     name, _, rest = line.partition(":")
-    if rest.split():
-      fields[name] = int(rest.split()[0]) * 1024
+    if words := rest.split():
+      fields[name] = int(words[0]) * 1024
   best = (fields["MemAvailable"], fields["MemTotal"]) if {"MemAvailable", "MemTotal"} <= fields.keys() else None
   if cgroup is None:
     cgroup = (_read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current"))
@@ -105,8 +105,9 @@ def available_memory(meminfo: str | None = None, cgroup: tuple[str | None, str |
       cgroup = (_read("/sys/fs/cgroup/memory/memory.limit_in_bytes"), _read("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
   limit, used = (c.strip() if c else "" for c in cgroup)
   if limit.isdigit() and used.isdigit() and int(limit) < 1 << 60:  # "max" or v1's huge number: no limit
-    if best is None or int(limit) - int(used) < best[0]:
-      best = (max(int(limit) - int(used), 0), int(limit))
+    room = max(int(limit) - int(used), 0)
+    if best is None or room < best[0]:
+      best = (room, int(limit))
   return best
 
 
