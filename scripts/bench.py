@@ -67,6 +67,10 @@ VARIANTS = {  # jbt variants run jbt's defaults (bfloat16 compute, remat "dots",
     # glibc's malloc defaults (JBT_KEEP_MEMORY=0, jbt/runtime/host_memory.py): the step's large
     # temporary buffers are fresh pages at every step instead of coming back from the heap
     "jbt-shared-fresh-memory": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_KEEP_MEMORY": "0"}},
+    # bfloat16 dots as YNNPACK's single dots (bfloat16 inputs) or its fused kind (computed in
+    # float32), whichever jbt did not measure faster on this CPU (jbt/runtime/xla_options.py)
+    "jbt-shared-single-dots": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_BF16_DOTS": "single"}},
+    "jbt-shared-fused-dots": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_BF16_DOTS": "fused"}},
     # transparent huge pages for large blocks (JBT_HUGEPAGES=1)
     "jbt-shared-hugepages": {"kind": "jbt", "layout": "shared_prompt", "env": {"JBT_HUGEPAGES": "1"}},
     # FSDP over two CPU devices, so the single-threaded attention loops of each half run side by side

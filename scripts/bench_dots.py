@@ -6,9 +6,9 @@ Forms, for x [m, k], w [k, n], g [m, n] (bfloat16): the forward x w and the inpu
 g w^T (float32 results, as jbt.model.matmul computes them), the weight gradient x^T g written
 plainly (XLA folds the transpose: the left operand contracts its major axis) and as jbt computes
 it (the tokens split in two), a bfloat16-result forward and a float32 one. Libraries: XLA's
-defaults, jbt's options (jbt/runtime/xla_options.py), YNNPACK's fused kind, and oneDNN where this
-jaxlib accepts its options. Then each jbt.model.matmul CPU kind's gradient time (the measurement
-`model.matmul=auto` makes once per CPU). GFLOP/s, 2 m k n per product; the CPU is named first.
+defaults, YNNPACK's single and fused dots (jbt's two bfloat16 kinds, jbt/runtime/xla_options.py), and
+oneDNN where this jaxlib accepts its options. Then each bfloat16 dot kind's and each
+jbt.model.matmul CPU kind's gradient time (the measurements jbt makes once per CPU). GFLOP/s, 2 m k n per product; the CPU is named first.
 Last, the read rate of a whole-leaf sum of squares (the update's norms) under the model's and
 the update program's options (jbt.train.step.TwoPrograms).
 """
@@ -26,8 +26,8 @@ from jbt.runtime import cpu, xla_options
 
 LIBRARIES = {
     "xla defaults": {},
-    "jbt (ynn single dots)": xla_options.CPU_OPTIONS["bfloat16"],
-    "ynn fused dots": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "ynn single dots (jbt: single)": xla_options.BF16_DOTS["single"],
+    "ynn fused dots (jbt: fused)": xla_options.BF16_DOTS["fused"],
     "onednn": {"xla_cpu_use_onednn": True},
     "onednn custom call": {"xla_cpu_experimental_onednn_custom_call": True},
 }
@@ -83,6 +83,11 @@ def main() -> None:
         continue
       cells.append(f"{rate(f, (x, w, g), flop, a.seconds):,.0f}")
     print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+  print("\nbfloat16 dot kinds, one gradient through an up and a down projection (576 <-> 1536, 1024 tokens), "
+        "best of 5:")
+  for kind, options in xla_options.BF16_DOTS.items():
+    print(f"  {kind}: {matmul.grad_seconds('bf16_f32', options=options) * 1e3:.1f} ms")
+  print(f"bfloat16 dots on this CPU: {xla_options.bf16_dots()} ({cpu.choices_path()})")
   print("\njbt.model.matmul CPU kinds, one gradient through an up and a down projection (576 <-> 1536, "
         "1024 tokens), best of 5:")
   for kind in matmul.CPU_KINDS:

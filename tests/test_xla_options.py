@@ -15,7 +15,76 @@ def test_options_only_for_cpu_and_known_dtypes():
   assert xla_options.compiler_options("float32", backend="tpu") is None
   assert xla_options.compiler_options("float16", backend="cpu") is None
   assert xla_options.compiler_options("float32", backend="cpu") == xla_options.CPU_OPTIONS["float32"]
-  assert xla_options.compiler_options("bfloat16", backend="cpu") == xla_options.CPU_OPTIONS["bfloat16"]
+  assert xla_options.compiler_options("bfloat16", backend="cpu") == xla_options.BF16_DOTS[xla_options.bf16_dots()]
+
+
+@pytest.fixture
+def fresh_bf16_dots(monkeypatch, tmp_path):
+  """bf16_dots() measured anew, its choice kept in a fresh file."""
+  monkeypatch.setenv("JBT_CPU_CHOICES", str(tmp_path / "choices.json"))
+  monkeypatch.delenv("JBT_BF16_DOTS", raising=False)
+  xla_options.bf16_dots.cache_clear()
+  yield
+  xla_options.bf16_dots.cache_clear()
+
+
+@pytest.mark.parametrize("fused_seconds, expected", [(0.06, "fused"), (0.095, "single"), (0.2, "single")])
+def test_bf16_dots_are_the_faster_kind_measured_once(fresh_bf16_dots, monkeypatch, tmp_path, fused_seconds, expected):
+  """The bfloat16 dot kind is measured (a gradient under each kind's options) and the faster one
+  taken, single dots unless fused ones are faster by more than 10%; the choice is kept, so a later
+  process does not measure again."""
+  from jbt.model import matmul
+
+  measured = []
+
+  def seconds(kind, options=None):
+    measured.append(options)
+    return fused_seconds if options == xla_options.BF16_DOTS["fused"] else 0.1
+
+  monkeypatch.setattr(matmul, "grad_seconds", seconds)
+  assert xla_options.bf16_dots() == expected
+  assert sorted(map(str, measured)) == sorted(map(str, xla_options.BF16_DOTS.values()))
+  assert expected in (tmp_path / "choices.json").read_text()
+  xla_options.bf16_dots.cache_clear()
+  measured.clear()
+  assert xla_options.bf16_dots() == expected and not measured  # kept: not measured again
+  assert xla_options.compiler_options("bfloat16", backend="cpu") == xla_options.BF16_DOTS[expected]
+
+
+def test_bf16_dots_set_by_the_environment(fresh_bf16_dots, monkeypatch):
+  from jbt.model import matmul
+
+  monkeypatch.setattr(matmul, "grad_seconds", lambda *a, **k: pytest.fail("measured although JBT_BF16_DOTS is set"))
+  for kind in xla_options.BF16_DOTS:
+    monkeypatch.setenv("JBT_BF16_DOTS", kind)
+    xla_options.bf16_dots.cache_clear()
+    assert xla_options.compiler_options("bfloat16", backend="cpu") == xla_options.BF16_DOTS[kind]
+  monkeypatch.setenv("JBT_BF16_DOTS", "fast")
+  xla_options.bf16_dots.cache_clear()
+  with pytest.raises(ValueError, match="JBT_BF16_DOTS must be one of single, fused, got 'fast'"):
+    xla_options.bf16_dots()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
+def test_bf16_dot_kinds_give_the_same_gradients():
+  """Both kinds compute bfloat16 x bfloat16 products accumulated in float32: a gradient through
+  an up and a down projection agrees to float32 rounding."""
+  from jbt.model import matmul
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(256, 64)), jnp.bfloat16)
+  w1, w2 = (jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32) for s in ((64, 128), (128, 64)))
+
+  def loss(x, w1, w2):
+    h = matmul.matmul(x, w1, jnp.bfloat16, "bf16_f32")
+    return matmul.matmul(h, w2, jnp.bfloat16, "bf16_f32").astype(jnp.float32).sum()
+
+  grads = [jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w2).compile(compiler_options=o)(x, w1, w2)
+           for o in xla_options.BF16_DOTS.values()]
+  for a, b in zip(*grads):  # (dx is bfloat16: the two summation orders may round it one bfloat16 step apart)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max())
+  assert any(np.abs(np.asarray(g, np.float32)).sum() > 0 for g in grads[0])
 
 
 def test_unknown_option_is_left_out(monkeypatch):

@@ -159,9 +159,11 @@ def saved_product(x_TxI: Array, w_IxO: Array, dt: jnp.dtype, kind: str) -> Array
   return _saved_bits(jax.lax.stop_gradient(_DOTS[kind](x_TxI, w_IxO)).astype(dt))
 
 
-def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 1536, repeats: int = 5) -> float:
+def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 1536, repeats: int = 5,
+                 options: dict | None = None) -> float:
   """Best of `repeats` timings of one gradient through an up and a down projection (hidden <->
-  inner, bfloat16 compute, jbt's CPU compiler options) computed the `kind` way."""
+  inner, bfloat16 compute) computed the `kind` way, compiled with `options` (default: jbt's CPU
+  compiler options)."""
   from jbt.runtime import xla_options
 
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
@@ -173,7 +175,7 @@ def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 
     return matmul(matmul(x, w1, jnp.bfloat16, kind), w2, jnp.bfloat16, kind).astype(jnp.float32).sum()
 
   f = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w2).compile(
-      compiler_options=xla_options.compiler_options("bfloat16"))
+      compiler_options=xla_options.compiler_options("bfloat16") if options is None else options)
   jax.block_until_ready(f(x, w1, w2))
   best = float("inf")
   for _ in range(repeats):
@@ -185,7 +187,9 @@ def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 
 
 @functools.cache
 def measured_cpu_kind() -> str:
-  """The CPU_KINDS kind whose gradient runs faster on this CPU (measured once, then cached)."""
-  from jbt.runtime import cpu
+  """The CPU_KINDS kind whose gradient runs faster on this CPU (measured once, then cached), with
+the bfloat16 dot kind chosen for it (jbt.runtime.xla_options.bf16_dots)."""
+  from jbt.runtime import cpu, xla_options
 
-  return cpu.choose("matmul", {k: functools.partial(grad_seconds, k) for k in CPU_KINDS}, prefer=CPU_KINDS[0])
+  name = "matmul" if xla_options.bf16_dots() == "single" else f"matmul ({xla_options.bf16_dots()} bf16 dots)"
+  return cpu.choose(name, {k: functools.partial(grad_seconds, k) for k in CPU_KINDS}, prefer=CPU_KINDS[0])

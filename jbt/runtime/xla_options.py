@@ -6,8 +6,11 @@ tokens), then runs far slower than XLA's own loop (docs/benchmarks.md, "XLA CPU 
 keeps YNNPACK for dots only:
 
 - float32: dots and the elementwise work fused around them ("LIBRARY_FUSION_TYPE_DOT");
-- bfloat16: single dots ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"), since the fused kind computes a
-  bfloat16 dot in float32 while a single one keeps bfloat16 inputs.
+- bfloat16: single dots ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "single"), which keep bfloat16
+  inputs: fast on a CPU with bfloat16 dot instructions (AVX-512 BF16, AMX), or the fused kind
+  ("fused"), which computes a bfloat16 dot in float32: faster on a CPU without them (AVX2 only:
+  1.6x on an AMD EPYC with AVX2, docs/benchmarks.md). Which one is measured once per CPU
+  (bf16_dots(); JBT_BF16_DOTS=single or fused sets it).
 
 The options are passed per program, never through XLA_FLAGS, and are left out where the
 installed jaxlib does not know them.
@@ -16,15 +19,38 @@ installed jaxlib does not know them.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-CPU_OPTIONS = {
-    "float32": {_YNN: "LIBRARY_FUSION_TYPE_DOT"},
-    "bfloat16": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+CPU_OPTIONS = {"float32": {_YNN: "LIBRARY_FUSION_TYPE_DOT"}}  # bfloat16: BF16_DOTS[bf16_dots()]
+BF16_DOTS = {
+    "single": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "fused": {_YNN: "LIBRARY_FUSION_TYPE_DOT"},
 }
+BF16_DOTS_PREFERRED = "single"  # kept unless "fused" measures clearly faster
+
+
+@functools.cache
+def bf16_dots() -> str:
+  """The BF16_DOTS kind for bfloat16 programs on this CPU: JBT_BF16_DOTS if set, else the one whose
+  gradient through an up and a down projection runs faster here (jbt.model.matmul.grad_seconds),
+  measured once per CPU model, features and jaxlib and kept (jbt.runtime.cpu.choose)."""
+  forced = os.environ.get("JBT_BF16_DOTS", "")
+  if forced:
+    if forced not in BF16_DOTS:
+      raise ValueError(f"JBT_BF16_DOTS must be one of {', '.join(BF16_DOTS)}, got {forced!r}")
+    return forced
+  from jbt.model import matmul
+  from jbt.runtime import cpu
+
+  usable = {k: v for k, v in BF16_DOTS.items() if _if_accepted(v) is not None}
+  if len(usable) < 2:
+    return next(iter(usable), BF16_DOTS_PREFERRED)
+  timers = {k: functools.partial(matmul.grad_seconds, "bf16_f32", options=v) for k, v in usable.items()}
+  return cpu.choose("bf16_dots", timers, prefer=BF16_DOTS_PREFERRED)
 
 
 @functools.cache
@@ -58,7 +84,6 @@ def update_options(backend: str | None = None) -> dict[str, Any] | None:
 def compiler_options(dtype: str = "float32", backend: str | None = None) -> dict[str, Any] | None:
   """Options for `jax.jit(..., compiler_options=...)` of a model computing in `dtype` on `backend`
   (default: JAX's default backend); None where jbt sets none."""
-  options = CPU_OPTIONS.get(str(dtype))
-  if options is None or (backend or jax.default_backend()) != "cpu":
+  if str(dtype) not in ("float32", "bfloat16") or (backend or jax.default_backend()) != "cpu":
     return None
-  return _if_accepted(options)
+  return _if_accepted(CPU_OPTIONS["float32"] if str(dtype) == "float32" else BF16_DOTS[bf16_dots()])

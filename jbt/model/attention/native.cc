@@ -116,24 +116,62 @@ inline void gemm_tile(int Kd, const float* A, long sm, long sk, const float* B, 
     for (int v = 0; v < NV; ++v) store(C + r * ldc + 16 * v, acc[r][v]);
 }
 
-template <int NV, bool ACC>
+template <int MR, int NV, bool ACC>
 inline void gemm_cols(int M, int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
   int m = 0;
-  for (; m + 4 <= M; m += 4) gemm_tile<4, NV, ACC>(Kd, A + m * sm, sm, sk, B, ldb, C + m * ldc, ldc);
+  for (; m + MR <= M; m += MR) gemm_tile<MR, NV, ACC>(Kd, A + m * sm, sm, sk, B, ldb, C + m * ldc, ldc);
   for (; m < M; ++m) gemm_tile<1, NV, ACC>(Kd, A + m * sm, sm, sk, B, ldb, C + m * ldc, ldc);
 }
 
+#ifdef __AVX512F__
+// 32 vector registers of 16 floats: 4 rows x up to 4 vectors of accumulators.
 template <bool ACC>
 void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
   for (int n = 0; n < N; n += 64) {
     switch (std::min(64, N - n) / 16) {
-      case 4: gemm_cols<4, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
-      case 3: gemm_cols<3, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
-      case 2: gemm_cols<2, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
-      default: gemm_cols<1, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      case 4: gemm_cols<4, 4, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      case 3: gemm_cols<4, 3, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      case 2: gemm_cols<4, 2, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      default: gemm_cols<4, 1, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
     }
   }
 }
+#else
+// 16 vector registers of 8 floats (AVX2): tiles of 6 rows x 16 columns in 8-float vectors (12
+// accumulators, 2 B vectors, the broadcast A element). (A 16-float vector type is lowered through
+// the stack here, so the tile uses the native width.)
+typedef float v8 __attribute__((vector_size(32)));
+
+template <int MR, bool ACC>
+inline void gemm_tile8(int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
+  v8 acc[MR][2];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v) {
+      if (ACC) std::memcpy(&acc[r][v], C + r * ldc + 8 * v, sizeof(v8)); else acc[r][v] = v8{};
+    }
+  for (int k = 0; k < Kd; ++k) {
+    v8 b[2];
+    std::memcpy(&b[0], B + k * ldb, sizeof(v8));
+    std::memcpy(&b[1], B + k * ldb + 8, sizeof(v8));
+    for (int r = 0; r < MR; ++r) {
+      v8 a = v8{} + A[r * sm + k * sk];
+      acc[r][0] += a * b[0];
+      acc[r][1] += a * b[1];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 2; ++v) std::memcpy(C + r * ldc + 8 * v, &acc[r][v], sizeof(v8));
+}
+
+template <bool ACC>
+void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
+  for (int n = 0; n < N; n += 16) {
+    int m = 0;
+    for (; m + 6 <= M; m += 6) gemm_tile8<6, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
+    for (; m < M; ++m) gemm_tile8<1, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
+  }
+}
+#endif
 
 #ifdef JBT_AMX
 // Intel AMX: bfloat16 tile matmuls (16 x 16 float32 accumulators, 16 x 32 bfloat16 operands).
