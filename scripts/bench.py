@@ -311,18 +311,22 @@ def main() -> None:
   def first_run(n: str) -> float:
     return first[n]["pairs_per_s"] if n in first else med(n, "pairs_per_s")
 
-  bases = [b for b in ("trl", "trl-no-gc") if b in results]
+  bases = [b for b in names if VARIANTS[b]["kind"] == "trl"]  # ratios against every TRL variant run
+
+  def num(x: float, digits: int = 3) -> str:  # "-" where no timed step ran at a known shape
+    return "-" if x != x else f"{x:.{digits}f}"
+
   print("\n| variant | pairs/s | steady pairs/s | first-run pairs/s | real tokens/s | matmul GFLOP/s (of the median dot rate; of the highest) "
         "| peak RSS GiB | first-run compile s (shapes) | mean loss |" + "".join(f" x {b} (steady; first run) |" for b in bases))
   print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(bases))
   for n in names:
     compiled = f"{first[n]['compile_s']:.1f} ({first[n]['shapes']})" if n in first else "-"
     rate = matmul_flops_per_token * med(n, "tokens_per_s") / 1e9  # 6 x non-embedding params x real tokens
-    row = (f"| {n} | {med(n, 'pairs_per_s'):.3f} | {med(n, 'steady_pairs_per_s'):.3f} | {first_run(n):.3f} | "
+    row = (f"| {n} | {med(n, 'pairs_per_s'):.3f} | {num(med(n, 'steady_pairs_per_s'))} | {first_run(n):.3f} | "
            f"{med(n, 'tokens_per_s'):.0f} | "
            f"{rate:,.0f} ({rate / dot_gflops:.0%}; {rate / max(dots):.0%}) | {med(n, 'peak_rss_gib'):.2f} | {compiled} | {med(n, 'loss'):.4f} |")
     for b in bases:
-      row += (f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} ({med(n, 'steady_pairs_per_s') / med(b, 'pairs_per_s'):.2f}; "
+      row += (f" {med(n, 'pairs_per_s') / med(b, 'pairs_per_s'):.2f} ({num(med(n, 'steady_pairs_per_s') / med(b, 'pairs_per_s'), 2)}; "
               f"{first_run(n) / first_run(b):.2f}) |")
     print(row)
   if a.profile:  # untimed: tracing slows the traced steps

@@ -9,13 +9,16 @@ it (the tokens split in two), a bfloat16-result forward and a float32 one. Libra
 defaults, YNNPACK's single and fused dots (jbt's two bfloat16 kinds, jbt/runtime/xla_options.py), and
 oneDNN where this jaxlib accepts its options. Then each bfloat16 dot kind's and each
 jbt.model.matmul CPU kind's gradient time (the measurements jbt makes once per CPU). GFLOP/s, 2 m k n per product; the CPU is named first.
-Last, the read rate of a whole-leaf sum of squares (the update's norms) under the model's and
-the update program's options (jbt.train.step.TwoPrograms).
+Then the read rate of a whole-leaf sum of squares (the update's norms) under the model's and
+the update program's options (jbt.train.step.TwoPrograms). Last, where torch is installed, its
+rates on the same product: bfloat16 and float32 matmuls, and a linear layer under bfloat16
+autocast (TRL's default) and in float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -101,6 +104,47 @@ def main() -> None:
                         ("jbt update program", xla_options.update_options("cpu"))):
     f = jax.jit(lambda t: jnp.sum(t * t)).lower(t).compile(compiler_options=options)
     print(f"  {name} {options}: {rate(f, (t,), t.size * 4, a.seconds):,.1f}")
+  torch_rates(a.m, a.k, a.n, a.seconds)
+
+
+def torch_rates(m: int, k: int, n: int, seconds: float) -> None:
+  """PyTorch's rates on the same product, where torch is installed (TRL's side of scripts/bench.py):
+  a matmul in bfloat16 and float32, and a linear layer's forward and forward + backward (three
+  products) under bfloat16 autocast, as TRL's default `bf16=True` runs them, and in float32."""
+  try:
+    import torch
+  except ImportError:
+    return
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  flop = 2.0 * m * k * n
+
+  def timed(f, products: int) -> float:
+    f()
+    reps, start = 0, time.perf_counter()
+    while True:
+      f()
+      reps += 1
+      elapsed = time.perf_counter() - start
+      if elapsed >= seconds:
+        return products * flop * reps / elapsed / 1e9
+
+  print(f"\ntorch {torch.__version__} GFLOP/s, the same product ({torch.get_num_threads()} threads):")
+  for dt in (torch.bfloat16, torch.float32):
+    x, w = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+    print(f"  matmul {str(dt).removeprefix('torch.')}: {timed(lambda: x @ w, 1):,.1f}")
+  lin = torch.nn.Linear(k, n, bias=False)
+  x = torch.randn(m, k, requires_grad=True)
+
+  def step(autocast: bool, backward: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      y = lin(x)
+    if backward:
+      y.float().sum().backward()
+
+  for autocast in (True, False):
+    name = "bf16 autocast" if autocast else "float32"
+    print(f"  linear {name}: forward {timed(lambda: step(autocast, False), 1):,.1f}, "
+          f"forward + backward {timed(lambda: step(autocast, True), 3):,.1f}")
 
 
 if __name__ == "__main__":

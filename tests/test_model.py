@@ -155,6 +155,44 @@ def test_bfloat16_gradients_close_to_float32():
   assert any(not np.array_equal(a, b) for a, b in zip(flat32, flat16))  # bf16 really ran
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
+def test_both_bfloat16_dot_kinds_give_the_same_rewards_loss_and_gradients():
+  """YNNPACK's single dots (bfloat16 inputs) and its fused kind (the dot computed in float32), one
+  of which jbt takes on each CPU (xla_options.bf16_dots): both compute bfloat16 products summed in
+  float32, so the rewards, loss and every gradient agree with each other and with float32 compute
+  as closely as bfloat16 rounding allows."""
+  m = tinymodels.make_model("llama")
+  tokens, seg, pos, idx = _packed(_sequences(4))
+  cfg, params = _jbt(m, remat="dots", flash_block=16)
+  results = {}
+  for name, dt, options in (("float32", "float32", None), *(("bf16 " + k, "bfloat16", o) for k, o in xla_options.BF16_DOTS.items())):
+    c = cfg.replace(dtype=dt)
+
+    def loss(p, c=c):
+      r = model.RewardModel(c).apply({"params": p}, tokens, seg, pos, idx)
+      return -jax.nn.log_sigmoid(r[::2] - r[1::2]).mean(), r
+
+    results[name] = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=options)(params)
+  ((l32, r32), g32) = results["float32"]
+  errors = {}
+  for name in ("bf16 single", "bf16 fused"):
+    (l16, r16), g16 = results[name]
+    np.testing.assert_allclose(r16, r32, atol=2e-2, rtol=0)
+    np.testing.assert_allclose(l16, l32, atol=1e-2, rtol=0)
+    errors[name] = []
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+      scale = float(jnp.abs(b).max()) + 1e-12
+      errors[name].append(float(jnp.abs(a - b).max()) / scale)
+    assert max(errors[name]) <= 0.05, (name, max(errors[name]))
+  (_, r_single), g_single = results["bf16 single"]
+  (_, r_fused), g_fused = results["bf16 fused"]
+  np.testing.assert_allclose(r_fused, r_single, atol=1e-2, rtol=0)
+  for a, b, e_single, e_fused in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_single), errors["bf16 single"], errors["bf16 fused"]):
+    scale = float(jnp.abs(b).max()) + 1e-12
+    assert float(jnp.abs(a - b).max()) <= 0.05 * scale
+    assert e_fused <= 2 * e_single + 5e-3, (e_fused, e_single)  # no further from float32 than bfloat16 allows
+
+
 @pytest.mark.parametrize("kind", ["bf16_f32", "bf16_f32_gather"])
 @pytest.mark.parametrize("tokens", [96, 97])  # 97: prime, no split of the tokens for dw
 def test_matmul_equals_the_plain_bfloat16_matmul_and_keeps_bfloat16_dots(kind, tokens):
@@ -167,7 +205,7 @@ def test_matmul_equals_the_plain_bfloat16_matmul_and_keeps_bfloat16_dots(kind, t
     def run(x, w, g):
       y, back = jax.vjp(f, x, w)
       return (y, *back(g))
-    return jax.jit(run, compiler_options=xla_options.compiler_options("bfloat16"))
+    return jax.jit(run, compiler_options=xla_options.bf16_dot_options("single"))  # the fused kind widens every dot
 
   ours = vjp(lambda a, b: matmul(a, b, jnp.bfloat16, kind))
   y, dx, dw = ours(x, w, g)

@@ -66,7 +66,7 @@ def test_gated_down_is_swiglu_then_the_down_projection(T, F, D, monkeypatch):
   rng = np.random.default_rng(1)
   w = jnp.asarray(rng.normal(0, 0.05, (F, D)), jnp.float32)
   dy = jnp.asarray(rng.normal(0, 1, (T, D)), jnp.bfloat16)
-  opts = xla_options.compiler_options("bfloat16")
+  opts = xla_options.bf16_dot_options("single")  # XLA's side rounds h to bfloat16 (the fused kind may keep it float32)
 
   def run(f):
     return jax.jit(lambda g, u, w: (f(g, u, w), *jax.vjp(f, g, u, w)[1](dy)), compiler_options=opts)(g, u, w)
@@ -135,7 +135,9 @@ def test_the_model_takes_the_native_mlp_and_gives_xlas_gradients(monkeypatch, lo
 
   def grads():
     loss = lambda p: (model.RewardModel(cfg).apply({"params": p}, tokens, seg, pos, idx) ** 2).sum()  # noqa: E731
-    step = jax.jit(jax.grad(loss), compiler_options=xla_options.compiler_options("bfloat16"))
+    # single dots: XLA's side rounds h to bfloat16 as the kernel does (the fused kind may keep it float32)
+    step = jax.jit(jax.grad(loss), compiler_options=xla_options.bf16_dot_options("single") if cfg.dtype == "bfloat16"
+                   else xla_options.compiler_options(cfg.dtype))
     return step(params), step.lower(params).compile().as_text()
 
   native, hlo = grads()

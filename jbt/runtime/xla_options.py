@@ -81,9 +81,15 @@ def update_options(backend: str | None = None) -> dict[str, Any] | None:
   return _if_accepted(UPDATE_CPU_OPTIONS)
 
 
+def bf16_dot_options(kind: str) -> dict[str, Any] | None:
+  """The CPU options of the BF16_DOTS kind `kind` ("single" or "fused"), whichever this CPU runs
+  faster; None where this jaxlib does not know them."""
+  return _if_accepted(BF16_DOTS[kind])
+
+
 def compiler_options(dtype: str = "float32", backend: str | None = None) -> dict[str, Any] | None:
   """Options for `jax.jit(..., compiler_options=...)` of a model computing in `dtype` on `backend`
   (default: JAX's default backend); None where jbt sets none."""
   if str(dtype) not in ("float32", "bfloat16") or (backend or jax.default_backend()) != "cpu":
     return None
-  return _if_accepted(CPU_OPTIONS["float32"] if str(dtype) == "float32" else BF16_DOTS[bf16_dots()])
+  return _if_accepted(CPU_OPTIONS["float32"]) if str(dtype) == "float32" else bf16_dot_options(bf16_dots())
