@@ -54,9 +54,6 @@ inline float hsum(v16 v) { return _mm512_reduce_add_ps(__m512(v)); }
 #else
 // Halving trees (a loop over the lanes adds them one after another).
 typedef float v8 __attribute__((vector_size(32)));
-#ifdef __FMA__
-#include <immintrin.h>
-#endif
 typedef float v4 __attribute__((vector_size(16)));
 inline float hmax(v16 v) {
   v8 a = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}, b = {v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
@@ -142,8 +139,8 @@ void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B
 #else
 // 16 vector registers of 8 floats (AVX2): tiles of 6 rows x 16 columns in 8-float vectors (12
 // accumulators, 2 B vectors, the broadcast A element), multiply-adds fused where the CPU has FMA.
-// (A 16-float vector type is lowered through the stack here, so the tile uses the native width.)
-typedef float v8 __attribute__((vector_size(32)));
+// (A 16-float vector type is lowered through the stack here, so the tile uses the native width,
+// v8 above.)
 #ifdef __FMA__
 #include <immintrin.h>
 #endif
