@@ -8,8 +8,9 @@ keeps YNNPACK for dots only:
 - float32: dots and the elementwise work fused around them ("LIBRARY_FUSION_TYPE_DOT");
 - bfloat16: single dots ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "single"), which keep bfloat16
   inputs: fast on a CPU with bfloat16 dot instructions (AVX-512 BF16, AMX), or the fused kind
-  ("fused"), which computes a bfloat16 dot in float32: faster on a CPU without them (AVX2 only:
-  1.6x on an AMD EPYC with AVX2, docs/benchmarks.md). Which one is measured once per CPU
+  ("fused"), which computes a bfloat16 dot in float32: faster on a CPU without them (on an AMD
+  EPYC with AVX2 only, dots 1.6x, a training step 1.43x: docs/benchmarks.md), and free to keep
+  some bfloat16 roundings in float32 (XLA's excess precision). Which one is measured once per CPU
   (bf16_dots(); JBT_BF16_DOTS=single or fused sets it).
 
 The options are passed per program, never through XLA_FLAGS, and are left out where the
