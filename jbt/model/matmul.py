@@ -187,8 +187,8 @@ def grad_seconds(kind: str, tokens: int = 1024, hidden: int = 576, inner: int = 
 
 @functools.cache
 def measured_cpu_kind() -> str:
-  """The CPU_KINDS kind whose gradient runs faster on this CPU (measured once, then cached), with
-the bfloat16 dot kind chosen for it (jbt.runtime.xla_options.bf16_dots)."""
+  """The CPU_KINDS kind whose gradient runs faster on this CPU (measured once, then cached), under
+  the bfloat16 dot kind chosen for it (jbt.runtime.xla_options.bf16_dots)."""
   from jbt.runtime import cpu, xla_options
 
   name = "matmul" if xla_options.bf16_dots() == "single" else f"matmul ({xla_options.bf16_dots()} bf16 dots)"

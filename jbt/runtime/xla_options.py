@@ -83,8 +83,8 @@ def update_options(backend: str | None = None) -> dict[str, Any] | None:
 
 
 def bf16_dot_options(kind: str) -> dict[str, Any] | None:
-  """The CPU options of the BF16_DOTS kind `kind` ("single" or "fused"), whichever this CPU runs
-  faster; None where this jaxlib does not know them."""
+  """The CPU options of the BF16_DOTS kind `kind` ("single" or "fused"); None where this jaxlib
+  does not know them. (compiler_options() gives those of the kind this CPU runs faster.)"""
   return _if_accepted(BF16_DOTS[kind])
 
 
