@@ -116,17 +116,9 @@ def torch_rates(m: int, k: int, n: int, seconds: float) -> None:
   except ImportError:
     return
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  flop = 2.0 * m * k * n
 
-  def timed(f, products: int) -> float:
-    f()
-    reps, start = 0, time.perf_counter()
-    while True:
-      f()
-      reps += 1
-      elapsed = time.perf_counter() - start
-      if elapsed >= seconds:
-        return products * flop * reps / elapsed / 1e9
+  def timed(f, products: int) -> float:  # (jax.block_until_ready passes torch's results through)
+    return rate(f, (), products * 2.0 * m * k * n, seconds)
 
   print(f"\ntorch {torch.__version__} GFLOP/s, the same product ({torch.get_num_threads()} threads):")
   for dt in (torch.bfloat16, torch.float32):

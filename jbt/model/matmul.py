@@ -191,5 +191,6 @@ def measured_cpu_kind() -> str:
   the bfloat16 dot kind chosen for it (jbt.runtime.xla_options.bf16_dots)."""
   from jbt.runtime import cpu, xla_options
 
-  name = "matmul" if xla_options.bf16_dots() == "single" else f"matmul ({xla_options.bf16_dots()} bf16 dots)"
+  dots = xla_options.bf16_dots()
+  name = "matmul" if dots == "single" else f"matmul ({dots} bf16 dots)"
   return cpu.choose(name, {k: functools.partial(grad_seconds, k) for k in CPU_KINDS}, prefer=CPU_KINDS[0])

@@ -24,12 +24,16 @@ SOURCE = Path(__file__).with_name("swiglu.cc")
 FORWARD, BACKWARD, BACKWARD_T = "jbt_swiglu_fwd", "jbt_swiglu_bwd", "jbt_swiglu_bwd_t"
 
 
+def build() -> Path:
+  """This machine's build of the kernel (compiled into jbt's cache if missing)."""
+  return kernels.build(SOURCE, "jbt_swiglu", kernels.compiler(), "mlp")
+
+
 @functools.cache
 def available() -> bool:
   """Whether the kernel builds and loads here (logs why not, once)."""
   return kernels.loads(
-      lambda: kernels.register(kernels.build(SOURCE, "jbt_swiglu", kernels.compiler(), "mlp"),
-                               {FORWARD: "JbtSwigluFwd", BACKWARD: "JbtSwigluBwd", BACKWARD_T: "JbtSwigluBwdT"}),
+      lambda: kernels.register(build(), {FORWARD: "JbtSwigluFwd", BACKWARD: "JbtSwigluBwd", BACKWARD_T: "JbtSwigluBwdT"}),
       "mlp: the native CPU SwiGLU is not available (XLA's elementwise code runs instead)")
 
 

@@ -28,7 +28,7 @@
 #include "jbt_vec.h"
 #include "xla/ffi/api/ffi.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -141,9 +141,6 @@ void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B
 // accumulators, 2 B vectors, the broadcast A element), multiply-adds fused where the CPU has FMA.
 // (A 16-float vector type is lowered through the stack here, so the tile uses the native width,
 // v8 above.)
-#ifdef __FMA__
-#include <immintrin.h>
-#endif
 
 template <int MR, bool ACC>
 inline void gemm_tile8(int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
