@@ -27,27 +27,27 @@ namespace {
 
 using namespace jbt;
 
-inline v16 sigmoid(v16 g) { return 1.0f / (1.0f + vexp(-g)); }
+inline vf sigmoid(vf g) { return 1.0f / (1.0f + vexp(-g)); }
 
-// h, dg and du of 16 elements (g = x, u = y, dh = d), in JAX's operations and order.
+// h, dg and du of kLanes elements (g = x, u = y, dh = d), in JAX's operations and order.
 struct Grads {
-  v16 h, dg, du;
+  vf h, dg, du;
 };
-inline Grads grads(v16 x, v16 y, v16 d) {
-  v16 s = sigmoid(x), gs = x * s, ds = d * y;
+inline Grads grads(vf x, vf y, vf d) {
+  vf s = sigmoid(x), gs = x * s, ds = d * y;
   return {gs * y, ds * s + (ds * x) * (s * (1.0f - s)), d * gs};
 }
 
 void forward(const uint16_t* g, const uint16_t* u, uint16_t* h, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; i += 16) {
-    v16 x = load_bf16(g + i);
+  for (int64_t i = i0; i < i1; i += kLanes) {
+    vf x = load_bf16(g + i);
     store_bf16(h + i, (x * sigmoid(x)) * load_bf16(u + i));
   }
 }
 
 void backward(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16_t* dg, uint16_t* du, int64_t i0,
               int64_t i1) {
-  for (int64_t i = i0; i < i1; i += 16) {
+  for (int64_t i = i0; i < i1; i += kLanes) {
     Grads r = grads(load_bf16(g + i), load_bf16(u + i), load_bf16(dh + i));
     store_bf16(du + i, r.du);
     store_bf16(dg + i, r.dg);
@@ -55,41 +55,41 @@ void backward(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16_t
 }
 
 // Rows [r0, r1) of [T, F] g, u, dh: dg, du as above and h written transposed (hT [F, T]), in
-// tiles of 16 rows x 16 columns; columns past the last whole 16 and rows past r1 - (r1 - r0) % 16
-// one at a time.
+// tiles of kLanes rows x kLanes columns; columns past the last whole vector and rows past
+// r1 - (r1 - r0) % kLanes one at a time.
 void backward_t(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16_t* dg, uint16_t* du, uint16_t* hT,
                 int64_t T, int64_t F, int64_t r0, int64_t r1) {
-  alignas(64) float tile[16][16];
-  const int64_t F16 = F / 16 * 16;
+  alignas(64) float tile[kLanes][kLanes];
+  const int64_t Fv = F / kLanes * kLanes;
   int64_t r = r0;
-  for (; r + 16 <= r1; r += 16) {
-    for (int64_t c = 0; c < F16; c += 16) {
-      for (int i = 0; i < 16; ++i) {
+  for (; r + kLanes <= r1; r += kLanes) {
+    for (int64_t c = 0; c < Fv; c += kLanes) {
+      for (int i = 0; i < kLanes; ++i) {
         const int64_t at = (r + i) * F + c;
         Grads q = grads(load_bf16(g + at), load_bf16(u + at), load_bf16(dh + at));
         store_bf16(du + at, q.du);
         store_bf16(dg + at, q.dg);
         store(tile[i], q.h);
       }
-      for (int j = 0; j < 16; ++j) {
-        v16 col;
-        for (int i = 0; i < 16; ++i) col[i] = tile[i][j];
+      for (int j = 0; j < kLanes; ++j) {
+        vf col;
+        for (int i = 0; i < kLanes; ++i) col[i] = tile[i][j];
         store_bf16(hT + (c + j) * T + r, col);
       }
     }
   }
   for (int64_t i = r; i < r1; ++i)  // the rows left, and below the columns left
-    for (int64_t c = 0; c < F16; c += 16) {
+    for (int64_t c = 0; c < Fv; c += kLanes) {
       const int64_t at = i * F + c;
       Grads q = grads(load_bf16(g + at), load_bf16(u + at), load_bf16(dh + at));
       store_bf16(du + at, q.du);
       store_bf16(dg + at, q.dg);
-      alignas(64) uint16_t h[16];
+      alignas(64) uint16_t h[kLanes];
       store_bf16(h, q.h);
-      for (int j = 0; j < 16; ++j) hT[(c + j) * T + i] = h[j];
+      for (int j = 0; j < kLanes; ++j) hT[(c + j) * T + i] = h[j];
     }
   for (int64_t i = r0; i < r1; ++i)
-    for (int64_t c = F16; c < F; ++c) {
+    for (int64_t c = Fv; c < F; ++c) {
       const int64_t at = i * F + c;
       Grads q = grads(splat(bf16_to_f32(g[at])), splat(bf16_to_f32(u[at])), splat(bf16_to_f32(dh[at])));
       du[at] = f32_to_bf16(q.du[0]);
@@ -98,13 +98,13 @@ void backward_t(const uint16_t* g, const uint16_t* u, const uint16_t* dh, uint16
     }
 }
 
-// fn(i0, i1) over [0, n) in whole vectors, split over the threads; the last < 16 elements through
-// a padded copy (fn on [0, 16) of copies the caller makes).
+// fn(i0, i1) over [0, n) in whole vectors, split over the threads; the last < kLanes elements
+// through a padded copy (fn on [0, kLanes) of copies the caller makes).
 template <typename F>
 void parallel(int64_t n, const F& fn) {
-  const int64_t vecs = n / 16;
+  const int64_t vecs = n / kLanes;
   jbt::split(vecs, std::min<int64_t>(jbt::num_threads(), vecs / 4096 + 1),
-             [&](int64_t v0, int64_t v1) { fn(v0 * 16, v1 * 16); });
+             [&](int64_t v0, int64_t v1) { fn(v0 * kLanes, v1 * kLanes); });
 }
 
 ffi::Error check(std::initializer_list<const ffi::AnyBuffer*> xs) {
@@ -124,15 +124,15 @@ uint16_t* out(ffi::Result<ffi::AnyBuffer>& x) { return static_cast<uint16_t*>(x-
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer u, ffi::Result<ffi::AnyBuffer> h) {
   if (auto e = check({&g, &u}); e.failure()) return e;
   jbt::PoolScope<ffi::ThreadPool> scope(pool);
-  const int64_t n = int64_t(g.element_count()), body = n / 16 * 16;
+  const int64_t n = int64_t(g.element_count()), body = n / kLanes * kLanes;
   const uint16_t *pg = in(g), *pu = in(u);
   uint16_t* ph = out(h);
   parallel(n, [&](int64_t i0, int64_t i1) { forward(pg, pu, ph, i0, i1); });
   if (body < n) {
-    uint16_t tg[16] = {}, tu[16] = {}, th[16];
+    uint16_t tg[kLanes] = {}, tu[kLanes] = {}, th[kLanes];
     std::copy(pg + body, pg + n, tg);
     std::copy(pu + body, pu + n, tu);
-    forward(tg, tu, th, 0, 16);
+    forward(tg, tu, th, 0, kLanes);
     std::copy(th, th + (n - body), ph + body);
   }
   return ffi::Error::Success();
@@ -142,16 +142,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer u, ff
                     ffi::Result<ffi::AnyBuffer> du) {
   if (auto e = check({&g, &u, &dh}); e.failure()) return e;
   jbt::PoolScope<ffi::ThreadPool> scope(pool);
-  const int64_t n = int64_t(g.element_count()), body = n / 16 * 16;
+  const int64_t n = int64_t(g.element_count()), body = n / kLanes * kLanes;
   const uint16_t *pg = in(g), *pu = in(u), *pd = in(dh);
   uint16_t *pdg = out(dg), *pdu = out(du);
   parallel(n, [&](int64_t i0, int64_t i1) { backward(pg, pu, pd, pdg, pdu, i0, i1); });
   if (body < n) {
-    uint16_t tg[16] = {}, tu[16] = {}, td[16] = {}, tdg[16], tdu[16];
+    uint16_t tg[kLanes] = {}, tu[kLanes] = {}, td[kLanes] = {}, tdg[kLanes], tdu[kLanes];
     std::copy(pg + body, pg + n, tg);
     std::copy(pu + body, pu + n, tu);
     std::copy(pd + body, pd + n, td);
-    backward(tg, tu, td, tdg, tdu, 0, 16);
+    backward(tg, tu, td, tdg, tdu, 0, kLanes);
     std::copy(tdg, tdg + (n - body), pdg + body);
     std::copy(tdu, tdu + (n - body), pdu + body);
   }
@@ -167,9 +167,9 @@ ffi::Error BackwardT(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer u, f
   const int64_t T = dims[0], F = dims[1];
   const uint16_t *pg = in(g), *pu = in(u), *pd = in(dh);
   uint16_t *pdg = out(dg), *pdu = out(du), *ph = out(hT);
-  const int64_t blocks = T / 16;  // whole 16-row blocks split over the threads; the last takes the rest
+  const int64_t blocks = T / kLanes;  // whole kLanes-row blocks split over the threads; the last takes the rest
   jbt::split(blocks, std::min<int64_t>(jbt::num_threads(), T * F / 65536 + 1), [&](int64_t b0, int64_t b1) {
-    backward_t(pg, pu, pd, pdg, pdu, ph, T, F, b0 * 16, b1 == blocks ? T : b1 * 16);
+    backward_t(pg, pu, pd, pdg, pdu, ph, T, F, b0 * kLanes, b1 == blocks ? T : b1 * kLanes);
   });
   return ffi::Error::Success();
 }

@@ -1,67 +1,93 @@
-// 16-lane float32 vectors (GCC/Clang vector extensions: AVX-512 registers where the CPU has them,
-// pairs or quads of narrower ones elsewhere), exp, and bfloat16 loads and stores: shared by jbt's
-// C++ kernels (jbt/runtime/kernels.py puts this folder on the include path and every header here
-// in each build's cache key).
+// float32 vectors of the target's native width (GCC/Clang vector extensions): kLanes = 16 where
+// the build targets AVX-512, 8 elsewhere (AVX2's registers; a wider type would be lowered through
+// the stack there). With exp, horizontal max and sum, and bfloat16 loads and stores: shared by
+// jbt's C++ kernels (jbt/runtime/kernels.py puts this folder on the include path and every header
+// here in each build's cache key). Elementwise results do not depend on the width; reductions
+// (hmax, hsum, and sums kept per lane) add in a width-dependent order.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#define JBT_LANES 16
+#else
+#define JBT_LANES 8
 #endif
 
 namespace jbt {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-typedef uint32_t u32v __attribute__((vector_size(64)));
-typedef uint16_t h16v __attribute__((vector_size(32)));
+constexpr int kLanes = JBT_LANES;
 
-inline v16 splat(float x) { return v16{} + x; }
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
-inline v16 vmin(v16 a, v16 b) { return a < b ? a : b; }
+typedef float vf __attribute__((vector_size(4 * JBT_LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * JBT_LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * JBT_LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * JBT_LANES)));
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 
 // exp(x) for x <= 88 (float32 relative error ~2e-7); 0 below -87.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.0f);
-  v16 xc = vmax(vmin(x, splat(88.0f)), lo);
-  v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.0f);
+  vf xc = vmax(vmin(x, splat(88.0f)), lo);
+  vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 scale;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &e, sizeof scale);
-  v16 y = p * scale;
+  vf y = p * scale;
   return x < lo ? splat(0.0f) : y;
 }
 
-// Round to nearest even; the bfloat16 is the top 16 bits (finite values).
-inline u32v rounded_bits(v16 x) { u32v u; std::memcpy(&u, &x, sizeof u); return u + 0x7fffu + ((u >> 16) & 1u); }
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// 16 floats as 16 bfloat16 (round to nearest even, one instruction).
-inline void store_bf16(uint16_t* p, v16 x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(__m512(x))); }
+#ifdef __AVX512F__
+inline float hmax(vf v) { return _mm512_reduce_max_ps(__m512(v)); }
+inline float hsum(vf v) { return _mm512_reduce_add_ps(__m512(v)); }
 #else
-// 16 floats as 16 bfloat16.
-inline void store_bf16(uint16_t* p, v16 x) {
-  h16v h = __builtin_convertvector(rounded_bits(x) >> 16, h16v);
+// Halving trees (a loop over the lanes adds them one after another).
+typedef float v4 __attribute__((vector_size(16)));
+inline float hmax(vf v) {
+  v4 c = {v[0], v[1], v[2], v[3]}, d = {v[4], v[5], v[6], v[7]};
+  c = c > d ? c : d;
+  return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
+}
+inline float hsum(vf v) {
+  v4 c = {v[0], v[1], v[2], v[3]}, d = {v[4], v[5], v[6], v[7]};
+  c += d;
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+#endif
+
+// Round to nearest even; the bfloat16 is the top 16 bits (finite values).
+inline vu rounded_bits(vf x) { vu u; std::memcpy(&u, &x, sizeof u); return u + 0x7fffu + ((u >> 16) & 1u); }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// kLanes floats as bfloat16 (round to nearest even, one instruction).
+inline void store_bf16(uint16_t* p, vf x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(__m512(x))); }
+#else
+// kLanes floats as bfloat16.
+inline void store_bf16(uint16_t* p, vf x) {
+  vh h = __builtin_convertvector(rounded_bits(x) >> 16, vh);
   std::memcpy(p, &h, sizeof h);
 }
 #endif
-// 16 bfloat16 as floats.
-inline v16 load_bf16(const uint16_t* p) {
-  h16v h;
+// kLanes bfloat16 as floats.
+inline vf load_bf16(const uint16_t* p) {
+  vh h;
   std::memcpy(&h, p, sizeof h);
-  u32v u = __builtin_convertvector(h, u32v) << 16;
-  v16 f;
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }

@@ -48,41 +48,18 @@ using namespace jbt;
 constexpr int T = 64;        // tokens a block
 constexpr float NEG = -1e30f;  // masked scores' running max start
 
-#ifdef __AVX512F__
-inline float hmax(v16 v) { return _mm512_reduce_max_ps(__m512(v)); }
-inline float hsum(v16 v) { return _mm512_reduce_add_ps(__m512(v)); }
-#else
-// Halving trees (a loop over the lanes adds them one after another).
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-inline float hmax(v16 v) {
-  v8 a = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}, b = {v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-  a = a > b ? a : b;
-  v4 c = {a[0], a[1], a[2], a[3]}, d = {a[4], a[5], a[6], a[7]};
-  c = c > d ? c : d;
-  return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
-}
-inline float hsum(v16 v) {
-  v8 a = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}, b = {v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-  a += b;
-  v4 c = {a[0], a[1], a[2], a[3]}, d = {a[4], a[5], a[6], a[7]};
-  c += d;
-  return (c[0] + c[1]) + (c[2] + c[3]);
-}
-#endif
-
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
-inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
+// Two rows' vectors as pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
+inline void store_pairs(uint16_t* p, vf x0, vf x1) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                               21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   __m512i both = (__m512i)_mm512_cvtne2ps_pbh(__m512(x1), __m512(x0));  // x0's in the low half
   _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, both));
 }
 #else
-// Two rows' 16 floats as 16 pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
-inline void store_pairs(uint16_t* p, v16 x0, v16 x1) {
-  u32v w = (rounded_bits(x0) >> 16) | (rounded_bits(x1) & 0xffff0000u);
+// Two rows' vectors as pairs (row0[c], row1[c]): the layout AMX reads a matmul's right operand in.
+inline void store_pairs(uint16_t* p, vf x0, vf x1) {
+  vu w = (rounded_bits(x0) >> 16) | (rounded_bits(x1) & 0xffff0000u);
   std::memcpy(p, &w, sizeof w);
 }
 #endif
@@ -98,22 +75,23 @@ struct Elems {
 };
 
 // C[M x N] (+)= A B, A(m, k) = A[m * sm + k * sk], B row-major [Kd x N] (ldb), C row-major (ldc).
-// N a multiple of 16: rows in fours, columns in chunks of 4 vectors, all accumulators in registers.
+// N a multiple of 4 vectors' width: rows in fours, columns in chunks of 4 vectors, all accumulators in
+// registers.
 template <int MR, int NV, bool ACC>
 inline void gemm_tile(int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
-  v16 acc[MR][NV];
+  vf acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? load(C + r * ldc + 16 * v) : splat(0.0f);
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? load(C + r * ldc + kLanes * v) : splat(0.0f);
   for (int k = 0; k < Kd; ++k) {
-    v16 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + 16 * v);
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + kLanes * v);
     for (int r = 0; r < MR; ++r) {
-      v16 a = splat(A[r * sm + k * sk]);
+      vf a = splat(A[r * sm + k * sk]);
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store(C + r * ldc + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + kLanes * v, acc[r][v]);
 }
 
 template <int MR, int NV, bool ACC>
@@ -127,8 +105,8 @@ inline void gemm_cols(int M, int Kd, const float* A, long sm, long sk, const flo
 // 32 vector registers of 16 floats: 4 rows x up to 4 vectors of accumulators.
 template <bool ACC>
 void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
-  for (int n = 0; n < N; n += 64) {
-    switch (std::min(64, N - n) / 16) {
+  for (int n = 0; n < N; n += 4 * kLanes) {
+    switch (std::min(4 * kLanes, N - n) / kLanes) {
       case 4: gemm_cols<4, 4, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
       case 3: gemm_cols<4, 3, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
       case 2: gemm_cols<4, 2, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
@@ -139,25 +117,20 @@ void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B
 #else
 // 16 vector registers of 8 floats (AVX2): tiles of 6 rows x 16 columns in 8-float vectors (12
 // accumulators, 2 B vectors, the broadcast A element), multiply-adds fused where the CPU has FMA.
-// (A 16-float vector type is lowered through the stack here, so the tile uses the native width,
-// v8 above.)
 
 template <int MR, bool ACC>
-inline void gemm_tile8(int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
-  v8 acc[MR][2];
+inline void gemm_tile_avx2(int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
+  static_assert(kLanes == 8, "AVX2's 8-float vectors");
+  vf acc[MR][2];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < 2; ++v) {
-      if (ACC) std::memcpy(&acc[r][v], C + r * ldc + 8 * v, sizeof(v8)); else acc[r][v] = v8{};
-    }
+    for (int v = 0; v < 2; ++v) acc[r][v] = ACC ? load(C + r * ldc + kLanes * v) : splat(0.0f);
   for (int k = 0; k < Kd; ++k) {
-    v8 b[2];
-    std::memcpy(&b[0], B + k * ldb, sizeof(v8));
-    std::memcpy(&b[1], B + k * ldb + 8, sizeof(v8));
+    vf b[2] = {load(B + k * ldb), load(B + k * ldb + kLanes)};
     for (int r = 0; r < MR; ++r) {
-      v8 a = v8{} + A[r * sm + k * sk];
+      vf a = splat(A[r * sm + k * sk]);
 #ifdef __FMA__
-      acc[r][0] = (v8)_mm256_fmadd_ps((__m256)a, (__m256)b[0], (__m256)acc[r][0]);
-      acc[r][1] = (v8)_mm256_fmadd_ps((__m256)a, (__m256)b[1], (__m256)acc[r][1]);
+      acc[r][0] = (vf)_mm256_fmadd_ps((__m256)a, (__m256)b[0], (__m256)acc[r][0]);
+      acc[r][1] = (vf)_mm256_fmadd_ps((__m256)a, (__m256)b[1], (__m256)acc[r][1]);
 #else
       acc[r][0] += a * b[0];
       acc[r][1] += a * b[1];
@@ -165,15 +138,15 @@ inline void gemm_tile8(int Kd, const float* A, long sm, long sk, const float* B,
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < 2; ++v) std::memcpy(C + r * ldc + 8 * v, &acc[r][v], sizeof(v8));
+    for (int v = 0; v < 2; ++v) store(C + r * ldc + kLanes * v, acc[r][v]);
 }
 
 template <bool ACC>
 void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
-  for (int n = 0; n < N; n += 16) {
+  for (int n = 0; n < N; n += 2 * kLanes) {
     int m = 0;
-    for (; m + 6 <= M; m += 6) gemm_tile8<6, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
-    for (; m < M; ++m) gemm_tile8<1, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
+    for (; m + 6 <= M; m += 6) gemm_tile_avx2<6, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
+    for (; m < M; ++m) gemm_tile_avx2<1, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
   }
 }
 #endif
@@ -273,15 +246,15 @@ struct Problem {
   }
 
   // mask[T x T] (1 where query q0 + t sees key k0 + c); false if nothing in the block is seen.
-  // Vector code over a row's 64 keys (16 at a time).
+  // Vector code over a row's 64 keys (kLanes at a time).
   bool block_mask(int b, int q0, int k0, float* mask) const {
     const int32_t* s = seg + size_t(b) * L;
     const int32_t* r = br ? br + size_t(b) * L : nullptr;
     const int32_t* p = pos ? pos + size_t(b) * L : nullptr;
-    i16v sk[T / 16], rk[T / 16], pk[T / 16], kj[T / 16];
-    for (int v = 0; v < T / 16; ++v) {
-      for (int e = 0; e < 16; ++e) {
-        int c = k0 + 16 * v + e;
+    vi sk[T / kLanes], rk[T / kLanes], pk[T / kLanes], kj[T / kLanes];
+    for (int v = 0; v < T / kLanes; ++v) {
+      for (int e = 0; e < kLanes; ++e) {
+        int c = k0 + kLanes * v + e;
         bool in = c < L;
         kj[v][e] = in ? c : INT32_MAX;  // past the row: after every query, so never seen
         sk[v][e] = in ? s[c] : -1;
@@ -289,24 +262,24 @@ struct Problem {
         pk[v][e] = in && p ? p[c] : 0;
       }
     }
-    i16v any = i16v{} + 0;
+    vi any = vi{} + 0;
     for (int t = 0; t < T; ++t) {
       int qi = q0 + t;
-      for (int v = 0; v < T / 16; ++v) {
-        i16v ok = i16v{} + 0;
+      for (int v = 0; v < T / kLanes; ++v) {
+        vi ok = vi{} + 0;
         if (qi < L) {
           int sq = s[qi];
           ok = (kj[v] <= qi) & (sk[v] == sq);
           if (sq == 0) ok &= kj[v] == qi;  // padding sees itself only
           if (r) ok &= (rk[v] == 0) | (rk[v] == r[qi]);
-          if (p && window > 0) ok &= (i16v{} + p[qi]) - pk[v] < int32_t(window);
+          if (p && window > 0) ok &= (vi{} + p[qi]) - pk[v] < int32_t(window);
         }
         any |= ok;
-        v16 m = __builtin_convertvector(ok & 1, v16);
-        store(mask + t * T + 16 * v, m);
+        vf m = __builtin_convertvector(ok & 1, vf);
+        store(mask + t * T + kLanes * v, m);
       }
     }
-    for (int e = 0; e < 16; ++e)
+    for (int e = 0; e < kLanes; ++e)
       if (any[e]) return true;
     return false;
   }
@@ -361,25 +334,25 @@ void softmax_step(const Problem& P, float* S, const float* mask, float* m, float
   corr.resize(R);
   for (int r = 0; r < R; ++r) {
     const float *s = S + size_t(r) * T, *mk = mask + (r % T) * T;
-    v16 mx = splat(NEG);
-    for (int c = 0; c < T; c += 16) mx = vmax(mx, load(mk + c) > 0.0f ? load(s + c) : splat(NEG));
+    vf mx = splat(NEG);
+    for (int c = 0; c < T; c += kLanes) mx = vmax(mx, load(mk + c) > 0.0f ? load(s + c) : splat(NEG));
     m_new[r] = std::max(m[r], hmax(mx) * sc);  // sc > 0: the max of the scaled scores
   }
-  for (int r = 0; r < R; r += 16) store(corr.data() + r, vexp(load(m + r) - load(m_new.data() + r)));  // R = G * 64
+  for (int r = 0; r < R; r += kLanes) store(corr.data() + r, vexp(load(m + r) - load(m_new.data() + r)));  // R = G * 64
   for (int r = 0; r < R; ++r) {
     float* s = S + size_t(r) * T;
     const float* mk = mask + (r % T) * T;
-    v16 sum = splat(0.0f), mn = splat(m_new[r]);
-    for (int c = 0; c < T; c += 16) {
-      v16 p = load(mk + c) > 0.0f ? vexp(load(s + c) * sc - mn) : splat(0.0f);
+    vf sum = splat(0.0f), mn = splat(m_new[r]);
+    for (int c = 0; c < T; c += kLanes) {
+      vf p = load(mk + c) > 0.0f ? vexp(load(s + c) * sc - mn) : splat(0.0f);
       if (Pb) store_bf16(Pb + size_t(r) * T + c, p); else store(s + c, p);
       sum += p;
     }
     l[r] = l[r] * corr[r] + hsum(sum);
     m[r] = m_new[r];
     if (corr[r] != 1.0f) {
-      v16 cv = splat(corr[r]);
-      for (int h = 0; h < P.H; h += 16) store(acc + size_t(r) * P.H + h, load(acc + size_t(r) * P.H + h) * cv);
+      vf cv = splat(corr[r]);
+      for (int h = 0; h < P.H; h += kLanes) store(acc + size_t(r) * P.H + h, load(acc + size_t(r) * P.H + h) * cv);
     }
   }
 }
@@ -475,7 +448,7 @@ void backward_blocks(const Problem& P, bool transposed, const Elems& dq, const E
     for (size_t w = 0; w < dkw.size(); ++w) {
       if (dkw[w].empty()) continue;
       const float *xk = dkw[w].data() + base, *xv = dvw[w].data() + base;
-      for (int e = 0; e < T * H; e += 16) {
+      for (int e = 0; e < T * H; e += kLanes) {
         store(sk.data() + e, load(sk.data() + e) + load(xk + e));
         store(sv.data() + e, load(sv.data() + e) + load(xv + e));
       }
@@ -508,8 +481,8 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
       load_rows(P, out, b, i, k, O.data());
       for (int r = 0; r < R; ++r) {
         int g = r / T, t = i * T + r % T;
-        v16 d = splat(0.0f);
-        for (int h = 0; h < H; h += 16) d += load(dOk + size_t(r) * H + h) * load(O.data() + size_t(r) * H + h);
+        vf d = splat(0.0f);
+        for (int h = 0; h < H; h += kLanes) d += load(dOk + size_t(r) * H + h) * load(O.data() + size_t(r) * H + h);
         d_r[size_t(k) * R + r] = hsum(d);
         lse_r[size_t(k) * R + r] = t < P.L ? lse[((size_t(b) * P.L + t) * K + k) * P.G + g] : 0.0f;
       }
@@ -523,11 +496,11 @@ void backward(const Problem& P, const Elems& q, const Elems& kx, const Elems& vx
         for (int r = 0; r < R; ++r) {
           float *s = S.data() + size_t(r) * T, *dp = dP.data() + size_t(r) * T;
           const float* mk = mask.data() + (r % T) * T;
-          v16 l = splat(lse_r[size_t(k) * R + r]), d = splat(d_r[size_t(k) * R + r]), sc = splat(P.scale);
-          for (int c = 0; c < T; c += 16) {
-            v16 sv = load(s + c) * score_scale(P);
-            v16 p = load(mk + c) > 0.0f ? vexp(sv - l) : splat(0.0f);
-            v16 ds = p * (load(dp + c) - d) * sc;
+          vf l = splat(lse_r[size_t(k) * R + r]), d = splat(d_r[size_t(k) * R + r]), sc = splat(P.scale);
+          for (int c = 0; c < T; c += kLanes) {
+            vf sv = load(s + c) * score_scale(P);
+            vf p = load(mk + c) > 0.0f ? vexp(sv - l) : splat(0.0f);
+            vf ds = p * (load(dp + c) - d) * sc;
             if (P.softcap > 0) ds *= 1.0f - (sv / P.softcap) * (sv / P.softcap);
             store(s + c, p);
             store(dp + c, ds);
@@ -640,8 +613,8 @@ void backward_amx(const Problem& P, const Elems& q, const Elems& kx, const Elems
       for (int r = 0; r < R; ++r) {
         int g = r / T, t = i * T + r % T;
         const uint16_t *o = O.data() + size_t(r) * H, *d_o = dO.data() + k * rh + size_t(r) * H;
-        v16 d = splat(0.0f);
-        for (int h = 0; h < H; h += 16) d += load_bf16(d_o + h) * load_bf16(o + h);
+        vf d = splat(0.0f);
+        for (int h = 0; h < H; h += kLanes) d += load_bf16(d_o + h) * load_bf16(o + h);
         d_r[size_t(k) * R + r] = hsum(d);
         lse_r[size_t(k) * R + r] = t < P.L ? lse[((size_t(b) * P.L + t) * K + k) * P.G + g] : 0.0f;
       }
@@ -653,17 +626,17 @@ void backward_amx(const Problem& P, const Elems& q, const Elems& kx, const Elems
         amx_gemm<false>(R, T, H, Q.data() + k * rh, H, tile16(kT, P, b, k, j), S.data(), T);
         finish_scores(P, S.data());
         amx_gemm<false>(R, T, H, dO.data() + k * rh, H, tile16(vT, P, b, k, j), dP.data(), T);
-        v16 sc = splat(P.scale), ss = splat(score_scale(P));
+        vf sc = splat(P.scale), ss = splat(score_scale(P));
         for (int r = 0; r < R; r += 2) {  // rows in pairs: P and dS as AMX right operands (pairs of rows)
           const float* mk = mask.data() + (r % T) * T;
-          v16 l0 = splat(lse_r[size_t(k) * R + r]), l1 = splat(lse_r[size_t(k) * R + r + 1]);
-          v16 d0 = splat(d_r[size_t(k) * R + r]), d1 = splat(d_r[size_t(k) * R + r + 1]);
-          for (int c = 0; c < T; c += 16) {
-            v16 s0 = load(S.data() + size_t(r) * T + c) * ss, s1 = load(S.data() + size_t(r + 1) * T + c) * ss;
-            v16 p0 = load(mk + c) > 0.0f ? vexp(s0 - l0) : splat(0.0f);
-            v16 p1 = load(mk + T + c) > 0.0f ? vexp(s1 - l1) : splat(0.0f);
-            v16 ds0 = p0 * (load(dP.data() + size_t(r) * T + c) - d0) * sc;
-            v16 ds1 = p1 * (load(dP.data() + size_t(r + 1) * T + c) - d1) * sc;
+          vf l0 = splat(lse_r[size_t(k) * R + r]), l1 = splat(lse_r[size_t(k) * R + r + 1]);
+          vf d0 = splat(d_r[size_t(k) * R + r]), d1 = splat(d_r[size_t(k) * R + r + 1]);
+          for (int c = 0; c < T; c += kLanes) {
+            vf s0 = load(S.data() + size_t(r) * T + c) * ss, s1 = load(S.data() + size_t(r + 1) * T + c) * ss;
+            vf p0 = load(mk + c) > 0.0f ? vexp(s0 - l0) : splat(0.0f);
+            vf p1 = load(mk + T + c) > 0.0f ? vexp(s1 - l1) : splat(0.0f);
+            vf ds0 = p0 * (load(dP.data() + size_t(r) * T + c) - d0) * sc;
+            vf ds1 = p1 * (load(dP.data() + size_t(r + 1) * T + c) - d1) * sc;
             if (P.softcap > 0) {
               ds0 *= 1.0f - (s0 / P.softcap) * (s0 / P.softcap);
               ds1 *= 1.0f - (s1 / P.softcap) * (s1 / P.softcap);
