@@ -146,6 +146,8 @@ void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B
   for (int n = 0; n < N; n += 2 * kLanes) {
     int m = 0;
     for (; m + 6 <= M; m += 6) gemm_tile_avx2<6, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
+    if (m + 4 <= M) gemm_tile_avx2<4, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc), m += 4;  // 64 = 10 x 6 + 4
+    if (m + 2 <= M) gemm_tile_avx2<2, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc), m += 2;
     for (; m < M; ++m) gemm_tile_avx2<1, ACC>(Kd, A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc);
   }
 }
