@@ -167,7 +167,9 @@ def _grad_hlo(remat: str, kind: str = "flash") -> str:
   cfg = model.ModelConfig(num_layers=2, remat=remat, attention=kind, flash_block=16)
   L = 64
   tokens, seg, pos = jnp.ones((1, L), jnp.int32), jnp.ones((1, L), jnp.int32), jnp.arange(L)[None]
-  params = model.RewardModel(cfg).init(jax.random.key(0), tokens[:, :1], seg[:, :1], pos[:, :1])["params"]
+  # Lowering needs the parameters' shapes only: eval_shape spares compiling and running the init.
+  params = jax.eval_shape(
+      lambda: model.RewardModel(cfg).init(jax.random.key(0), tokens[:, :1], seg[:, :1], pos[:, :1])["params"])
   grad = jax.grad(lambda p: model.RewardModel(cfg).apply({"params": p}, tokens, seg, pos, jnp.array([L - 1])).sum())
   return jax.jit(grad).lower(params).as_text()
 
