@@ -94,10 +94,10 @@ inline void gemm_tile(int Kd, const float* A, long sm, long sk, const float* B, 
     for (int v = 0; v < NV; ++v) store(C + r * ldc + kLanes * v, acc[r][v]);
 }
 
-template <int MR, int NV, bool ACC>
+template <int NV, bool ACC>
 inline void gemm_cols(int M, int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
   int m = 0;
-  for (; m + MR <= M; m += MR) gemm_tile<MR, NV, ACC>(Kd, A + m * sm, sm, sk, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) gemm_tile<4, NV, ACC>(Kd, A + m * sm, sm, sk, B, ldb, C + m * ldc, ldc);
   for (; m < M; ++m) gemm_tile<1, NV, ACC>(Kd, A + m * sm, sm, sk, B, ldb, C + m * ldc, ldc);
 }
 
@@ -107,10 +107,10 @@ template <bool ACC>
 void gemm(int M, int N, int Kd, const float* A, long sm, long sk, const float* B, long ldb, float* C, long ldc) {
   for (int n = 0; n < N; n += 4 * kLanes) {
     switch (std::min(4 * kLanes, N - n) / kLanes) {
-      case 4: gemm_cols<4, 4, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
-      case 3: gemm_cols<4, 3, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
-      case 2: gemm_cols<4, 2, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
-      default: gemm_cols<4, 1, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      case 4: gemm_cols<4, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      case 3: gemm_cols<3, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      case 2: gemm_cols<2, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
+      default: gemm_cols<1, ACC>(M, Kd, A, sm, sk, B + n, ldb, C + n, ldc); break;
     }
   }
 }
